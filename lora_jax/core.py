@@ -1,0 +1,180 @@
+"""The parameter transform: `init` deltas for a params pytree, `merge` them in, `unmerge` them out.
+
+``deltas`` always has the structure of ``params`` with a `LoraDelta` at each targeted leaf and ``None``
+elsewhere, so ``jax.tree.map(f, deltas, params, is_leaf=...)`` pairs them and optax ignores the Nones.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.delta import LoraDelta, delta_weight, init_delta, is_delta
+from lora_jax.spec import LoraAxes, LoraSpec, path_str
+
+__all__ = ["init", "merge", "unmerge", "count_params", "delta_weights", "paired_leaves"]
+
+
+def _leaf_key(key, path: str):
+  # A key that depends only on (key, path): adding a target never changes another leaf's init.
+  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _check_target(path: str, w) -> None:
+  shape, dtype = getattr(w, "shape", None), getattr(w, "dtype", None)
+  if shape is None or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"{path}: LoRA targets must be floating-point arrays, found {type(w).__name__} with dtype "
+        f"{dtype}. Narrow LoraSpec.targets or add this path to LoraSpec.exclude.")
+  if len(shape) < 2:
+    raise ValueError(
+        f"{path}: LoRA targets need at least 2 dims (in, out), found shape {tuple(shape)} (a bias or "
+        f"scale?). Narrow LoraSpec.targets, e.g. end it with '/kernel', or add this path to exclude.")
+
+
+def init(key: jax.Array, params: Any, spec: LoraSpec, *, fn: Callable | None = None, args: tuple = (),
+         kwargs: dict | None = None) -> Any:
+  """Fresh deltas for the leaves of `params` that `spec` targets.
+
+  Args:
+    key: PRNG key; each leaf gets ``fold_in(key, crc32(path))``.
+    params: any pytree of arrays (Linen variables, an NNX State, a dict...).
+    spec: the `LoraSpec`.
+    fn, args, kwargs: optionally the apply function and example arguments,
+      ``fn(params, *args, **kwargs)``; it is traced abstractly (no FLOPs) to infer the stacked, input and
+      output axes of >2-D kernels from how they are contracted.
+
+  Returns:
+    A tree with params' structure: `LoraDelta` at targets (b = 0, so ``merge(params, deltas) == params``
+    exactly), None elsewhere.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"dense": {"kernel": jnp.ones((16, 32)), "bias": jnp.zeros(32)}}
+    >>> d = init(jax.random.key(0), params, LoraSpec(rank=4, targets=".*/kernel"))
+    >>> d["dense"]["kernel"].a.shape, d["dense"]["kernel"].b.shape, d["dense"]["bias"]
+    ((16, 4), (4, 32), None)
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [path_str(p) for p, _ in leaves]
+  chosen = set(spec.select(paths))
+  inferred = None
+  dtype = jnp.float32 if spec.dtype is None else jnp.dtype(spec.dtype)
+  out = []
+  for path, (_, w) in zip(paths, leaves):
+    if path not in chosen:
+      out.append(None)
+      continue
+    _check_target(path, w)
+    axes = spec.axes_for(path)
+    if axes is None and len(w.shape) == 2:
+      axes = LoraAxes()
+    if axes is None:
+      if fn is None:
+        raise ValueError(
+            f"{path}: kernel of shape {tuple(w.shape)} has more than 2 dims and no axes were given. "
+            f"Either pass LoraSpec(axes={{{path!r}: LoraAxes(stack=..., inputs=..., outputs=...)}}) or "
+            f"let init infer them: lj.init(key, params, spec, fn=apply_fn, args=example_args).")
+      if inferred is None:
+        from lora_jax.transform import infer_axes  # tracing machinery lives with wrap
+        inferred = infer_axes(fn, params, chosen, args, kwargs or {})
+      axes = inferred[path]
+    axes = axes.check(len(w.shape), path)
+    out.append(init_delta(_leaf_key(key, path), w.shape, axes, spec.rank_for(path), spec.scale_for(path),
+                          spec.init, dtype, spec.dropout, where=path))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def paired_leaves(params: Any, deltas: Any, what: str = "deltas"):
+  """``(treedef, [(path, w, delta_or_None)])`` for every leaf of params; clear errors on mismatch."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  try:
+    ds = treedef.flatten_up_to(deltas)
+  except (ValueError, TypeError) as e:
+    want = {path_str(p) for p, _ in leaves}
+    got = {path_str(p).removesuffix("/a") for p, x in
+           jax.tree_util.tree_flatten_with_path(deltas, is_leaf=is_delta)[0]}
+    raise ValueError(
+        f"{what} do not have the structure of params: {what} paths missing from params: "
+        f"{sorted(got - want)[:8]}; params paths missing from {what}: {sorted(want - got)[:8]}. "
+        f"Create deltas with lj.init(key, params, spec) for these very params.\n(jax: {e})") from None
+  pairs = []
+  for (p, w), d in zip(leaves, ds):
+    path = path_str(p)
+    if d is not None:
+      if not is_delta(d):
+        raise TypeError(f"{path}: expected a LoraDelta or None in {what}, found {type(d).__name__}")
+      if not hasattr(w, "shape"):  # e.g. a tree of shardings: nothing to check against
+        pairs.append((path, w, d))
+        continue
+      found = tuple(w.shape)
+      if len(d.axes.stack + d.axes.inputs + d.axes.outputs) != len(found) or d.weight_shape() != found:
+        raise ValueError(
+            f"{path}: delta does not fit the parameter: a {tuple(d.a.shape)}, b {tuple(d.b.shape)} with "
+            f"{d.axes} make a kernel of shape {d.weight_shape()}, but params has shape {found}. "
+            f"The adapter was made for a different model or config.")
+    pairs.append((path, w, d))
+  return treedef, pairs
+
+
+def _fold(w, d: LoraDelta, sign: float):
+  # W ± s·a·b in float32, cast once back to W's dtype.
+  return (w.astype(jnp.float32) + sign * delta_weight(d, jnp.float32)).astype(w.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _fold_jit(sign: float, donate: bool, sharding):
+  kw = {} if sharding is None else dict(out_shardings=sharding)
+  return jax.jit(functools.partial(_fold, sign=sign), donate_argnums=(0,) if donate else (), **kw)
+
+
+def _apply(params, deltas, sign: float, donate: bool):
+  treedef, pairs = paired_leaves(params, deltas)
+  out = []
+  for path, w, d in pairs:
+    if d is None:
+      out.append(w)
+    elif isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
+      out.append(_fold(jnp.asarray(w), d, sign))  # inside a trace: plain ops, the caller's jit decides
+    else:
+      # One leaf at a time: peak memory is one kernel's worth, and each result keeps W's sharding.
+      out.append(_fold_jit(sign, donate, w.sharding)(w, d))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def merge(params: Any, deltas: Any, *, donate: bool = False) -> Any:
+  """``W + s·a·b`` at every delta (fp32 arithmetic, cast back to W's dtype); other leaves unchanged.
+
+  Works eagerly and inside `jit`; eagerly, each merged leaf keeps its input's sharding. With
+  ``donate=True`` each targeted W's buffer is donated so merging a large model does not double its
+  memory (the input params must not be used afterwards).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"w": jnp.zeros((3, 2))}
+    >>> d = {"w": LoraDelta(jnp.ones((3, 1)), jnp.ones((1, 2)), scale=2.0)}
+    >>> merge(params, d)["w"].tolist()
+    [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
+  """
+  return _apply(params, deltas, 1.0, donate)
+
+
+def unmerge(params: Any, deltas: Any, *, donate: bool = False) -> Any:
+  """Inverse of `merge`: ``W - s·a·b``; ``unmerge(merge(p, d), d) ≈ p`` up to one rounding of W's dtype."""
+  return _apply(params, deltas, -1.0, donate)
+
+
+def count_params(deltas: Any) -> int:
+  """Number of trainable scalars in the deltas (elements of every a and b)."""
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(deltas)))
+
+
+def delta_weights(deltas: Any, dtype=jnp.float32) -> Any:
+  """``s·a·b`` per targeted leaf, shaped like the kernel (None elsewhere), for analysis."""
+  return jax.tree_util.tree_map(lambda d: None if d is None else delta_weight(d, dtype), deltas,
+                                is_leaf=lambda x: x is None or is_delta(x))
