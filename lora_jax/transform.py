@@ -510,7 +510,7 @@ def _gather_rule(ctx, eqn, invals):
     keep = np.array([0 if f.shape[d] == 1 else 1 for d in dn.start_index_map], np.int32)
     fidx = idx * jnp.asarray(keep, idx.dtype)  # a factor constant along an axis is read at index 0
     fsizes = tuple(1 if f.shape[d] == 1 else sizes[d] for d in range(len(shape))) + (f.shape[-1],)
-    fdn = dataclasses.replace(dn, offset_dims=tuple(dn.offset_dims) + (base.ndim,))
+    fdn = dn._replace(offset_dims=tuple(dn.offset_dims) + (base.ndim,))
     return lax.gather(f, fidx, fdn, fsizes, mode=p["mode"], fill_value=p.get("fill_value"),
                       indices_are_sorted=p["indices_are_sorted"], unique_indices=p["unique_indices"])
 
@@ -648,6 +648,7 @@ _RULES: dict[str, Callable] = {
     "custom_vjp_call_jaxpr": _custom_call_rule,
     "checkpoint": _checkpoint_rule,
     "remat": _checkpoint_rule,
+    "remat2": _checkpoint_rule,
     "scan": _scan_rule,
     "while": _while_rule,
     "cond": _cond_rule,
