@@ -359,13 +359,12 @@ def _identity_factor(eqn, f, v, invals):
 
 def _scalar_mul_rule(ctx, eqn, invals):
   """``c * W`` for a scalar c is still low-rank: scale w and b."""
-  (i, v), other = [(k, x) for k, x in enumerate(invals) if isinstance(x, _Lora)][0], invals[1 - [
-      k for k, x in enumerate(invals) if isinstance(x, _Lora)][0]]
-  if isinstance(other, _Lora) or np.ndim(other) != 0:
+  x, y = invals
+  v, c = (x, y) if isinstance(x, _Lora) else (y, x)
+  if isinstance(c, _Lora) or np.ndim(c) != 0:
     return _fallback_rule(ctx, eqn, invals)
-  args = [v.w, other] if i == 0 else [other, v.w]
-  w = _bind(eqn, args)[0]
-  b = None if v.b is None else (v.b * other).astype(v.b.dtype)
+  w = _bind(eqn, [v.w, c] if v is x else [c, v.w])[0]
+  b = None if v.b is None else v.b * jnp.asarray(c).astype(v.b.dtype)
   return [v.replace(w=w, b=b)]
 
 

@@ -432,3 +432,19 @@ def test_wrap_rejects_deltas_for_other_params():
   d = lj.init(jax.random.key(0), {"w": jnp.ones((4, 5))}, lj.LoraSpec(rank=2, targets="w"))
   with pytest.raises(ValueError, match=r"w: delta does not fit.*\(4, 4\).*found a \(4, 2\) and b \(2, 5\)"):
     lj.wrap(lambda p, x: x @ p["w"])(p, d, jnp.ones((1, 4)))
+
+
+def test_scalar_scaled_and_sliced_weights():
+  """Views beyond casts: a scalar multiple, a fused qkv kernel sliced into parts, a dynamic row index."""
+  def fn(p, x, i):
+    qkv = p["qkv"] * 0.5
+    q, k = qkv[:, :8], qkv[:, 8:]
+    row = jax.lax.dynamic_index_in_dim(p["stack"], i, keepdims=False)  # (in, out) picked from (L, in, out)
+    return jnp.tanh(x @ q) @ k.T + (x @ row)
+
+  k = jax.random.split(jax.random.key(0), 3)
+  p = {"qkv": jax.random.normal(k[0], (8, 16)), "stack": jax.random.normal(k[1], (3, 8, 8))}
+  spec = lj.LoraSpec(rank=2, targets="qkv|stack", axes={"stack": lj.LoraAxes((0,), (1,), (2,))})
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", lj.FallbackWarning)  # all of these have factored rules
+    check(fn, p, spec, (jax.random.normal(k[2], (4, 8)), jnp.int32(1)))
