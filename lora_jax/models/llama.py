@@ -1,0 +1,549 @@
+"""Llama in Flax Linen: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, KV-cache decoding.
+
+The architecture of Touvron et al. 2023 (arXiv 2302.13971) as implemented by Hugging Face
+``LlamaForCausalLM`` (rotary embeddings in the ``rotate_half`` layout), so Hugging Face checkpoints load
+with transposes only (:func:`from_hf`). SmolLM2-135M is one (``lora_jax.models.load("smollm2-135m")``).
+
+Parameter paths (``L`` layers, ``d`` hidden, ``H``/``K`` query/key-value heads of size ``D``, ``F`` MLP):
+
+=====================================  ===========  =======================
+path                                   shape        logical axes
+=====================================  ===========  =======================
+``embed/embedding``                    (V, d)       (vocab, embed)
+``layers_{i}/attn_norm/scale``         (d,)         (norm,)
+``layers_{i}/attn/query/kernel``       (d, H·D)     (embed, heads)
+``layers_{i}/attn/{key,value}/kernel`` (d, K·D)     (embed, kv_heads)
+``layers_{i}/attn/out/kernel``         (H·D, d)     (heads, embed)
+``layers_{i}/mlp_norm/scale``          (d,)         (norm,)
+``layers_{i}/mlp/{gate,up}/kernel``    (d, F)       (embed, mlp)
+``layers_{i}/mlp/down/kernel``         (F, d)       (mlp, embed)
+``final_norm/scale``                   (d,)         (norm,)
+``lm_head/kernel`` (untied only)       (d, V)       (embed, vocab)
+=====================================  ===========  =======================
+
+With ``scan_layers=True`` the blocks are one ``nn.scan`` and their parameters are stacked under
+``layers/...`` with a leading ``(L,)`` axis (logical axis ``layers``); :func:`stack_layers` and
+:func:`unstack_layers` convert between the two layouts.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+    ...                   num_heads=4, num_kv_heads=2, head_dim=8)
+    >>> model = Llama(cfg)
+    >>> ids = jnp.zeros((1, 5), jnp.int32)
+    >>> variables = model.init(jax.random.key(0), ids)
+    >>> model.apply(variables, ids).shape
+    (1, 5, 64)
+    >>> generate(model.apply, variables, ids, 3).shape
+    (1, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "LOGICAL_AXIS_RULES_DEFAULT", "KVCache", "Llama", "LlamaConfig", "from_hf", "generate",
+    "logical_partition_specs", "stack_layers", "to_hf", "unstack_layers",
+]
+
+# Logical axis name -> mesh axis name (None = replicated). Use with nn.logical_to_mesh_sharding.
+LOGICAL_AXIS_RULES_DEFAULT: tuple[tuple[str, str | None], ...] = (
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+_NEG = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Llama hyper-parameters (field names follow Hugging Face's ``LlamaConfig`` where they exist).
+
+    ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); norms, softmax and logits are float32.
+    ``param_dtype`` is the dtype of freshly initialised parameters.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    scan_layers: bool = False
+    remat: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
+
+
+class KVCache(NamedTuple):
+    """Static-size key/value cache.
+
+    Attributes:
+      k, v: ``(L, B, S, K, D)`` keys and values; ``None`` in a fresh cache from :meth:`empty` (the model
+        allocates them on first use, as it alone knows ``L, K, D``).
+      valid: ``(B, S)`` bool, which slots hold a real (non-padding) token.
+      index: ``()`` int32, the next slot to write.
+    """
+
+    k: jax.Array | None
+    v: jax.Array | None
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, size: int) -> KVCache:
+        """A fresh cache with room for ``size`` tokens per row."""
+        return cls(None, None, jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32))
+
+
+def _dense(features: int, axes: tuple[str, str], name: str, cfg: LlamaConfig) -> nn.Dense:
+    return nn.Dense(
+        features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+    )
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x²) + eps) · scale``, computed in float32."""
+
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """``positions: (B, T)`` -> ``cos, sin: (B, T, D)`` float32 (Hugging Face layout, halves repeated)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x: (B, T, N, D)``; ``x·cos + rotate_half(x)·sin`` with ``rotate_half(x) = [-x2, x1]``."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, allowed, index, kv):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h, k_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _dense(h * d, ("embed", "heads"), "query", cfg)(x).reshape(b, t, h, d)
+        k = _dense(k_heads * d, ("embed", "kv_heads"), "key", cfg)(x).reshape(b, t, k_heads, d)
+        v = _dense(k_heads * d, ("embed", "kv_heads"), "value", cfg)(x).reshape(b, t, k_heads, d)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            ck, cv = kv
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            kv = (k, v)
+        q = q.reshape(b, t, k_heads, h // k_heads, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.where(allowed, scores * (d ** -0.5), _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.dtype)).reshape(b, t, h * d)
+        return _dense(cfg.hidden_size, ("heads", "embed"), "out", cfg)(out), kv
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg.intermediate_size, ("embed", "mlp"), "gate", cfg)(x)
+        up = _dense(cfg.intermediate_size, ("embed", "mlp"), "up", cfg)(x)
+        return _dense(cfg.hidden_size, ("mlp", "embed"), "down", cfg)(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block; returns ``(x, kv)`` so that it can be the body of ``nn.scan``."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, allowed, index, kv):
+        cfg = self.cfg
+        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
+        a, kv = Attention(cfg, name="attn")(norm(name="attn_norm")(x), cos, sin, allowed, index, kv)
+        x = x + a
+        x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
+        return x, kv
+
+
+class Llama(nn.Module):
+    """Llama causal language model.
+
+    ``__call__(input_ids (B, T) int, attention_mask (B, T) {0,1} = None, positions (B, T) = None,
+    cache: KVCache = None)`` returns float32 logits ``(B, T, V)``, or ``(logits, cache)`` when a cache
+    is given. Positions default to the count of earlier non-padding tokens (so left padding works).
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
+        cfg = self.config
+        b, t = input_ids.shape
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+
+        if cache is None:
+            valid, index, offset = mask, 0, jnp.zeros((b, 1), jnp.int32)
+            kv = None
+        else:
+            size = cache.valid.shape[1]
+            index = cache.index
+            offset = jnp.sum(cache.valid, axis=1, keepdims=True, dtype=jnp.int32)
+            valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+            if cache.k is None:
+                shape = (cfg.num_layers, b, size, cfg.num_kv_heads, cfg.head_dim)
+                kv = (jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+            else:
+                kv = (cache.k, cache.v)
+        if positions is None:
+            positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        q_slot = index + jnp.arange(t)
+        k_slot = jnp.arange(valid.shape[1])
+        allowed = (k_slot[None, :] <= q_slot[:, None])[None] & valid[:, None, :]  # (B, T, S)
+        allowed = allowed[:, None, None]  # (B, 1, 1, T, S) against scores (B, K, G, T, S)
+
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed",
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        )
+        x = embed(input_ids)
+
+        block = Block
+        if cfg.remat:
+            block = nn.remat(Block, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            x, kv = layers(x, cos, sin, allowed, index, kv)
+        else:
+            new = []
+            for i in range(cfg.num_layers):
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x, layer_kv = block(cfg, name=f"layers_{i}")(x, cos, sin, allowed, index, layer_kv)
+                new.append(layer_kv)
+            if kv is not None:
+                kv = (jnp.stack([k for k, _ in new]), jnp.stack([v for _, v in new]))
+
+        x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(cfg.vocab_size, ("embed", "vocab"), "lm_head", cfg)(x)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        return logits, KVCache(kv[0], kv[1], valid, index + t)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate(apply_fn: Callable, variables: Any, prompt_ids: jax.Array, max_new_tokens: int, *,
+             key: jax.Array | None = None, temperature: float = 0.0, eos_id: int | None = None,
+             attention_mask: jax.Array | None = None) -> jax.Array:
+    """Decodes ``max_new_tokens`` tokens after ``prompt_ids`` with a static-size KV cache.
+
+    One jitted function: a prefill call, then a ``jax.lax.while_loop`` of one-token calls that stops
+    once every row has produced ``eos_id``. ``variables`` is an argument of that function (not a
+    constant baked into it), so ``apply_fn`` may be a LoRA-wrapped apply, e.g.
+    ``lambda v, *a, **k: lora_jax.wrap(model.apply)(v, deltas, *a, **k)``.
+
+    Args:
+      apply_fn: ``apply_fn(variables, ids, attention_mask=..., cache=...) -> (logits, cache)``, e.g.
+        ``Llama(...).apply``. Reuse the same callable to reuse the compiled function.
+      variables: what ``apply_fn`` takes.
+      prompt_ids: ``(B, T)`` int; batch rows of different length must be left-padded.
+      max_new_tokens: number of tokens to produce.
+      key: PRNG key, required when ``temperature > 0``.
+      temperature: 0 for greedy (argmax), else sample from ``softmax(logits / temperature)``.
+      eos_id: rows that produced it are filled with ``eos_id`` afterwards.
+      attention_mask: ``(B, T)`` {0, 1}, 0 on left padding; default all ones.
+
+    Returns:
+      ``(B, max_new_tokens)`` int32, the new tokens only.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    if temperature > 0 and key is None:
+        raise ValueError(f"temperature={temperature} samples tokens: pass key=jax.random.key(...).")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    if prompt_ids.ndim != 2:
+        raise ValueError(f"prompt_ids must be (batch, length), got shape {prompt_ids.shape}.")
+    if attention_mask is None:
+        attention_mask = jnp.ones(prompt_ids.shape, jnp.int32)
+    if key is None:
+        key = jax.random.key(0)  # unused when greedy
+    # temperature and eos_id are traced, so changing them does not recompile.
+    return _generate(apply_fn, int(max_new_tokens), variables, prompt_ids,
+                     jnp.asarray(attention_mask, jnp.int32), key, jnp.float32(temperature),
+                     jnp.int32(-1 if eos_id is None else eos_id))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate(apply_fn, max_new_tokens, variables, prompt_ids, mask, key, temperature, eos_id):
+    b, t = prompt_ids.shape
+
+    def pick(logits, k):
+        greedy = jnp.argmax(logits, axis=-1)
+        sampled = jax.random.categorical(k, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+        return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+    cache = KVCache.empty(b, t + max_new_tokens)
+    logits, cache = apply_fn(variables, prompt_ids, attention_mask=mask, cache=cache)
+    key, sub = jax.random.split(key)
+    token = pick(logits[:, -1], sub)
+    out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(token)
+    done = token == eos_id  # eos_id == -1: never
+
+    def cond(state):
+        i, _, _, _, done, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, out, token, cache, done, key = state
+        logits, cache = apply_fn(variables, token[:, None], cache=cache)
+        key, sub = jax.random.split(key)
+        token = jnp.where(done, eos_id, pick(logits[:, -1], sub))
+        done = done | (token == eos_id)
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+        return i + 1, out, token, cache, done, key
+
+    state = (jnp.ones((), jnp.int32), out, token, cache, done, key)
+    _, out, _, _, done, _ = jax.lax.while_loop(cond, body, state)
+    # Rows that stopped early (or when all stopped, the loop ended): eos after the first eos.
+    after_eos = jnp.cumsum(out == eos_id, axis=1) - (out == eos_id) > 0
+    return jnp.where(after_eos, eos_id, out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter layouts and Hugging Face conversion
+
+
+def stack_layers(params: Mapping, num_layers: int) -> dict:
+    """``{"layers_0": t0, ..., "layers_{L-1}": t}`` -> ``{"layers": stacked (L, ...)}`` (scan layout)."""
+    params = dict(params)
+    per = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    params["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per)
+    return params
+
+
+def unstack_layers(params: Mapping, num_layers: int) -> dict:
+    """Inverse of :func:`stack_layers`."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+    return params
+
+
+def logical_partition_specs(model: Llama) -> Any:
+    """The logical-axis ``PartitionSpec`` of every variable, for ``nn.logical_to_mesh_sharding``.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+        ...                   num_heads=4, num_kv_heads=2, scan_layers=True)
+        >>> tuple(logical_partition_specs(Llama(cfg))["params"]["layers"]["attn"]["key"]["kernel"])
+        ('layers', 'embed', 'kv_heads')
+    """
+    ids = jnp.zeros((1, 1), jnp.int32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), ids)
+    return nn.get_partition_spec(abstract)
+
+
+_HF_LAYER = {
+    "self_attn.q_proj.weight": ("attn", "query", "kernel"),
+    "self_attn.k_proj.weight": ("attn", "key", "kernel"),
+    "self_attn.v_proj.weight": ("attn", "value", "kernel"),
+    "self_attn.o_proj.weight": ("attn", "out", "kernel"),
+    "mlp.gate_proj.weight": ("mlp", "gate", "kernel"),
+    "mlp.up_proj.weight": ("mlp", "up", "kernel"),
+    "mlp.down_proj.weight": ("mlp", "down", "kernel"),
+    "input_layernorm.weight": ("attn_norm", "scale"),
+    "post_attention_layernorm.weight": ("mlp_norm", "scale"),
+}
+_HF_TOP = {
+    "model.embed_tokens.weight": ("embed", "embedding"),
+    "model.norm.weight": ("final_norm", "scale"),
+    "lm_head.weight": ("lm_head", "kernel"),
+}
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq")
+
+
+def config_from_hf(config: Mapping[str, Any], **overrides) -> LlamaConfig:
+    """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict (``overrides`` win)."""
+    scaling = config.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise ValueError(f"rope_scaling={scaling} is not supported; only plain rotary embeddings are.")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ValueError("Llama with attention_bias or mlp_bias is not supported (no biases here).")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported; Llama uses 'silu'.")
+    num_heads = config["num_attention_heads"]
+    kw = dict(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=config.get("num_key_value_heads") or num_heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 1e4)),
+        max_position_embeddings=config.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return LlamaConfig(**kw)
+
+
+def _expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per = {
+        "self_attn.q_proj.weight": (cfg.num_heads * hd, d),
+        "self_attn.k_proj.weight": (cfg.num_kv_heads * hd, d),
+        "self_attn.v_proj.weight": (cfg.num_kv_heads * hd, d),
+        "self_attn.o_proj.weight": (d, cfg.num_heads * hd),
+        "mlp.gate_proj.weight": (f, d),
+        "mlp.up_proj.weight": (f, d),
+        "mlp.down_proj.weight": (d, f),
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+    }
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.num_layers):
+        shapes.update({f"model.layers.{i}.{k}": s for k, s in per.items()})
+    return shapes
+
+
+def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *, scan_layers: bool = False,
+            remat: bool = False, dtype: Any = None, param_dtype: Any = None) -> tuple[Llama, dict]:
+    """A Hugging Face ``LlamaForCausalLM`` state dict -> ``(Llama model, {"params": ...})``.
+
+    Args:
+      config: the ``config.json`` dict.
+      tensors: name -> array in PyTorch layout (``(out, in)`` weights), e.g. read from safetensors.
+      scan_layers, remat, dtype: set on the :class:`LlamaConfig`; ``dtype`` is the compute dtype.
+      param_dtype: dtype of the returned parameters (default float32).
+
+    Raises:
+      ValueError: a missing, unexpected or wrongly-shaped tensor (all of them listed at once).
+    """
+    cfg = config_from_hf(config, scan_layers=scan_layers, remat=remat, dtype=dtype,
+                         param_dtype=param_dtype)
+    expected = _expected_hf_shapes(cfg)
+    problems = []
+    for name, shape in expected.items():
+        if name not in tensors:
+            problems.append(f"missing tensor {name!r} (expected shape {shape})")
+        elif tuple(tensors[name].shape) != shape:
+            problems.append(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    extra = [n for n in tensors if n not in expected and not _IGNORED.fullmatch(n)
+             and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    problems += [f"unexpected tensor {n!r}" for n in sorted(extra)]
+    if problems:
+        raise ValueError("Llama checkpoint does not fit the config:\n  " + "\n  ".join(problems))
+
+    pdt = cfg.param_dtype
+
+    def put(tree, path, value):
+        for p in path[:-1]:
+            tree = tree.setdefault(p, {})
+        tree[path[-1]] = jnp.asarray(value, pdt)
+
+    params: dict = {}
+    for name in expected:
+        arr = np.asarray(tensors[name])
+        if name.endswith("proj.weight") or name == "lm_head.weight":
+            arr = arr.T  # (out, in) -> Flax (in, out)
+        if name.startswith("model.layers."):
+            i, rest = name[len("model.layers."):].split(".", 1)
+            put(params, (f"layers_{i}",) + _HF_LAYER[rest], arr)
+        else:
+            put(params, _HF_TOP[name], arr)
+    if cfg.scan_layers:
+        params = stack_layers(params, cfg.num_layers)
+    return Llama(cfg), {"params": params}
+
+
+def to_hf(cfg: LlamaConfig, variables: Mapping) -> tuple[dict, dict[str, np.ndarray]]:
+    """Inverse of :func:`from_hf`: ``(config.json dict, state dict of float32 numpy arrays)``."""
+    params = dict(variables["params"])
+    if cfg.scan_layers:
+        params = unstack_layers(params, cfg.num_layers)
+    out: dict[str, np.ndarray] = {}
+    for name, path in _HF_TOP.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        x = np.array(functools.reduce(lambda t, k: t[k], path, params), np.float32)
+        out[name] = x.T if name == "lm_head.weight" else x
+    for i in range(cfg.num_layers):
+        for rest, path in _HF_LAYER.items():
+            x = np.array(functools.reduce(lambda t, k: t[k], path, params[f"layers_{i}"]), np.float32)
+            out[f"model.layers.{i}.{rest}"] = x.T if rest.endswith("proj.weight") else x
+    config = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False,
+    }
+    return config, out
