@@ -90,6 +90,22 @@ def init(key: jax.Array, params: Any, spec: LoraSpec, *, fn: Callable | None = N
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _fit_problem(d: LoraDelta, shape: tuple[int, ...]) -> str | None:
+  """Why `d` cannot be the delta of a kernel of `shape`, or None if it can."""
+  ax = d.axes
+  if sorted(ax.stack + ax.inputs + ax.outputs) != list(range(len(shape))):
+    return f"{ax} do not list each axis of a {len(shape)}-D kernel exactly once"
+  a_shape, b_shape = tuple(d.a.shape), tuple(d.b.shape)
+  r = a_shape[-1] if a_shape else None
+  pick = lambda axes: tuple(shape[i] for i in axes)
+  want_a = (*pick(ax.stack), *pick(ax.inputs), r)
+  want_b = (*pick(ax.stack), r, *pick(ax.outputs))
+  if (a_shape, b_shape) != (want_a, want_b):
+    return (f"with {ax} (rank {r}) it needs a {want_a} and b {want_b}, "
+            f"found a {a_shape} and b {b_shape}")
+  return None
+
+
 def paired_leaves(params: Any, deltas: Any, what: str = "deltas"):
   """``(treedef, [(path, w, delta_or_None)])`` for every leaf of params; clear errors on mismatch."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -97,8 +113,9 @@ def paired_leaves(params: Any, deltas: Any, what: str = "deltas"):
     ds = treedef.flatten_up_to(deltas)
   except (ValueError, TypeError) as e:
     want = {path_str(p) for p, _ in leaves}
-    got = {path_str(p).removesuffix("/a") for p, x in
-           jax.tree_util.tree_flatten_with_path(deltas, is_leaf=is_delta)[0]}
+    # None marks an untargeted leaf: count it as present, or every untargeted path shows as missing.
+    got = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        deltas, is_leaf=lambda x: x is None or is_delta(x))[0]}
     raise ValueError(
         f"{what} do not have the structure of params: {what} paths missing from params: "
         f"{sorted(got - want)[:8]}; params paths missing from {what}: {sorted(want - got)[:8]}. "
@@ -112,19 +129,35 @@ def paired_leaves(params: Any, deltas: Any, what: str = "deltas"):
       if not hasattr(w, "shape"):  # e.g. a tree of shardings: nothing to check against
         pairs.append((path, w, d))
         continue
-      found = tuple(w.shape)
-      if len(d.axes.stack + d.axes.inputs + d.axes.outputs) != len(found) or d.weight_shape() != found:
+      problem = _fit_problem(d, tuple(w.shape))
+      if problem:
         raise ValueError(
-            f"{path}: delta does not fit the parameter: a {tuple(d.a.shape)}, b {tuple(d.b.shape)} with "
-            f"{d.axes} make a kernel of shape {d.weight_shape()}, but params has shape {found}. "
+            f"{path}: delta does not fit the parameter of shape {tuple(w.shape)}: {problem}. "
             f"The adapter was made for a different model or config.")
     pairs.append((path, w, d))
   return treedef, pairs
 
 
+@jax.custom_jvp
+def _add_exact(w, dw):
+  """``w + dw``, but ``w`` itself (all its bits) where ``dw == 0``.
+
+  Plain ``w + dw`` turns a -0.0 in W into +0.0 when dw is +0.0, and merging a fresh delta (b = 0) must
+  give back params bit for bit. The JVP is that of ``w + dw``: a `where` would cut the gradient of dw
+  wherever dw is zero (everywhere, at init).
+  """
+  return jnp.where(dw == 0, w, w + dw)
+
+
+@_add_exact.defjvp
+def _add_exact_jvp(primals, tangents):
+  return _add_exact(*primals), tangents[0] + tangents[1]
+
+
 def _fold(w, d: LoraDelta, sign: float):
-  # W ± s·a·b in float32, cast once back to W's dtype.
-  return (w.astype(jnp.float32) + sign * delta_weight(d, jnp.float32)).astype(w.dtype)
+  # W ± s·a·b in float32 (float64 for float64 W), cast once back to W's dtype.
+  acc = w.dtype if jnp.finfo(w.dtype).bits > 32 else jnp.float32
+  return _add_exact(w.astype(acc), sign * delta_weight(d, acc)).astype(w.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,6 +170,9 @@ def _apply(params, deltas, sign: float, donate: bool):
   treedef, pairs = paired_leaves(params, deltas)
   out = []
   for path, w, d in pairs:
+    if d is not None and not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+      raise TypeError(f"{path}: a delta can only be merged into a floating-point array, found "
+                      f"{type(w).__name__} with dtype {getattr(w, 'dtype', None)}.")
     if d is None:
       out.append(w)
     elif isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):

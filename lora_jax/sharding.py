@@ -37,7 +37,7 @@ def delta_partition_specs(deltas: Any, param_specs: Any) -> Any:
       out.append(None)
       continue
     if not isinstance(spec, PartitionSpec):
-      raise TypeError(f"{path}: expected a PartitionSpec, found {type(spec).__name__}")
+      raise TypeError(f"{path}: expected a PartitionSpec, found {spec!r}")
     a, b = _delta_spec(d, spec, len(d.weight_shape()))
     out.append(LoraDelta(a, b, d.scale, d.axes, d.dropout))
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -59,7 +59,7 @@ def delta_shardings(deltas: Any, param_shardings: Any) -> Any:
     >>> d = {"w": LoraDelta(jnp.ones((8, 2)), jnp.zeros((2, 4)))}
     >>> s = delta_shardings(d, {"w": NamedSharding(mesh, P("fsdp", "tensor"))})
     >>> s["w"].a.spec, s["w"].b.spec
-    (PartitionSpec('fsdp', None), PartitionSpec(None, 'tensor'))
+    (P('fsdp', None), P(None, 'tensor'))
   """
   treedef, pairs = paired_leaves(param_shardings, deltas, what="deltas")
   out = []
@@ -69,7 +69,7 @@ def delta_shardings(deltas: Any, param_shardings: Any) -> Any:
       continue
     if not isinstance(sh, NamedSharding):
       raise TypeError(
-          f"{path}: expected a jax.sharding.NamedSharding for the base weight, found {type(sh).__name__}. "
+          f"{path}: expected a jax.sharding.NamedSharding for the base weight, found {sh!r}. "
           f"Give NamedShardings (mesh + PartitionSpec), or use delta_partition_specs with PartitionSpecs.")
     a, b = _delta_spec(d, sh.spec, len(d.weight_shape()))
     out.append(LoraDelta(NamedSharding(sh.mesh, a), NamedSharding(sh.mesh, b), d.scale, d.axes, d.dropout))

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 __all__ = ["LoraSpec", "LoraAxes", "path_str"]
 
@@ -93,7 +95,8 @@ class LoraSpec:
     rank_pattern: ``{regex: rank}`` overrides for targeted leaves (first full match wins).
     alpha_pattern: ``{regex: alpha}`` overrides for targeted leaves (first full match wins).
     rslora: rank-stabilised scaling ``alpha / sqrt(rank)`` (Kalajdzievski 2023).
-    init: ``"kaiming"`` (a Kaiming-uniform, b zero; PEFT's default) or ``"gaussian"`` (a ~ N(0, 1/r)).
+    init: ``"kaiming"`` (a ~ U(±1/sqrt(fan_in)), b zero; PEFT's default) or ``"gaussian"`` (a normal
+      with std 1/r, as in PEFT).
     dropout: dropout rate on the input of the low-rank path (used by `wrap` when given a key).
     dtype: dtype of a and b; None means float32.
     axes: ``{regex: LoraAxes}`` for kernels that are not plain ``(in, out)``: stacked layers, conv,
@@ -122,13 +125,23 @@ class LoraSpec:
     object.__setattr__(self, "exclude", _as_patterns(self.exclude, "exclude"))
     if not self.targets:
       raise ValueError("LoraSpec.targets is empty: give at least one regex, e.g. r'.*/(query|value)/kernel'.")
-    _check_rank(self.rank, "LoraSpec.rank")
+    object.__setattr__(self, "rank", _check_rank(self.rank, "LoraSpec.rank"))
+    if not isinstance(self.alpha, numbers.Real) or isinstance(self.alpha, bool):
+      raise TypeError(f"LoraSpec.alpha must be a number, got {self.alpha!r}")
+    if self.dtype is not None:
+      try:
+        dt = jnp.dtype(self.dtype)
+      except TypeError:
+        dt = None
+      if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"LoraSpec.dtype={self.dtype!r} is not a floating-point dtype; use e.g. "
+                        f"jnp.float32 or jnp.bfloat16 (None means float32).")
     for pat, r in dict(self.rank_pattern).items():
       _as_patterns(pat, "rank_pattern")
       _check_rank(r, f"LoraSpec.rank_pattern[{pat!r}]")
     for pat, a in dict(self.alpha_pattern).items():
       _as_patterns(pat, "alpha_pattern")
-      if not isinstance(a, (int, float)):
+      if not isinstance(a, numbers.Real) or isinstance(a, bool):
         raise TypeError(f"LoraSpec.alpha_pattern[{pat!r}] must be a number, got {a!r}")
     for pat, ax in dict(self.axes).items():
       _as_patterns(pat, "axes")
@@ -136,7 +149,7 @@ class LoraSpec:
         raise TypeError(f"LoraSpec.axes[{pat!r}] must be a LoraAxes, got {ax!r}")
     if self.init not in INITS:
       raise ValueError(f"LoraSpec.init={self.init!r} is not one of {INITS}")
-    if not 0.0 <= self.dropout < 1.0:
+    if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"LoraSpec.dropout={self.dropout} must be in [0, 1)")
 
   # Hashable so a spec can be static metadata / a jit static argument.
@@ -187,9 +200,10 @@ class LoraSpec:
     return chosen
 
 
-def _check_rank(r, where):
-  if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+def _check_rank(r, where) -> int:
+  if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r <= 0:
     raise ValueError(f"{where}={r!r}: the rank must be a positive int")
+  return int(r)
 
 
 def _closest(patterns, paths, n=5) -> list[str]:
