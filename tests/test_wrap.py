@@ -448,3 +448,15 @@ def test_scalar_scaled_and_sliced_weights():
   with warnings.catch_warnings():
     warnings.simplefilter("error", lj.FallbackWarning)  # all of these have factored rules
     check(fn, p, spec, (jax.random.normal(k[2], (4, 8)), jnp.int32(1)))
+
+
+def test_custom_vjp_consuming_a_weight():
+  @jax.custom_vjp
+  def matmul(x, w):
+    return x @ w
+
+  matmul.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
+  k = jax.random.split(jax.random.key(0), 2)
+  p = {"w": jax.random.normal(k[0], (8, 6))}
+  check(lambda p, x: jnp.sin(matmul(x, p["w"])), p, lj.LoraSpec(rank=2, targets="w"),
+        (jax.random.normal(k[1], (3, 8)),))
