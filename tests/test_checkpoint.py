@@ -1,0 +1,124 @@
+"""Adapter export/load and train-state checkpoints: round trips, and clear errors that delete nothing."""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from lora_jax import checkpoint
+from lora_jax.train import loop
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model, variables = loop.tiny_llama(128, scan_layers=False)
+  spec = lj.LoraSpec(rank=4, alpha=8.0, targets=r".*/attn/(query|value)/kernel")
+  deltas = lj.init(jax.random.key(0), variables, spec)
+  # Nonzero b so the round trip checks both factors.
+  deltas = jax.tree_util.tree_map(lambda x: x + 0.01 * jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) / x.size,
+                                  deltas)
+  return model, variables, spec, deltas
+
+
+def _same(x, y):
+  lx, ly = jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)
+  return len(lx) == len(ly) and all(np.array_equal(a, b) for a, b in zip(lx, ly))
+
+
+def test_adapter_round_trip(tiny, tmp_path, capsys):
+  model, variables, spec, deltas = tiny
+  ident = {"name": "tiny", "config": {"hidden_size": 32}}
+  file = checkpoint.save_adapter(tmp_path / "adapter", deltas, spec, base_model=ident, extra={"acc": 0.5})
+  assert "MiB" in capsys.readouterr().out and file.name == "adapter.safetensors"
+  back = checkpoint.load_adapter(tmp_path / "adapter", variables, base_model={"name": "tiny"})
+  assert jax.tree_util.tree_structure(back, is_leaf=lj.is_delta) == jax.tree_util.tree_structure(
+      deltas, is_leaf=lj.is_delta)
+  assert _same(back, deltas)
+  d0 = back["params"]["layers_0"]["attn"]["query"]["kernel"]
+  assert d0.scale == 2.0 and d0.axes == lj.LoraAxes()
+  info = checkpoint.adapter_info(file)
+  assert checkpoint.spec_from_json(info["spec"]) == spec and info["extra"] == {"acc": 0.5}
+  assert info["deltas"]["params/layers_1/attn/value/kernel"]["scale"] == 2.0
+  ids = jnp.arange(6, dtype=jnp.int32)[None]
+  got = jax.jit(lj.wrap(model.apply))(variables, back, ids)
+  want = jax.jit(model.apply)(lj.merge(variables, deltas), ids)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_on_wrong_model_is_a_clear_error(tiny, tmp_path):
+  _, _, spec, deltas = tiny
+  checkpoint.save_adapter(tmp_path, deltas, spec, base_model={"name": "tiny"}, verbose=False)
+  _, other = loop.tiny_llama(256, scan_layers=False)  # another vocabulary: embed differs, not a target
+  wider = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[:-1] + (x.shape[-1] * 2,), x.dtype),
+                                 other)
+  with pytest.raises(ValueError, match=r"params/layers_0/attn/query/kernel: expected a kernel of shape "
+                                       r"\(32, 64\) \(from the model\), found a delta for shape \(32, 32\)"):
+    checkpoint.load_adapter(tmp_path, wider)
+  stacked = loop.tiny_llama(128, scan_layers=True)[1]
+  with pytest.raises(ValueError, match=r"params/layers_0/attn/query/kernel: not a parameter of this model"):
+    checkpoint.load_adapter(tmp_path, stacked)
+  with pytest.raises(ValueError, match=r"base model 'name': the adapter was made for 'tiny', this model is 'x'"):
+    checkpoint.load_adapter(tmp_path, other, base_model={"name": "x"})
+
+
+def test_corrupted_adapter_is_a_clear_error(tiny, tmp_path):
+  _, variables, spec, deltas = tiny
+  file = checkpoint.save_adapter(tmp_path, deltas, spec, verbose=False)
+  raw = bytearray(file.read_bytes())
+  raw[-5] ^= 0xFF  # flip bits in the last tensor's data
+  file.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match="checksum mismatch, the file is corrupted"):
+    checkpoint.load_adapter(file, variables)
+  file.write_bytes(bytes(raw[:40]))  # truncated header
+  with pytest.raises(ValueError, match="not a readable safetensors adapter"):
+    checkpoint.load_adapter(file, variables)
+  with pytest.raises(ValueError, match="adapter file not found"):
+    checkpoint.load_adapter(tmp_path / "nope.safetensors", variables)
+
+
+def test_merged_export(tiny, tmp_path):
+  from safetensors.numpy import load_file
+  _, variables, _, deltas = tiny
+  file = checkpoint.save_merged(tmp_path, variables, deltas)
+  merged = load_file(str(file))
+  want = lj.merge(variables, deltas)["params"]["layers_1"]["attn"]["value"]["kernel"]
+  np.testing.assert_array_equal(merged["params/layers_1/attn/value/kernel"], want)
+
+
+def test_train_state_exact_round_trip_and_keep(tiny, tmp_path):
+  _, _, _, deltas = tiny
+  tx = lj.optimizer(__import__("optax").adam(1e-3))
+  state = {"deltas": deltas, "opt_state": tx.init(deltas)}
+  ckpt = checkpoint.TrainCheckpointer(tmp_path, every=2, keep=2)
+  for step in range(1, 7):
+    ckpt.save(step, state, {"data_position": step})
+  ckpt.wait()
+  assert ckpt.all_steps() == [4, 6]
+  back, meta = ckpt.restore(jax.tree_util.tree_map(jnp.zeros_like, state))
+  assert meta["step"] == 6 and meta["data_position"] == 6
+  assert _same(back, state)
+  ckpt.close()
+
+
+def test_mismatched_or_corrupted_train_checkpoint_deletes_nothing(tiny, tmp_path):
+  _, variables, _, deltas = tiny
+  ckpt = checkpoint.TrainCheckpointer(tmp_path, every=1, keep=3)
+  ckpt.save(1, {"deltas": deltas}, {})
+  ckpt.close()
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  other = lj.init(jax.random.key(0), variables, lj.LoraSpec(rank=2, targets=r".*/attn/(query|value)/kernel"))
+  ckpt = checkpoint.TrainCheckpointer(tmp_path, every=1, keep=3)
+  with pytest.raises(ValueError, match=r"(?s)does not match this run.*params/layers_0/attn/query/kernel/a: expected "
+                                       r"float32\(32, 2\), found float32\(32, 4\)"):
+    ckpt.restore({"deltas": other})
+  # Corrupt the array data: every file of the step's state item.
+  for p in (tmp_path / "1" / "state").rglob("*"):
+    if p.is_file() and p.stat().st_size > 0 and "metadata" not in p.name:
+      p.write_bytes(b"\0garbage" * 4)
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  with pytest.raises(ValueError, match=r"(?s)cannot be read \(corrupted or incomplete\?\).*Nothing was deleted"):
+    ckpt.restore({"deltas": deltas})
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+  ckpt.close()
