@@ -19,3 +19,13 @@ __all__ = [
     "trainable_mask", "delta_shardings", "delta_partition_specs", "count_params", "delta_weights",
     "delta_weight", "is_delta", "FallbackWarning",
 ]
+
+_SUBMODULES = ("analysis", "assets", "checkpoint", "data", "models", "peft", "train")
+
+
+def __getattr__(name):
+  # Heavier submodules (orbax, tokenizers, ...) load on first use: `lj.checkpoint.save_adapter(...)`.
+  if name in _SUBMODULES:
+    import importlib
+    return importlib.import_module(f"lora_jax.{name}")
+  raise AttributeError(f"module 'lora_jax' has no attribute {name!r}")
