@@ -155,41 +155,41 @@ def copy_args(args):
   return jax.tree.map(lambda x: jnp.array(x, copy=True), args)
 
 
-def measure(step, args, n_steps):
-  """Median seconds per step (after compile) and compiled memory in bytes."""
+def compile_variant(step, args):
+  """(compiled step, memory in bytes: total and temporaries, fresh state, constant args)."""
   compiled = step.lower(*args).compile()
   mem = compiled.memory_analysis()
   total = None if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes +
                                        mem.output_size_in_bytes)
   temp = None if mem is None else int(mem.temp_size_in_bytes)
   args = copy_args(args)
-  state, rest = args[:2], args[2:]
-  for _ in range(2):  # warm-up
-    *state, loss = step(*state, *rest)
-  jax.block_until_ready(loss)
-  times = []
-  for _ in range(n_steps):
-    t0 = time.perf_counter()
-    *state, loss = step(*state, *rest)
-    jax.block_until_ready(loss)
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), total, temp, float(loss)
+  return step, total, temp, list(args[:2]), args[2:]
 
 
 def run_config(cfg: Cfg, n_steps: int, variants) -> dict:
+  """Steps of all variants interleaved one by one (A B C D A B C D ...), so that load changes on a
+  shared machine hit every variant alike; the median of each variant's step times is reported."""
   steps, n_lora, n_hand = make_steps(cfg, jax.random.key(0))
   assert n_lora == n_hand, (n_lora, n_hand)
   row = {"config": cfg.__dict__ | {"targets": list(cfg.targets)}, "trainable": n_lora}
-  # Interleave variants over rounds so drift on a shared machine hits all of them alike.
-  results = {v: [] for v in variants}
-  for _ in range(2):
+  live = {v: compile_variant(*steps[v]) for v in variants}
+  times = {v: [] for v in variants}
+  losses = {}
+  for i in range(n_steps + 2):
     for v in variants:
-      results[v].append(measure(*steps[v], max(n_steps // 2, 2)))
+      step, _, _, state, rest = live[v]
+      t0 = time.perf_counter()
+      *state, loss = step(*state, *rest)
+      jax.block_until_ready(loss)
+      if i >= 2:  # the first two calls warm up
+        times[v].append(time.perf_counter() - t0)
+      live[v] = live[v][:3] + (state, rest)
+      losses[v] = float(loss)
   for v in variants:
-    t = min(r[0] for r in results[v])  # best of two medians
-    _, total, temp, loss = results[v][-1]
+    t = statistics.median(times[v])
+    _, total, temp, _, _ = live[v]
     row[v] = {"ms": 1e3 * t, "tokens_per_s": cfg.batch * cfg.seq / t, "mem_mb": None if total is None
-              else total / 2**20, "temp_mb": None if temp is None else temp / 2**20, "loss": loss}
+              else total / 2**20, "temp_mb": None if temp is None else temp / 2**20, "loss": losses[v]}
   return row
 
 
@@ -214,7 +214,7 @@ def main(argv=None):
   ap.add_argument("--layers", type=int, default=4)
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seq", type=int, default=128)
-  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--no-sweeps", action="store_true")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "throughput.json"))
