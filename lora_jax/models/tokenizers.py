@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lora_jax.models.gguf import _field
+
 __all__ = ["SMOLLM2_SYSTEM_PROMPT", "apply_chat_template", "bpe_from_gguf", "special_ids"]
 
 SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -39,15 +41,15 @@ def bpe_from_gguf(path_or_reader: Any):
     from lora_jax.models.gguf import read_gguf
 
     reader = read_gguf(path_or_reader)
-    kind = _get(reader, "tokenizer.ggml.model")
+    kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2').")
-    pre = _get(reader, "tokenizer.ggml.pre", "default")
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
     if pre not in _PRE_DIGITS:
         raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; known: {sorted(_PRE_DIGITS)}.")
-    tokens = _get(reader, "tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in _get(reader, "tokenizer.ggml.merges")]
-    types = _get(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
 
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -67,7 +69,7 @@ def special_ids(path_or_reader: Any) -> dict[str, int | None]:
     from lora_jax.models.gguf import read_gguf
 
     reader = read_gguf(path_or_reader)
-    return {k: _get(reader, f"tokenizer.ggml.{name}_token_id", None)
+    return {k: _field(reader, f"tokenizer.ggml.{name}_token_id", None)
             for k, name in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))}
 
 
@@ -92,12 +94,3 @@ def apply_chat_template(messages: Sequence[Mapping[str, str]], *, add_generation
     if add_generation_prompt:
         parts.append("<|im_start|>assistant\n")
     return "".join(parts)
-
-
-def _get(reader, key: str, default: Any = ...) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        if default is ...:
-            raise ValueError(f"GGUF metadata lacks {key!r}.")
-        return default
-    return f.contents()
