@@ -1,0 +1,48 @@
+"""Runs each experiment script in --small mode (a subprocess each) and checks what it writes."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+
+pytestmark = [pytest.mark.slow, pytest.mark.assets]
+
+
+def _run(script, *args, out):
+  proc = subprocess.run([sys.executable, str(EXPERIMENTS / script), "--small", "--out", str(out), *args],
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.mark.parametrize("model", ["minilm", "smollm2"])
+def test_rank_ablation_small(model, tmp_path):
+  _run("rank_ablation.py", "--model", model, out=tmp_path)
+  result = json.loads((tmp_path / f"rank_ablation_{model}.json").read_text())
+  kinds = {r["kind"] for r in result["rows"]}
+  assert {"full", "lora"} <= kinds
+  for row in result["rows"]:
+    assert len(row["acc"]) == len(result["settings"]["seeds"]) >= 2
+    assert all(0.0 <= a <= 1.0 for a in row["acc"])
+    if row["kind"] == "lora":
+      assert 0 < row["adapter_params"] < row["trainable_params"] or model == "smollm2"
+  assert (tmp_path / f"rank_ablation_{model}.md").read_text().startswith("###")
+  assert (tmp_path / f"rank_ablation_{model}.png").stat().st_size > 0
+
+
+def test_subspace_small(tmp_path):
+  _run("subspace.py", out=tmp_path)
+  result = json.loads((tmp_path / "subspace_minilm.json").read_text())
+  s = result["settings"]
+  for mat in ("q", "v"):
+    grid = result["fig3"][mat]["a"]
+    assert len(grid) == s["small_rank"] and len(grid[0]) == s["big_rank"]
+    assert all(-1e-5 <= x <= 1 + 1e-5 for row in grid for x in row)
+    for r in s["amp_ranks"]:
+      assert result["table7"][f"{mat}_r{r}"]["amplification"] > 0
+  for fig in ("subspace_fig3.png", "subspace_fig4.png"):
+    assert (tmp_path / fig).stat().st_size > 0
