@@ -97,12 +97,16 @@ def read_snippets(path: str | pathlib.Path) -> list[Example]:
 
 
 def split(examples: Sequence[Example], seed: int = 0) -> dict[str, list[Example]]:
-    """80/10/10 split by ``default_rng(seed).permutation``: test, validation = ``n // 10`` each; sorted by id."""
+    """80/10/10 split by ``default_rng(seed).permutation``: test, validation = ``n // 10`` each.
+
+    Each split keeps the permutation's order, so any prefix (``test[:256]``) is a random sample with
+    both labels; the file itself lists all positive snippets before the negative ones.
+    """
     n = len(examples)
     perm = np.random.default_rng(seed).permutation(n)
     k = n // 10
     parts = {"train": perm[2 * k:], "validation": perm[k:2 * k], "test": perm[:k]}
-    return {name: [examples[i] for i in sorted(idx.tolist())] for name, idx in parts.items()}
+    return {name: [examples[i] for i in idx.tolist()] for name, idx in parts.items()}
 
 
 def load_sentiment(path: str | pathlib.Path | None = None, *, seed: int = 0) -> dict[str, list[Example]]:
