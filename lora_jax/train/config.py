@@ -34,16 +34,16 @@ class TrainConfig:
   targets: str = r".*/attn/(query|value)/kernel"
   dropout: float = 0.0
   # Optimisation.
-  steps: int = 80
+  steps: int = 160
   batch: int = 8                        # global examples per optimizer step
   grad_accum: int = 1                   # micro-batches per step (batch must divide evenly)
   lr: float = 1e-3
-  warmup: int = 8
+  warmup: int = 16
   weight_decay: float = 0.0
   seed: int = 0
   # Evaluation.
   eval_every: int = 0                   # 0: evaluate only before and after training
-  eval_size: int = 256                  # held-out (test split) examples for the final accuracy
+  eval_size: int = 0                    # held-out test examples (fixed random subset; 0: all 1,056)
   val_size: int = 64                    # validation examples for the periodic evaluation
   eval_batch: int = 32
   # Parallelism.
@@ -92,8 +92,8 @@ _HELP = {
     "lr": "peak learning rate (adamw, linear warmup then cosine decay to 0)",
     "warmup": "warmup steps", "weight_decay": "adamw weight decay", "seed": "seed of LoRA init and data order",
     "eval_every": "evaluate validation accuracy every E steps (0: only before and after training)",
-    "eval_size": "test examples scored before and after training (0: all)",
-    "val_size": "validation examples scored every --eval-every steps (0: all)",
+    "eval_size": "test examples scored before and after training (a fixed random subset; 0: all)",
+    "val_size": "validation examples scored every --eval-every steps (a fixed random subset; 0: all)",
     "eval_batch": "batch size of evaluation",
     "mesh": "device mesh 'data=D,fsdp=F,tensor=T' (-1: all remaining devices)",
     "scan_layers": "stack the layers in one nn.scan (faster compile)", "remat": "rematerialise blocks",

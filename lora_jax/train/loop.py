@@ -161,24 +161,50 @@ def candidate_token_ids(tokenizer, completions=None) -> list[int]:
 def encode_split(examples, tokenizer, cfg: TrainConfig, limit: int = 0) -> dict[str, np.ndarray]:
   from lora_jax import data
 
-  if limit:
-    examples = examples[:limit]
+  if limit and limit < len(examples):
+    # A fixed random subset, not the first `limit`: the splits are sorted by id and the source file is
+    # grouped by label, so the first few hundred examples of a split are ~97% positive.
+    idx = np.sort(np.random.default_rng(0).permutation(len(examples))[:limit])
+    examples = [examples[i] for i in idx]
   return data.encode_lm(examples, tokenizer, cfg.max_len, prompt=cfg.prompt)
 
 
-def evaluate(setup: Setup, deltas, arrays: dict[str, np.ndarray], batch_size: int) -> float:
-  """Accuracy of label-word likelihood scoring over `arrays` (from `encode_lm`)."""
+def evaluate(setup: Setup, deltas, arrays: dict[str, np.ndarray], batch_size: int, *,
+             details: bool = False) -> float | dict:
+  """Accuracy of label-word likelihood scoring over `arrays` (from `encode_lm`).
+
+  With ``details``: ``{"accuracy", "stderr" (binomial, sqrt(p(1-p)/n)), "accuracy_negative",
+  "accuracy_positive" (per-class recall), "predicted_positive" (fraction), "examples"}``.
+  """
   from lora_jax import data
 
   keys = ("input_ids", "attention_mask", "prompt_len", "labels")
   dp = data_parallel_size(setup.mesh)
   batch_size = math.ceil(batch_size / dp) * dp
   correct = count = 0.0
+  preds = []
   for b in data.batches({k: arrays[k] for k in keys}, batch_size):
     out = setup.score_step(deltas, setup.params, mesh_lib.global_batch(b, setup.shardings["eval_batch"]))
     correct += float(out["correct"])
     count += float(out["count"])
-  return correct / max(count, 1.0)
+    if details:
+      preds.append(np.argmax(np.asarray(jax.device_get(out["logprobs"])), axis=-1)[b["valid"] == 1])
+  acc = correct / max(count, 1.0)
+  if not details:
+    return acc
+  pred, y = np.concatenate(preds), np.asarray(arrays["labels"])
+  recall = lambda c: float((pred[y == c] == c).mean()) if (y == c).any() else None
+  return {"accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / max(count, 1.0)), "accuracy_negative": recall(0),
+          "accuracy_positive": recall(1), "predicted_positive": float(pred.mean()) if len(pred) else None,
+          "examples": int(count)}
+
+
+def _per_class(d: dict | None) -> str:
+  if not d:
+    return ""
+  f = lambda x: "n/a" if x is None else f"{x:.4f}"
+  return (f"standard error {d['stderr']:.4f}, per class: negative {f(d['accuracy_negative'])}, "
+          f"positive {f(d['accuracy_positive'])}")
 
 
 def _gather(tree):
@@ -237,17 +263,19 @@ def finetune(cfg: TrainConfig) -> dict:
       f"on {jax.device_count()} devices / {jax.process_count()} processes")
 
   state = {"deltas": setup.deltas, "opt_state": setup.opt_state}
-  start, base_acc = 0, None
+  start, base_acc, base_detail = 0, None, None
   if resuming:
     state, meta = ckpt.restore(state)
-    start, base_acc = int(meta["step"]), meta.get("base_accuracy")
+    start, base_acc, base_detail = int(meta["step"]), meta.get("base_accuracy"), meta.get("base_detail")
     log(f"resumed from step {start} ({out / 'checkpoints'})")
   deltas, opt_state = state["deltas"], state["opt_state"]
 
   if base_acc is None:
     t = time.time()
-    base_acc = evaluate(setup, deltas, test, cfg.eval_batch)  # b = 0: exactly the base model
-    log(f"base model accuracy on {len(test['labels'])} test reviews: {base_acc:.4f} ({time.time() - t:.1f}s)")
+    base_detail = evaluate(setup, deltas, test, cfg.eval_batch, details=True)  # b = 0: exactly the base model
+    base_acc = base_detail["accuracy"]
+    log(f"base model accuracy on {len(test['labels'])} test reviews: {base_acc:.4f} ({time.time() - t:.1f}s); "
+        f"{_per_class(base_detail)}")
 
   metrics_file = out / "metrics.jsonl"
   writer = open(metrics_file, "a") if _is_main() else None
@@ -259,8 +287,9 @@ def finetune(cfg: TrainConfig) -> dict:
   if cfg.progress and _is_main() and start < cfg.steps:
     from tqdm.auto import tqdm
     pbar = tqdm(total=cfg.steps, initial=start, desc="finetune", dynamic_ncols=True)
-  meta = {"config": config_json, "base_accuracy": base_acc, "identity": identity}
+  meta = {"config": config_json, "base_accuracy": base_acc, "base_detail": base_detail, "identity": identity}
   t_train, t_last = time.time(), time.time()
+  step_times = []
   for step in range(start, cfg.steps):
     b = next(batches)
     b = {k: v.reshape(cfg.grad_accum, micro, *v.shape[1:]) for k, v in b.items() if k != "valid"}
@@ -272,6 +301,7 @@ def finetune(cfg: TrainConfig) -> dict:
            "grad_norm": m["grad_norm"], "tokens": m["tokens"], "step_s": now - t_last,
            "tokens_per_s": m["tokens"] / max(now - t_last, 1e-9)}
     t_last = now
+    step_times.append(rec["step_s"])
     if writer:
       writer.write(json.dumps(rec) + "\n")
       writer.flush()
@@ -297,11 +327,15 @@ def finetune(cfg: TrainConfig) -> dict:
   ckpt.close()
 
   t = time.time()
-  lora_acc = evaluate(setup, deltas, test, cfg.eval_batch)
-  log(f"LoRA accuracy on {len(test['labels'])} test reviews: {lora_acc:.4f} ({time.time() - t:.1f}s)")
+  lora_detail = evaluate(setup, deltas, test, cfg.eval_batch, details=True)
+  lora_acc = lora_detail["accuracy"]
+  log(f"LoRA accuracy on {len(test['labels'])} test reviews: {lora_acc:.4f} ({time.time() - t:.1f}s); "
+      f"{_per_class(lora_detail)}")
   host_deltas = _gather(deltas)
   results = {"base_accuracy": base_acc, "lora_accuracy": lora_acc, "eval_examples": int(len(test["labels"])),
-             "trainable_params": n_train, "steps": cfg.steps, "train_seconds_this_run": train_s}
+             "trainable_params": n_train, "steps": cfg.steps, "train_seconds_this_run": train_s,
+             "median_step_seconds": float(np.median(step_times[1:] or step_times)) if step_times else None,
+             "base": base_detail, "lora": lora_detail}
   if _is_main():
     adapter = checkpoint.save_adapter(out / "adapter", host_deltas, spec, base_model=identity,
                                       extra={"config": config_json, "results": results})
