@@ -212,6 +212,7 @@ def main(argv=None):
   ap.add_argument("--small", action="store_true", help="tiny sizes and few steps (CI)")
   ap.add_argument("--dims", default="128,256,512")
   ap.add_argument("--layers", type=int, default=4)
+  ap.add_argument("--vocab", type=int, default=4096)
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--steps", type=int, default=20)
@@ -222,7 +223,7 @@ def main(argv=None):
   if args.small:
     args.dims, args.layers, args.batch, args.seq, args.steps = "64", 2, 2, 32, 2
   variants = ("full", "wrap", "merge", "hand")
-  base = Cfg(layers=args.layers, batch=args.batch, seq=args.seq, dtype=args.dtype)
+  base = Cfg(vocab=args.vocab, layers=args.layers, batch=args.batch, seq=args.seq, dtype=args.dtype)
   machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
   print(f"jax {jax.__version__} on {jax.default_backend()} ({machine})")
   out = {"machine": machine, "backend": jax.default_backend(), "jax": jax.__version__, "sizes": [],
