@@ -36,7 +36,7 @@ from jax.extend import core as jcore
 
 from lora_jax.core import paired_leaves
 from lora_jax.delta import LoraDelta
-from lora_jax.spec import LoraAxes
+from lora_jax.spec import LoraAxes, path_str
 
 __all__ = ["wrap", "infer_axes", "FallbackWarning"]
 
@@ -67,9 +67,10 @@ class _Lora:
   def replace(self, **kw) -> "_Lora":
     return dataclasses.replace(self, **kw)
 
-  @property
-  def shape(self):
-    return self.w.shape
+
+def _own_axes(ndim: int) -> tuple:
+  """The origin of an untouched kernel: view axis i is W's axis i."""
+  return tuple(frozenset({i}) for i in range(ndim))
 
 
 def _aligned_factors(w, d: LoraDelta):
@@ -85,11 +86,10 @@ def _aligned_factors(w, d: LoraDelta):
   return a.astype(w.dtype), b.astype(w.dtype)
 
 
-def _labels(n: int, start: int = 0) -> list[str]:
-  letters = string.ascii_letters
-  if start + n > len(letters):
+def _labels(n: int) -> list[str]:
+  if n > len(string.ascii_letters):
     raise ValueError("lora_jax.wrap: too many dimensions in one contraction")
-  return list(letters[start:start + n])
+  return list(string.ascii_letters[:n])
 
 
 def _present(f, shape) -> list[int]:
@@ -205,12 +205,12 @@ def _eval(ctx: _Ctx, jaxpr, consts, args) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
-def _fallback_rule(ctx, eqn, invals):
-  return _bind(eqn, [_materialize(ctx, x, eqn.primitive.name) for x in invals])
-
-
 def _plain(ctx, vals, prim):
   return [_materialize(ctx, x, prim) for x in vals]
+
+
+def _fallback_rule(ctx, eqn, invals):
+  return _bind(eqn, _plain(ctx, invals, eqn.primitive.name))
 
 
 # ---- view-like ops: apply to w and to both factors ------------------------------------------------
@@ -729,7 +729,7 @@ def wrap(fn: Callable, *, strict: bool = False) -> Callable:
         invals.append(w)
       else:
         a, b = _aligned_factors(w, d)
-        invals.append(_Lora(w, a, b, tuple(frozenset({i}) for i in range(w.ndim)), path, d.dropout))
+        invals.append(_Lora(w, a, b, _own_axes(w.ndim), path, d.dropout))
     ctx = _Ctx(strict=strict, warned=warned, key=dropout_key)
     outs = _eval(ctx, closed.jaxpr, closed.consts, [*invals, *dyn])
     outs = [_materialize(ctx, o, None) for o in outs]
@@ -746,14 +746,13 @@ def infer_axes(fn: Callable, params: Any, paths, args: tuple = (), kwargs: dict 
   axes indexed away, e.g. by ``nn.scan``) stacked. Conflicting uses raise a ValueError.
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  from lora_jax.spec import path_str
   names = [path_str(p) for p, _ in leaves]
   p_leaves = [w for _, w in leaves]
   record: dict = {}
 
-  def run(p_leaves, *dyn_and_args):
+  def run(p_leaves):
     closed, _, dyn = _trace(fn, p_leaves, treedef, args, kwargs or {})
-    invals = [_Lora(w, None, None, tuple(frozenset({i}) for i in range(np.ndim(w))), n)
+    invals = [_Lora(w, None, None, _own_axes(np.ndim(w)), n)
               if n in paths else w for n, w in zip(names, p_leaves)]
     ctx = _Ctx(strict=False, warned=set(), record=record)
     return _eval(ctx, closed.jaxpr, closed.consts, [*invals, *dyn])
