@@ -105,8 +105,7 @@ def make_forward(apply: Callable, head_key: str | None) -> Callable:
 def subset(examples: Sequence, n: int, seed: int = 0) -> list:
   """`n` examples drawn at random (fixed `seed`), in their original order.
 
-  The splits are sorted by id and the source file lists positive sentences first, so a prefix such as
-  ``examples[:n]`` would be almost all one class.
+  A fixed sample keeps every experiment's data independent of how a split happens to be ordered.
   """
   if n >= len(examples):
     return list(examples)

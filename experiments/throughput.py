@@ -163,7 +163,7 @@ def compile_variant(step, args):
                                        mem.output_size_in_bytes)
   temp = None if mem is None else int(mem.temp_size_in_bytes)
   args = copy_args(args)
-  return step, total, temp, list(args[:2]), args[2:]
+  return compiled, total, temp, list(args[:2]), args[2:]
 
 
 def run_config(cfg: Cfg, n_steps: int, variants) -> dict:
@@ -218,10 +218,14 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--no-sweeps", action="store_true")
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "throughput.json"))
+  ap.add_argument("--out", default=None, help="JSON path (default: experiments/results/throughput.json, "
+                  "or runs/experiments_small/throughput.json with --small)")
   args = ap.parse_args(argv)
   if args.small:
     args.dims, args.layers, args.batch, args.seq, args.steps = "64", 2, 2, 32, 2
+  if args.out is None:
+    args.out = (os.path.join("runs", "experiments_small", "throughput.json") if args.small else
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "throughput.json"))
   variants = ("full", "wrap", "merge", "hand")
   base = Cfg(vocab=args.vocab, layers=args.layers, batch=args.batch, seq=args.seq, dtype=args.dtype)
   machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}"

@@ -569,3 +569,13 @@ def test_smollm2_logits_match_transformers(smollm2):
     print(f"SmolLM2 vs transformers LlamaForCausalLM (fp32): max abs diff {diff:.2e} "
           f"(logits up to {np.abs(ref).max():.1f})")
     assert diff <= 1e-3
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+def test_rope_scaling_in_either_config_key_is_rejected(key):
+    cfg = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+           "num_attention_heads": 2, key: {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}
+    with pytest.raises(ValueError, match=f"{key}=.*not supported"):
+        llama.config_from_hf(cfg)
+    cfg[key] = {"rope_type": "default", "rope_theta": 5e5}
+    assert llama.config_from_hf(cfg).rope_theta in (5e5, 1e4)

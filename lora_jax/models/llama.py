@@ -425,9 +425,11 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 
 def config_from_hf(config: Mapping[str, Any], **overrides) -> LlamaConfig:
     """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict (``overrides`` win)."""
-    scaling = config.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ValueError(f"rope_scaling={scaling} is not supported; only plain rotary embeddings are.")
+    # transformers 5 writes RoPE settings under `rope_parameters`, older versions under `rope_scaling`.
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = config.get(key) or {}
+        if scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+            raise ValueError(f"{key}={scaling} is not supported; only plain rotary embeddings are.")
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise ValueError("Llama with attention_bias or mlp_bias is not supported (no biases here).")
     if config.get("hidden_act", "silu") != "silu":

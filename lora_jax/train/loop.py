@@ -162,8 +162,8 @@ def encode_split(examples, tokenizer, cfg: TrainConfig, limit: int = 0) -> dict[
   from lora_jax import data
 
   if limit and limit < len(examples):
-    # A fixed random subset, not the first `limit`: the splits are sorted by id and the source file is
-    # grouped by label, so the first few hundred examples of a split are ~97% positive.
+    # A fixed random subset (the same for every --seed), independent of how the split is ordered: the
+    # source file is grouped by label, so any ordered prefix would be one class.
     idx = np.sort(np.random.default_rng(0).permutation(len(examples))[:limit])
     examples = [examples[i] for i in idx]
   return data.encode_lm(examples, tokenizer, cfg.max_len, prompt=cfg.prompt)
