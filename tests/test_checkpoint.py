@@ -113,6 +113,7 @@ def test_mismatched_or_corrupted_train_checkpoint_deletes_nothing(tiny, tmp_path
   with pytest.raises(ValueError, match=r"(?s)does not match this run.*params/layers_0/attn/query/kernel/a: expected "
                                        r"float32\(32, 2\), found float32\(32, 4\)"):
     ckpt.restore({"deltas": other})
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
   # Corrupt the array data: every file of the step's state item.
   for p in (tmp_path / "1" / "state").rglob("*"):
     if p.is_file() and p.stat().st_size > 0 and "metadata" not in p.name:

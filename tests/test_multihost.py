@@ -62,6 +62,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert single["processes"] == 1 and single["devices"] == 8
   np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5, atol=1e-6)
   a, b = np.load(tmp_path / "0.npz"), np.load(tmp_path / "single.npz")
+  assert sorted(a.files) == sorted(b.files) and len(b.files) > 0
   for k in b.files:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
   assert multi["specs"] == single["specs"]

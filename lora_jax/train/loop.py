@@ -31,7 +31,8 @@ __all__ = ["Setup", "build", "evaluate", "finetune", "load_model", "lora_spec", 
 
 # Config fields that change the training trajectory: a checkpoint made with other values is refused.
 TRAJECTORY_FIELDS = ("model", "data", "prompt", "max_len", "rank", "alpha", "targets", "dropout", "steps",
-                     "batch", "grad_accum", "lr", "warmup", "weight_decay", "seed", "scan_layers", "dtype")
+                     "batch", "grad_accum", "lr", "warmup", "weight_decay", "seed", "scan_layers", "dtype",
+                     "eval_size")
 
 
 def _is_main() -> bool:
@@ -278,7 +279,8 @@ def finetune(cfg: TrainConfig) -> dict:
         f"{_per_class(base_detail)}")
 
   metrics_file = out / "metrics.jsonl"
-  writer = open(metrics_file, "a") if _is_main() else None
+  # A resumed run appends to its metrics; a fresh one starts the file anew.
+  writer = open(metrics_file, "a" if start else "w") if _is_main() else None
   micro = cfg.micro_batch
   batches = data.batches({k: train[k] for k in ("input_ids", "attention_mask", "loss_mask")}, cfg.batch,
                          seed=cfg.seed, shuffle=True, start_step=start, num_epochs=None, drop_remainder=True)
@@ -332,16 +334,18 @@ def finetune(cfg: TrainConfig) -> dict:
   log(f"LoRA accuracy on {len(test['labels'])} test reviews: {lora_acc:.4f} ({time.time() - t:.1f}s); "
       f"{_per_class(lora_detail)}")
   host_deltas = _gather(deltas)
+  host_params = _gather(setup.params) if cfg.export_merged else None  # a collective: every process joins
   results = {"base_accuracy": base_acc, "lora_accuracy": lora_acc, "eval_examples": int(len(test["labels"])),
              "trainable_params": n_train, "steps": cfg.steps, "train_seconds_this_run": train_s,
              "median_step_seconds": float(np.median(step_times[1:] or step_times)) if step_times else None,
              "base": base_detail, "lora": lora_detail}
   if _is_main():
+    shipped = {k: config_json[k] for k in TRAJECTORY_FIELDS}  # no local paths in a file meant to be shared
     adapter = checkpoint.save_adapter(out / "adapter", host_deltas, spec, base_model=identity,
-                                      extra={"config": config_json, "results": results})
+                                      extra={"config": shipped, "results": results})
     results["adapter_bytes"] = adapter.stat().st_size
     if cfg.export_merged:
-      merged = checkpoint.save_merged(out / "merged", _gather(setup.params), host_deltas, metadata=identity)
+      merged = checkpoint.save_merged(out / "merged", host_params, host_deltas, metadata=identity)
       log(f"merged params: {merged}")
     writer.close()
     plot_metrics(metrics_file, out / "loss.png")

@@ -90,7 +90,10 @@ def param_shardings(model, variables: Any, mesh, rules=None) -> Any:
   rules = llama.LOGICAL_AXIS_RULES_DEFAULT if rules is None else rules
   try:
     logical = llama.logical_partition_specs(model)
-  except Exception:  # a model without a (1, 1) int-token init: replicate everything
+  except (TypeError, ValueError, KeyError, AttributeError) as e:  # not a Llama-style model
+    import warnings
+    warnings.warn(f"no logical-axis annotations could be read from {type(model).__name__} ({e}); its "
+                  f"parameters are replicated on the mesh.")
     logical = jax.tree_util.tree_map(lambda _: P(), variables)
   shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
   # Keep only the variables we actually have (e.g. {"params": ...}), in their structure.
