@@ -73,7 +73,7 @@ def to_peft(deltas: Any, model_type: str) -> tuple[dict, dict[str, np.ndarray]]:
   """``(adapter_config, tensors)`` in PEFT's format for the deltas of a llama/bert model."""
   _check_type(model_type)
   leaves = jax.tree_util.tree_flatten_with_path(deltas, is_leaf=lambda x: isinstance(x, LoraDelta))[0]
-  tensors, per_module = {}, {}
+  tensors, per_module, dropouts = {}, {}, set()
   for p, d in leaves:
     if not isinstance(d, LoraDelta):
       continue
@@ -90,12 +90,13 @@ def to_peft(deltas: Any, model_type: str) -> tuple[dict, dict[str, np.ndarray]]:
       tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(ai.T)
       tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(bi.T)
       per_module[name] = (ai.shape[-1], d.scale * ai.shape[-1])  # (r, alpha) with alpha / r == scale
+    dropouts.add(d.dropout)
   if not per_module:
     raise ValueError("to_peft: the deltas hold no LoraDelta")
   r, alpha = collections.Counter(per_module.values()).most_common(1)[0][0]
   config = {
       "peft_type": "LORA", "task_type": _TASK[model_type], "r": int(r), "lora_alpha": float(alpha),
-      "target_modules": sorted(per_module), "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+      "target_modules": sorted(per_module), "lora_dropout": max(dropouts),  # PEFT: one rate for all "bias": "none", "use_rslora": False,
       "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
       "rank_pattern": {re.escape(n): int(v[0]) for n, v in per_module.items() if v[0] != r},
       "alpha_pattern": {re.escape(n): float(v[1]) for n, v in per_module.items() if v[1] != alpha},
@@ -188,8 +189,11 @@ def load_peft(folder: str | os.PathLike, params: Any, model_type: str) -> Any:
       scales.add(alpha / (math.sqrt(r) if cfg.get("use_rslora") else r))
       a_l.append(a), b_l.append(b)
       used.add(n)
-    if len(scales) != 1:
-      raise ValueError(f"{path}: layers of one stacked kernel have different scales {sorted(scales)}")
+    ranks = sorted({a.shape[-1] for a in a_l})
+    if len(scales) != 1 or len(ranks) != 1:
+      raise ValueError(f"{path}: the layers of this stacked kernel have different ranks {ranks} or scales "
+                       f"{sorted(scales)} in the adapter; lora_jax keeps one rank and scale per stacked "
+                       f"kernel. Load it into the model with scan_layers=False instead.")
     axes = LoraAxes((0,), (1,), (2,)) if stacked else LoraAxes()
     a, b = (np.stack(a_l), np.stack(b_l)) if stacked else (a_l[0], b_l[0])
     out.append(LoraDelta(jax.numpy.asarray(a, np.float32), jax.numpy.asarray(b, np.float32),
