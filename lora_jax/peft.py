@@ -96,7 +96,8 @@ def to_peft(deltas: Any, model_type: str) -> tuple[dict, dict[str, np.ndarray]]:
   r, alpha = collections.Counter(per_module.values()).most_common(1)[0][0]
   config = {
       "peft_type": "LORA", "task_type": _TASK[model_type], "r": int(r), "lora_alpha": float(alpha),
-      "target_modules": sorted(per_module), "lora_dropout": max(dropouts),  # PEFT: one rate for all "bias": "none", "use_rslora": False,
+      "target_modules": sorted(per_module), "bias": "none", "use_rslora": False,
+      "lora_dropout": max(dropouts),  # PEFT has one rate for all modules
       "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
       "rank_pattern": {re.escape(n): int(v[0]) for n, v in per_module.items() if v[0] != r},
       "alpha_pattern": {re.escape(n): float(v[1]) for n, v in per_module.items() if v[1] != alpha},
