@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.core import _fit_problem
 from lora_jax.delta import LoraDelta, is_delta
 from lora_jax.spec import LoraAxes, LoraSpec, path_str
 
@@ -206,13 +207,16 @@ def load_adapter(path, params: Any, *, base_model: dict | None = None) -> Any:
         if _crc(a) != rec["crc32_a"] or _crc(b) != rec["crc32_b"]:
           problems.append(f"{name}: checksum mismatch, the file is corrupted")
           continue
-        d = LoraDelta(jnp.asarray(a), jnp.asarray(b), scale=float(rec["scale"]), axes=LoraAxes(**rec["axes"]),
-                      dropout=float(rec["dropout"]))
-        w = leaves[by_path[name]][1]
-        expected = tuple(getattr(w, "shape", ()))
-        if d.weight_shape() != expected or len(expected) != len(d.axes.stack + d.axes.inputs + d.axes.outputs):
-          problems.append(f"{name}: expected a kernel of shape {expected} (from the model), found a delta "
-                          f"for shape {d.weight_shape()} (a {tuple(a.shape)}, b {tuple(b.shape)})")
+        try:
+          d = LoraDelta(jnp.asarray(a), jnp.asarray(b), scale=float(rec["scale"]),
+                        axes=LoraAxes(**rec["axes"]), dropout=float(rec["dropout"]))
+        except (TypeError, ValueError, KeyError) as e:
+          problems.append(f"{name}: malformed delta record {rec} ({e})")
+          continue
+        expected = tuple(getattr(leaves[by_path[name]][1], "shape", ()))
+        why = _fit_problem(d, expected)
+        if why:
+          problems.append(f"{name}: does not fit the model's kernel of shape {expected}: {why}")
           continue
         out[by_path[name]] = d
   except ValueError:

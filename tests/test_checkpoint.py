@@ -53,8 +53,9 @@ def test_adapter_on_wrong_model_is_a_clear_error(tiny, tmp_path):
   _, other = loop.tiny_llama(256, scan_layers=False)  # another vocabulary: embed differs, not a target
   wider = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[:-1] + (x.shape[-1] * 2,), x.dtype),
                                  other)
-  with pytest.raises(ValueError, match=r"params/layers_0/attn/query/kernel: expected a kernel of shape "
-                                       r"\(32, 64\) \(from the model\), found a delta for shape \(32, 32\)"):
+  with pytest.raises(ValueError, match=r"\(4 problem\(s\)\).*\n  params/layers_0/attn/query/kernel: does not fit the "
+                                       r"model's kernel of shape \(32, 64\): .* needs a \(32, 4\) and b \(4, 64\), "
+                                       r"found a \(32, 4\) and b \(4, 32\)"):
     checkpoint.load_adapter(tmp_path, wider)
   stacked = loop.tiny_llama(128, scan_layers=True)[1]
   with pytest.raises(ValueError, match=r"params/layers_0/attn/query/kernel: not a parameter of this model"):

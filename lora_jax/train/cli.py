@@ -76,8 +76,9 @@ def _with_adapter(args) -> int:
   if args.model:
     cfg = dataclasses.replace(cfg, model=args.model)
   model, variables, tok, identity = loop.load_model(cfg)
-  deltas = checkpoint.load_adapter(args.adapter, variables, base_model={"name": cfg.model} if not args.model
-                                   else None)
+  # The architecture must be the one the adapter was trained on (the name may differ with --model, e.g.
+  # a local copy of the same checkpoint); shapes are checked leaf by leaf as well.
+  deltas = checkpoint.load_adapter(args.adapter, variables, base_model={"config": identity["config"]})
   if args.command == "generate":
     from lora_jax.models import generate
     from lora_jax.models.tokenizers import apply_chat_template
