@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.models.hf import param_shapes, read_weights, strip_prefix
+
 Array = jax.Array
 
 MINILM = "minilm"
@@ -371,12 +373,6 @@ def _hf_names(config: BertConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
     return names
 
 
-def _strip_prefix(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if any(k.startswith("bert.") for k in tensors):
-        return {k[len("bert."):]: v for k, v in tensors.items() if k.startswith("bert.")}
-    return dict(tensors)
-
-
 def _assemble(names, tensors, shapes, dtype, ignore: Callable[[str], bool]) -> dict:
     """Builds the params tree; collects every missing/unexpected/misshapen tensor and raises once."""
     errors, params = [], {}
@@ -414,12 +410,6 @@ def _assemble(names, tensors, shapes, dtype, ignore: Callable[[str], bool]) -> d
     return params
 
 
-def _shapes(model: nn.Module, *args) -> dict[tuple[str, ...], tuple[int, ...]]:
-    tree = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *args))["params"]
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
-
-
 def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **overrides) -> tuple[BertModel, dict]:
     """A :class:`BertModel` and its variables from a Hugging Face BERT checkpoint.
 
@@ -437,9 +427,9 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **over
     """
     cfg = BertConfig.from_hf(config, **overrides)
     model = BertModel(cfg)
-    tensors = _strip_prefix(tensors)
+    tensors = strip_prefix(tensors, "bert.")
     ignore = lambda k: k.startswith(_IGNORED_PREFIXES) or k.endswith(("position_ids", "token_type_ids"))
-    params = _assemble(_hf_names(cfg), tensors, _shapes(model, *_example_inputs()), cfg.param_dtype, ignore)
+    params = _assemble(_hf_names(cfg), tensors, param_shapes(model, *_example_inputs()), cfg.param_dtype, ignore)
     return model, {"params": params}
 
 
@@ -458,12 +448,10 @@ def classifier_from_encoder(
 
 
 def load_folder(folder: str | pathlib.Path, **overrides) -> tuple[BertModel, dict]:
-    """Reads ``config.json`` and ``model.safetensors`` from a Hugging Face BERT folder."""
-    from safetensors.numpy import load_file
-
+    """Reads ``config.json`` and the safetensors weights from a Hugging Face BERT folder."""
     folder = pathlib.Path(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    return from_hf(config, load_file(str(folder / "model.safetensors")), **overrides)
+    return from_hf(config, read_weights(folder), **overrides)
 
 
 def load_minilm(cache_dir: str | pathlib.Path | None = None, **overrides):

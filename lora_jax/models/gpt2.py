@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.models.hf import param_shapes, strip_prefix
 from lora_jax.models.bert import LayerNorm
 
 Array = jax.Array
@@ -229,12 +230,6 @@ def logical_axes(model: GPT2LMHeadModel) -> Any:
 
 # --- Hugging Face weights ------------------------------------------------------------------------
 
-def _strip_prefix(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if any(k.startswith("transformer.") for k in tensors):
-        return {k[len("transformer."):]: v for k, v in tensors.items() if k.startswith("transformer.")}
-    return dict(tensors)
-
-
 def _check(name: str, value: np.ndarray, expected: tuple[int, ...], errors: list[str], flax_name: str) -> bool:
     if tuple(value.shape) != tuple(expected):
         errors.append(
@@ -242,11 +237,6 @@ def _check(name: str, value: np.ndarray, expected: tuple[int, ...], errors: list
         )
         return False
     return True
-
-
-def _shapes(model: nn.Module) -> dict[tuple[str, ...], tuple[int, ...]]:
-    tree = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *_example_inputs()))["params"]
-    return {tuple(k.key for k in p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **overrides) -> tuple[GPT2LMHeadModel, dict]:
@@ -264,8 +254,8 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **over
     """
     cfg = GPT2Config.from_hf(config, **overrides)
     model = GPT2LMHeadModel(cfg)
-    tensors = _strip_prefix(tensors)
-    shapes = _shapes(model)
+    tensors = strip_prefix(tensors, "transformer.")
+    shapes = param_shapes(model, *_example_inputs())
     d = cfg.hidden_size
     # Flax path -> (HF name, converter from the HF array to the list of (flax path, array)).
     plan: dict[str, list[tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray], tuple[int, ...]]]] = {}

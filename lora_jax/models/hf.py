@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "load_hf", "read_safetensors"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "load_hf", "param_shapes", "read_safetensors", "read_weights", "strip_prefix"]
 
 SUPPORTED_MODEL_TYPES = ("bert", "gpt2", "llama")
 
@@ -59,7 +60,25 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def _weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
+def strip_prefix(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """State-dict names without a task head's ``prefix`` (``"bert."``, ``"transformer."``) when present."""
+    if any(k.startswith(prefix) for k in tensors):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return dict(tensors)
+
+
+def param_shapes(model: Any, *example_inputs) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``{path under "params": shape}`` of ``model``'s variables, from an abstract init (no FLOPs)."""
+    import flax.linen as nn
+    import jax
+
+    tree = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *example_inputs))["params"]
+    return {tuple(k.key for k in p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def read_weights(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a Hugging Face folder: ``model.safetensors`` or the shards its index lists."""
+    folder = pathlib.Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -110,7 +129,7 @@ def load_hf(folder: str | os.PathLike, *, scan_layers: bool = False, remat: bool
                          f"{list(SUPPORTED_MODEL_TYPES)}.")
     if model_type != "llama" and (scan_layers or remat):
         raise ValueError(f"scan_layers/remat are only supported for llama, not {model_type!r}.")
-    tensors = _weights(folder)
+    tensors = read_weights(folder)
 
     overrides = {} if dtype is None else {"dtype": dtype}
     if model_type == "llama":
