@@ -1,6 +1,5 @@
 """Executes each notebook top to bottom with LORA_JAX_SMALL=1 (small settings, seconds on a CPU)."""
 
-import os
 import pathlib
 
 import pytest

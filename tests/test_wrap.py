@@ -5,7 +5,6 @@ computations sum in different orders) and 3e-2 in bfloat16 (one bf16 rounding of
 reference versus bf16 low-rank products in the factored one).
 """
 
-import functools
 import warnings
 
 import flax.linen as nn
@@ -94,9 +93,6 @@ def test_f32_params_bf16_compute():
   x = jax.random.normal(jax.random.key(1), (4, 16), jnp.bfloat16)
   v = m.init(jax.random.key(0), x)
   v = jax.tree.map(lambda t: t.astype(jnp.float32), v)
-  m32 = MLP(jnp.float32)
-  apply = lambda p, x: nn.Dense(32, dtype=jnp.bfloat16).apply  # noqa: E731  (unused; keeps flake quiet)
-  del apply, m32
   check(m.apply, v, lj.LoraSpec(rank=4, targets=".*/kernel"), (x,), dtype=jnp.bfloat16)
 
 
@@ -311,7 +307,6 @@ def test_nnx_model(use_jit):
       return self.value(nnx.relu(self.query(x)))
 
   graphdef, state = nnx.split(Model(nnx.Rngs(0)))
-  apply = lambda state, x: graphdef.apply(state)(x)[0] if hasattr(graphdef, "apply") else None
   apply = lambda state, x: nnx.merge(graphdef, state)(x)  # noqa: E731
   x = jax.random.normal(jax.random.key(1), (3, 8))
   check(apply, state, lj.LoraSpec(rank=2, targets=r".*/kernel/value"), (x,), use_jit=use_jit)
