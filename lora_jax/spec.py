@@ -8,7 +8,6 @@ same names `jax.tree_util.keystr(path, simple=True, separator="/")` prints, e.g.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import numbers
 import re
@@ -18,7 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LoraSpec", "LoraAxes", "path_str"]
+from lora_jax._closest import closest
+
+__all__ = ["LoraAxes", "LoraSpec", "path_str"]
 
 INITS = ("kaiming", "gaussian")
 
@@ -51,7 +52,7 @@ class LoraAxes:
     for name in ("stack", "inputs", "outputs"):
       object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
 
-  def check(self, ndim: int, where: str) -> "LoraAxes":
+  def check(self, ndim: int, where: str) -> LoraAxes:
     """Normalises negative axes and checks that the axes partition ``range(ndim)``."""
     norm = lambda t: tuple(i % ndim if -ndim <= i < ndim else i for i in t)
     axes = LoraAxes(norm(self.stack), norm(self.inputs), norm(self.outputs))
@@ -63,7 +64,7 @@ class LoraAxes:
     return axes
 
   @staticmethod
-  def default(ndim: int, num_stack: int = 0) -> "LoraAxes":
+  def default(ndim: int, num_stack: int = 0) -> LoraAxes:
     """Leading `num_stack` axes stacked, then one input axis and the remaining output axes."""
     return LoraAxes(tuple(range(num_stack)), (num_stack,), tuple(range(num_stack + 1, ndim)))
 
@@ -186,7 +187,7 @@ class LoraSpec:
     """The targeted paths among `paths`; raises when none is, or when an override matches none."""
     chosen = [p for p in paths if self.matches(p)]
     if not chosen:
-      close = _closest(self.targets, paths)
+      close = closest(self.targets, paths, regex=True)
       raise ValueError(
           f"LoraSpec.targets {list(self.targets)} (exclude {list(self.exclude)}) match no parameter. "
           f"Patterns must match the whole '/'-joined key path. Closest available paths: {close}. "
@@ -196,7 +197,7 @@ class LoraSpec:
         if not any(re.fullmatch(pat, p) for p in chosen):
           raise ValueError(
               f"LoraSpec.{name} key {pat!r} matches no targeted parameter (it must match the whole path "
-              f"of a leaf that `targets` selects). Targeted paths: {_closest((pat,), chosen)}")
+              f"of a leaf that `targets` selects). Targeted paths: {closest(pat, chosen, regex=True)}")
     return chosen
 
 
@@ -204,13 +205,3 @@ def _check_rank(r, where) -> int:
   if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r <= 0:
     raise ValueError(f"{where}={r!r}: the rank must be a positive int")
   return int(r)
-
-
-def _closest(patterns, paths, n=5) -> list[str]:
-  """Paths that look most like the (regex) patterns, to help fix a typo."""
-  scored = []
-  for p in paths:
-    best = max(difflib.SequenceMatcher(None, re.sub(r"[\\^$.*+?()\[\]{}|]", "", pat), p).ratio()
-               for pat in patterns)
-    scored.append((best, p))
-  return [p for _, p in sorted(scored, key=lambda t: -t[0])[:n]]

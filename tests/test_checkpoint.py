@@ -1,4 +1,7 @@
-"""Adapter export/load and train-state checkpoints: round trips, and clear errors that delete nothing."""
+"""Train-state checkpoints: exact round trips, metadata, and clear errors that delete nothing.
+
+The adapter files (`lora_jax.adapter`, re-exported by `lora_jax.checkpoint`) are tested in test_adapter.py.
+"""
 
 
 import jax
@@ -25,67 +28,6 @@ def tiny():
 def _same(x, y):
   lx, ly = jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)
   return len(lx) == len(ly) and all(np.array_equal(a, b) for a, b in zip(lx, ly))
-
-
-def test_adapter_round_trip(tiny, tmp_path, capsys):
-  model, variables, spec, deltas = tiny
-  ident = {"name": "tiny", "config": {"hidden_size": 32}}
-  file = checkpoint.save_adapter(tmp_path / "adapter", deltas, spec, base_model=ident, extra={"acc": 0.5})
-  assert "MiB" in capsys.readouterr().out and file.name == "adapter.safetensors"
-  back = checkpoint.load_adapter(tmp_path / "adapter", variables, base_model={"name": "tiny"})
-  assert jax.tree_util.tree_structure(back, is_leaf=lj.is_delta) == jax.tree_util.tree_structure(
-      deltas, is_leaf=lj.is_delta)
-  assert _same(back, deltas)
-  d0 = back["params"]["layers_0"]["attn"]["query"]["kernel"]
-  assert d0.scale == 2.0 and d0.axes == lj.LoraAxes()
-  info = checkpoint.adapter_info(file)
-  assert checkpoint.spec_from_json(info["spec"]) == spec and info["extra"] == {"acc": 0.5}
-  assert info["deltas"]["params/layers_1/attn/value/kernel"]["scale"] == 2.0
-  ids = jnp.arange(6, dtype=jnp.int32)[None]
-  got = jax.jit(lj.wrap(model.apply))(variables, back, ids)
-  want = jax.jit(model.apply)(lj.merge(variables, deltas), ids)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_adapter_on_wrong_model_is_a_clear_error(tiny, tmp_path):
-  _, _, spec, deltas = tiny
-  checkpoint.save_adapter(tmp_path, deltas, spec, base_model={"name": "tiny"}, verbose=False)
-  _, other = loop.tiny_llama(256, scan_layers=False)  # another vocabulary: embed differs, not a target
-  wider = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[:-1] + (x.shape[-1] * 2,), x.dtype),
-                                 other)
-  with pytest.raises(ValueError, match=r"\(4 problem\(s\)\).*\n  params/layers_0/attn/query/kernel: does not fit the "
-                                       r"model's kernel of shape \(32, 64\): .* needs a \(32, 4\) and b \(4, 64\), "
-                                       r"found a \(32, 4\) and b \(4, 32\)"):
-    checkpoint.load_adapter(tmp_path, wider)
-  stacked = loop.tiny_llama(128, scan_layers=True)[1]
-  with pytest.raises(ValueError, match=r"params/layers_0/attn/query/kernel: not a parameter of this model"):
-    checkpoint.load_adapter(tmp_path, stacked)
-  with pytest.raises(ValueError, match=r"base model 'name': the adapter was made for 'tiny', this model is 'x'"):
-    checkpoint.load_adapter(tmp_path, other, base_model={"name": "x"})
-
-
-def test_corrupted_adapter_is_a_clear_error(tiny, tmp_path):
-  _, variables, spec, deltas = tiny
-  file = checkpoint.save_adapter(tmp_path, deltas, spec, verbose=False)
-  raw = bytearray(file.read_bytes())
-  raw[-5] ^= 0xFF  # flip bits in the last tensor's data
-  file.write_bytes(bytes(raw))
-  with pytest.raises(ValueError, match="checksum mismatch, the file is corrupted"):
-    checkpoint.load_adapter(file, variables)
-  file.write_bytes(bytes(raw[:40]))  # truncated header
-  with pytest.raises(ValueError, match="not a readable safetensors adapter"):
-    checkpoint.load_adapter(file, variables)
-  with pytest.raises(ValueError, match="adapter file not found"):
-    checkpoint.load_adapter(tmp_path / "nope.safetensors", variables)
-
-
-def test_merged_export(tiny, tmp_path):
-  from safetensors.numpy import load_file
-  _, variables, _, deltas = tiny
-  file = checkpoint.save_merged(tmp_path, variables, deltas)
-  merged = load_file(str(file))
-  want = lj.merge(variables, deltas)["params"]["layers_1"]["attn"]["value"]["kernel"]
-  np.testing.assert_array_equal(merged["params/layers_1/attn/value/kernel"], want)
 
 
 def test_train_state_exact_round_trip_and_keep(tiny, tmp_path):
@@ -122,5 +64,36 @@ def test_mismatched_or_corrupted_train_checkpoint_deletes_nothing(tiny, tmp_path
   before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
   with pytest.raises(ValueError, match=r"(?s)cannot be read \(corrupted or incomplete\?\).*Nothing was deleted"):
     ckpt.restore({"deltas": deltas})
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+  ckpt.close()
+
+
+def test_metadata_reads_what_was_saved_without_the_arrays(tiny, tmp_path):
+  _, _, _, deltas = tiny
+  ckpt = checkpoint.TrainCheckpointer(tmp_path, every=1, keep=3)
+  with pytest.raises(ValueError, match=r"no checkpoint in .*, so no metadata to read"):
+    ckpt.metadata()
+  ckpt.save(1, {"deltas": deltas}, {"data_position": 10, "config": {"lr": 0.01}})
+  ckpt.save(2, {"deltas": deltas}, {"data_position": 20, "config": {"lr": 0.01}})
+  ckpt.wait()
+  meta = ckpt.metadata()  # the latest step
+  assert meta["step"] == 2 and meta["data_position"] == 20 and meta["config"] == {"lr": 0.01}
+  assert "deltas/params/layers_0/attn/query/kernel/a" in meta["paths"]
+  assert len(meta["paths"]) == len(meta["leaves"]) == len(jax.tree_util.tree_leaves(deltas))
+  assert ckpt.metadata(1)["data_position"] == 10
+  assert ckpt.metadata(2) == ckpt.restore({"deltas": deltas})[1]
+  with pytest.raises(ValueError, match=r"no checkpoint at step 7 in .*; the steps there are \[1, 2\]"):
+    ckpt.metadata(7)
+  ckpt.close()
+  # Corrupt the JSON of the latest step: a clear error, nothing deleted.
+  for p in (tmp_path / "2" / "meta").rglob("*"):
+    if p.is_file():
+      p.write_text("{not json")
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  ckpt = checkpoint.TrainCheckpointer(tmp_path, every=1, keep=3)
+  with pytest.raises(ValueError, match=r"(?s)checkpoint .*2' cannot be read \(corrupted or incomplete\?\).*"
+                                       r"Nothing was deleted"):
+    ckpt.metadata()
+  assert ckpt.metadata(1)["step"] == 1
   assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
   ckpt.close()

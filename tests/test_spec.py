@@ -92,6 +92,34 @@ def test_no_match_lists_closest_paths():
     lj.init(KEY, _gpt_params(), LoraSpec(rank=2, targets=r".*/qurey/kernel"))   # typo
 
 
+def test_closest_ranks_by_similarity_and_keeps_ties_in_order():
+  from lora_jax._closest import closest
+  paths = ["params/h_0/mlp/kernel", "params/h_0/attn/key/kernel", "params/h_0/attn/query/kernel",
+           "params/h_1/attn/query/kernel"]
+  # Best first; the equally close h_0 and h_1 query kernels keep their order in `paths`.
+  assert closest("params/h_2/attn/query/kernel", paths, n=3) == [
+      "params/h_0/attn/query/kernel", "params/h_1/attn/query/kernel", "params/h_0/attn/key/kernel"]
+  # Regex syntax is ignored when comparing a pattern; several queries: each path scores its best match.
+  assert closest(r".*/qurey/kernel", paths, n=1, regex=True) == ["params/h_0/attn/query/kernel"]
+  assert closest(["zzz", "params/h_0/mlp/kernel"], paths, n=1) == ["params/h_0/mlp/kernel"]
+  assert closest("x", paths, n=0) == [] and closest("x", [], n=3) == []
+  assert len(closest("x", paths)) == 4  # n larger than the candidates: all of them, none twice
+
+
+def test_closest_is_the_top_n_of_difflib_ratio():
+  import difflib
+  import random
+
+  from lora_jax._closest import closest
+  rng = random.Random(0)
+  word = lambda: "".join(rng.choice("ab/_0") for _ in range(rng.randint(0, 8)))
+  for _ in range(300):
+    queries, paths, n = [word() for _ in range(rng.randint(1, 3))], [word() for _ in range(rng.randint(0, 9))], 3
+    def score(p, queries=queries):
+      return max(difflib.SequenceMatcher(None, p, q, autojunk=False).ratio() for q in queries)
+    assert closest(queries, paths, n) == sorted(paths, key=lambda p: -score(p))[:n], (queries, paths)
+
+
 def test_exclude_removing_everything_is_an_error():
   with pytest.raises(ValueError, match=r"exclude \['.\*'\].*match no parameter"):
     lj.init(KEY, _gpt_params(), LoraSpec(rank=2, targets=".*/kernel", exclude=".*"))
