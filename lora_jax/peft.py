@@ -6,8 +6,9 @@ adapted ``nn.Linear`` (weight ``(out, in)``), ``<module>.lora_A.weight: (r, in)`
 Flax kernels are ``(in, out)``, so ``lora_A = aᵀ`` and ``lora_B = bᵀ``; per-leaf scales are written as
 PEFT ``rank_pattern`` / ``alpha_pattern`` entries so that every module's ``alpha / r`` equals our scale.
 
-Supported model families: ``"llama"`` (`lora_jax.models.llama`, also with ``nn.scan``-stacked layers)
-and ``"bert"`` (`lora_jax.models.bert`), i.e. Hugging Face ``LlamaForCausalLM`` / ``BertModel``.
+Supported model families: those of `lora_jax.models.registry` with a PEFT task type, today ``"llama"``
+(also with ``nn.scan``-stacked layers) and ``"bert"``, i.e. Hugging Face ``LlamaForCausalLM`` /
+``BertModel``. The module names come from each family's ``hf_projections`` table.
 
     lj.peft.save_peft("adapter/", deltas, model_type="llama")     # PeftModel.from_pretrained(hf, "adapter/")
     deltas = lj.peft.load_peft("adapter/", variables, model_type="llama")
@@ -30,48 +31,38 @@ from lora_jax.spec import LoraAxes, path_str
 
 __all__ = ["save_peft", "load_peft", "to_peft", "module_name"]
 
-# (regex on our "/"-joined kernel path without the layer index) -> HF module name template.
-_MODULES = {
-    "llama": {
-        "attn/query": "model.layers.{i}.self_attn.q_proj", "attn/key": "model.layers.{i}.self_attn.k_proj",
-        "attn/value": "model.layers.{i}.self_attn.v_proj", "attn/out": "model.layers.{i}.self_attn.o_proj",
-        "mlp/gate": "model.layers.{i}.mlp.gate_proj", "mlp/up": "model.layers.{i}.mlp.up_proj",
-        "mlp/down": "model.layers.{i}.mlp.down_proj",
-    },
-    "bert": {
-        "attn/query": "encoder.layer.{i}.attention.self.query", "attn/key": "encoder.layer.{i}.attention.self.key",
-        "attn/value": "encoder.layer.{i}.attention.self.value",
-        "attn/out": "encoder.layer.{i}.attention.output.dense", "mlp/up": "encoder.layer.{i}.intermediate.dense",
-        "mlp/down": "encoder.layer.{i}.output.dense",
-    },
-}
-_TASK = {"llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
-_LAYER = re.compile(r"(?:params/)?(?:encoder/)?layers(?:_(\d+))?/(.+)/kernel")
+def _family(model_type: str):
+  from lora_jax.models import registry
+
+  supported = sorted(t for t, f in registry.FAMILIES.items() if f.peft_task_type is not None)
+  if model_type not in supported:
+    raise ValueError(f"model_type={model_type!r} is not supported for PEFT files; use one of {supported}")
+  return registry.FAMILIES[model_type]
 
 
-def _check_type(model_type: str) -> dict:
-  if model_type not in _MODULES:
-    raise ValueError(f"model_type={model_type!r} is not supported for PEFT files; use one of {sorted(_MODULES)}")
-  return _MODULES[model_type]
+def _kernel_path(family) -> re.Pattern:
+  """``<layers>_<i>/<projection>/kernel`` (or the scan stack ``<layers>/<projection>/kernel``)."""
+  return re.compile(rf"(?:params/)?{re.escape(family.layers)}(?:_(\d+))?/(.+)/kernel")
 
 
 def module_name(path: str, model_type: str, layer: int | None = None) -> str:
   """HF module name of our kernel `path` (``layer`` picks one layer of a scan-stacked kernel)."""
-  table = _check_type(model_type)
-  m = _LAYER.fullmatch(path)
-  if not m or m.group(2) not in table:
+  family = _family(model_type)
+  m = _kernel_path(family).fullmatch(path)
+  if not m or m.group(2) not in family.hf_projections:
     raise ValueError(
         f"{path}: no Hugging Face {model_type} module corresponds to this parameter; PEFT export supports "
-        f"the per-layer projections {sorted(table)} (paths like params/layers_0/attn/query/kernel).")
+        f"the per-layer projections {sorted(family.hf_projections)} (paths like "
+        f"params/{family.layers}_0/attn/query/kernel).")
   i = m.group(1) if m.group(1) is not None else layer
   if i is None:
     raise ValueError(f"{path}: a stacked kernel needs a layer index")
-  return table[m.group(2)].format(i=i)
+  return family.hf_module(m.group(2), i)
 
 
 def to_peft(deltas: Any, model_type: str) -> tuple[dict, dict[str, np.ndarray]]:
   """``(adapter_config, tensors)`` in PEFT's format for the deltas of a llama/bert model."""
-  _check_type(model_type)
+  family = _family(model_type)
   leaves = jax.tree_util.tree_flatten_with_path(deltas, is_leaf=lambda x: isinstance(x, LoraDelta))[0]
   tensors, per_module, dropouts = {}, {}, set()
   for p, d in leaves:
@@ -95,7 +86,7 @@ def to_peft(deltas: Any, model_type: str) -> tuple[dict, dict[str, np.ndarray]]:
     raise ValueError("to_peft: the deltas hold no LoraDelta")
   r, alpha = collections.Counter(per_module.values()).most_common(1)[0][0]
   config = {
-      "peft_type": "LORA", "task_type": _TASK[model_type], "r": int(r), "lora_alpha": float(alpha),
+      "peft_type": "LORA", "task_type": family.peft_task_type, "r": int(r), "lora_alpha": float(alpha),
       "target_modules": sorted(per_module), "bias": "none", "use_rslora": False,
       "lora_dropout": max(dropouts),  # PEFT has one rate for all modules
       "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
@@ -133,7 +124,8 @@ def load_peft(folder: str | os.PathLike, params: Any, model_type: str) -> Any:
   """
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
-  _check_type(model_type)
+  family = _family(model_type)
+  kernel_path = _kernel_path(family)
   cfg_path = os.path.join(folder, "adapter_config.json")
   st_path = os.path.join(folder, "adapter_model.safetensors")
   for p in (cfg_path, st_path):
@@ -158,8 +150,8 @@ def load_peft(folder: str | os.PathLike, params: Any, model_type: str) -> Any:
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   used, out = set(), []
   for path, w in ((path_str(p), w) for p, w in leaves):
-    m = _LAYER.fullmatch(path)
-    if not m or m.group(2) not in _MODULES[model_type]:
+    m = kernel_path.fullmatch(path)
+    if not m or m.group(2) not in family.hf_projections:
       out.append(None)
       continue
     stacked = m.group(1) is None

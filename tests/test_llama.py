@@ -307,6 +307,9 @@ def test_read_safetensors_bfloat16(tmp_path):
     out = lhf.read_safetensors(tmp_path / "a.safetensors")["x"]
     assert out.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(out.astype(np.float32), x)
+    (tmp_path / "b.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"b.safetensors: cannot read the safetensors file"):
+        lhf.read_safetensors(tmp_path / "b.safetensors")
 
 
 @pytest.mark.torch
@@ -376,10 +379,6 @@ def _llama_cpp_permute(w, n_heads):
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_TO_GGUF = {v: k for k, v in lgguf._TOP.items()}
-_TO_GGUF_LAYER = {v: k for k, v in lgguf._LAYER.items()}
-
-
 def _write_gguf(path, cfg, tensors, arch="llama", skip=(), replace=None):
     import gguf
 
@@ -395,12 +394,9 @@ def _write_gguf(path, cfg, tensors, arch="llama", skip=(), replace=None):
     w.add_context_length(cfg.max_position_embeddings)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("llama")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)  # llama.cpp's converter's map
     for name, x in tensors.items():
-        if name.startswith("model.layers."):
-            i, rest = name[len("model.layers."):].split(".", 1)
-            gname = f"blk.{i}.{_TO_GGUF_LAYER[rest]}"
-        else:
-            gname = _TO_GGUF[name]
+        gname = names.get_name(name, try_suffixes=(".weight",))
         if gname in skip:
             continue
         if name.endswith("q_proj.weight"):
@@ -454,6 +450,54 @@ def test_chat_template():
         tokenizers.apply_chat_template([{"role": "user"}])
 
 
+# A template in the style of Hugging Face chat templates: block tags on their own lines (trim_blocks and
+# lstrip_blocks decide the whitespace), raise_exception, loop controls.
+_TEMPLATE = """{% for message in messages %}
+    {% if message['role'] not in ('system', 'user', 'assistant') %}
+        {{ raise_exception('unknown role ' + message['role']) }}
+    {% endif %}
+    {% if message['role'] == 'system' %}{% continue %}{% endif %}
+[{{ message['role'] }}] {{ message['content'] }}{{ eos_token }}
+{% endfor %}
+{% if add_generation_prompt %}[assistant] {% endif %}"""
+
+
+def test_chat_template_is_rendered_with_jinja():
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}]
+    text = tokenizers.apply_chat_template(msgs, template=_TEMPLATE, eos_token="</s>")
+    assert text == "[user] Hi</s>\n[assistant] Hello</s>\n[assistant] "
+    with pytest.raises(ValueError, match="chat template: unknown role tool"):
+        tokenizers.apply_chat_template([{"role": "tool", "content": "x"}], template=_TEMPLATE)
+    with pytest.raises(ValueError, match="chat template: "):
+        tokenizers.apply_chat_template(msgs, template="{% for m in messages %}")  # does not compile
+    # A system prompt goes first unless the messages start with one; SmolLM2's default otherwise.
+    custom = tokenizers.apply_chat_template([{"role": "user", "content": "Hi"}], system_prompt="Be brief.")
+    assert custom.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
+    hi = [{"role": "user", "content": "Hi"}]
+    assert tokenizers.apply_chat_template(hi, system_prompt=tokenizers.SMOLLM2_SYSTEM_PROMPT) == \
+        tokenizers.apply_chat_template(hi)
+
+
+@pytest.mark.torch
+def test_chat_template_renders_like_transformers(bpe_tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    for template in (_TEMPLATE, tokenizers.SMOLLM2_CHAT_TEMPLATE):
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe_tokenizer, eos_token="<|endoftext|>")
+        tok.chat_template = template
+        for gen in (True, False):
+            ref = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            ours = tokenizers.apply_chat_template(msgs, template=template, add_generation_prompt=gen,
+                                                  eos_token="<|endoftext|>")
+            assert ours == ref
+    # A Hugging Face folder's own template is found in tokenizer_config.json.
+    tok.save_pretrained(tmp_path)
+    assert tokenizers.chat_template(tmp_path) == tokenizers.SMOLLM2_CHAT_TEMPLATE
+    assert tokenizers.chat_template(tmp_path / "missing") is None
+
+
 # ------------------------------------------------------------------------------- real SmolLM2
 
 GETTYSBURG = (
@@ -495,6 +539,7 @@ def test_smollm2_chat_template_matches_gguf_jinja(smollm2):
             {"role": "user", "content": "Thanks"}]
     ref = jinja2.Template(template).render(messages=msgs, add_generation_prompt=True)
     assert tokenizers.apply_chat_template(msgs) == ref
+    assert template == tokenizers.SMOLLM2_CHAT_TEMPLATE == tokenizers.chat_template("smollm2-135m")
 
 
 @pytest.mark.assets

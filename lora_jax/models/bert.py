@@ -16,8 +16,9 @@ are plain regexes over these paths::
     params/classifier/{kernel,bias}                            (D, num_labels)   (BertClassifier only)
 
 Parameters carry logical axis names (``"vocab"``, ``"embed"``, ``"heads"``, ``"mlp"``) through
-``nn.with_logical_partitioning``; :func:`logical_axes` returns them as a tree of ``PartitionSpec``.
-Loaded variables (:func:`from_hf`, :func:`init`) are plain arrays.
+``nn.with_logical_partitioning``; :func:`logical_axes` returns them as a tree of ``PartitionSpec`` and
+:data:`LOGICAL_AXIS_RULES` maps them to mesh axes. Loaded variables (:func:`from_hf`, :func:`init`) are
+plain arrays.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -45,11 +46,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models.hf import param_shapes, read_weights, strip_prefix
+from lora_jax.models import layers
+from lora_jax.models.family import ModelFamily
+from lora_jax.models.layers import LayerNorm
+from lora_jax.models.weights import hf_leaf_names, param_shapes, read_weights, strip_prefix
 
 Array = jax.Array
 
 MINILM = "minilm"
+
+# Logical axis name -> mesh axis (None = replicated). The vocabulary (30522 in MiniLM, a multiple of 2
+# only) is not split; the embedding tables are split along "embed" instead.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", None),
+)
+
+# LoRA targets when none are given: the attention query and value projections (as in the paper).
+DEFAULT_TARGETS = r".*/attn/(query|value)/kernel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,49 +125,9 @@ class BertConfig:
         return cls(**kwargs)
 
 
-def _init(config: BertConfig, names: tuple[str | None, ...]) -> Callable:
-    return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
-
-
-def _zeros(names):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
-
-
-def _dense(config: BertConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        kernel_init=_init(config, axes),
-        bias_init=_zeros(axes[1:]),
-        name=name,
-    )
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm over the last axis with ``scale``/``bias`` params, statistics in float32, output in ``dtype``.
-
-    (Flax's ``nn.LayerNorm`` with a bfloat16 ``dtype`` fails under ``jax_numpy_dtype_promotion="strict"``.)
-    """
-
-    epsilon: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        features = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                           (features,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                          (features,), self.param_dtype)
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + jnp.asarray(self.epsilon, jnp.float32))
-        y = y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (features,))
-        y = y + bias.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (features,))
-        return y.astype(self.dtype)
+def _dense(config: BertConfig, features: int, axes: tuple[str | None, str | None], name: str) -> nn.Dense:
+    return layers.dense(features, axes, name, init=nn.initializers.normal(config.initializer_range),
+                        dtype=config.dtype, param_dtype=config.param_dtype)
 
 
 def _layer_norm(config: BertConfig, name: str) -> LayerNorm:
@@ -159,10 +135,8 @@ def _layer_norm(config: BertConfig, name: str) -> LayerNorm:
 
 
 def _embed(config: BertConfig, num: int, axes: tuple[str | None, str], name: str) -> nn.Embed:
-    return nn.Embed(
-        num, config.hidden_size, dtype=config.dtype, param_dtype=config.param_dtype,
-        embedding_init=_init(config, axes), name=name,
-    )
+    return layers.embed(num, config.hidden_size, axes, name, init=nn.initializers.normal(config.initializer_range),
+                        dtype=config.dtype, param_dtype=config.param_dtype)
 
 
 class BertEmbeddings(nn.Module):
@@ -335,41 +309,35 @@ def logical_axes(model: nn.Module) -> Any:
         >>> tuple(logical_axes(BertModel(config))["params"]["encoder"]["layers_0"]["mlp"]["up"]["kernel"])
         ('embed', 'mlp')
     """
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *_example_inputs())
-    return nn.get_partition_spec(shapes)
+    return layers.logical_partition_specs(model, *_example_inputs())
 
 
 # --- Hugging Face weights ------------------------------------------------------------------------
 
+# Hugging Face ``BertModel`` names: the family's one table (from_hf, PEFT files).
+HF_LAYER = "encoder.layer.{i}."
+HF_PROJECTIONS = {
+    "attn/query": "attention.self.query", "attn/key": "attention.self.key", "attn/value": "attention.self.value",
+    "attn/out": "attention.output.dense", "mlp/up": "intermediate.dense", "mlp/down": "output.dense",
+}
+HF_NORMS = {"attn_ln": "attention.output.LayerNorm", "mlp_ln": "output.LayerNorm"}
+HF_EMBEDDINGS = {"word": "embeddings.word_embeddings", "position": "embeddings.position_embeddings",
+                 "token_type": "embeddings.token_type_embeddings", "ln": "embeddings.LayerNorm"}
 _IGNORED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.")
 
 
 def _hf_names(config: BertConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
     """Flax path -> (HF name, transpose) for every BertModel parameter."""
-    names = {
-        ("embeddings", "word", "embedding"): ("embeddings.word_embeddings.weight", False),
-        ("embeddings", "position", "embedding"): ("embeddings.position_embeddings.weight", False),
-        ("embeddings", "token_type", "embedding"): ("embeddings.token_type_embeddings.weight", False),
-        ("embeddings", "ln", "scale"): ("embeddings.LayerNorm.weight", False),
-        ("embeddings", "ln", "bias"): ("embeddings.LayerNorm.bias", False),
-    }
-    dense = {
-        ("attn", "query"): "attention.self.query",
-        ("attn", "key"): "attention.self.key",
-        ("attn", "value"): "attention.self.value",
-        ("attn", "out"): "attention.output.dense",
-        ("mlp", "up"): "intermediate.dense",
-        ("mlp", "down"): "output.dense",
-    }
-    norms = {"attn_ln": "attention.output.LayerNorm", "mlp_ln": "output.LayerNorm"}
+    names = {}
+    for ours, hf in HF_EMBEDDINGS.items():
+        leaves = ("scale", "bias") if ours == "ln" else ("embedding",)
+        names.update(hf_leaf_names(("embeddings", ours), hf, leaves))
     for i in range(config.num_layers):
-        layer, hf = ("encoder", f"layers_{i}"), f"encoder.layer.{i}."
-        for path, name in dense.items():
-            names[layer + path + ("kernel",)] = (hf + name + ".weight", True)
-            names[layer + path + ("bias",)] = (hf + name + ".bias", False)
-        for ln, name in norms.items():
-            names[layer + (ln, "scale")] = (hf + name + ".weight", False)
-            names[layer + (ln, "bias")] = (hf + name + ".bias", False)
+        layer, prefix = ("encoder", f"layers_{i}"), HF_LAYER.format(i=i)
+        for ours, hf in HF_PROJECTIONS.items():
+            names.update(hf_leaf_names(layer + tuple(ours.split("/")), prefix + hf, ("kernel", "bias")))
+        for ours, hf in HF_NORMS.items():
+            names.update(hf_leaf_names(layer + (ours,), prefix + hf, ("scale", "bias")))
     return names
 
 
@@ -471,3 +439,25 @@ def load_minilm(cache_dir: str | pathlib.Path | None = None, **overrides):
     folder = assets.fetch(MINILM) if cache_dir is None else assets.fetch(MINILM, cache_dir=cache_dir)
     model, variables = load_folder(folder, **overrides)
     return model, variables, load_wordpiece(folder)
+
+
+def _folder_tokenizer(folder: pathlib.Path):
+    """The WordPiece tokenizer of a BERT folder that has ``vocab.txt`` but no ``tokenizer.json``."""
+    from lora_jax.models.wordpiece import load_wordpiece
+
+    return load_wordpiece(folder) if (pathlib.Path(folder) / "vocab.txt").is_file() else None
+
+
+FAMILY = ModelFamily(
+    model_type="bert",
+    model_classes=(BertModel, BertClassifier),
+    layers="encoder/layers",
+    hf_layer=HF_LAYER,
+    hf_projections=HF_PROJECTIONS,
+    logical_axis_rules=LOGICAL_AXIS_RULES,
+    default_targets=DEFAULT_TARGETS,
+    logical_partition_specs=logical_axes,
+    from_hf=from_hf,
+    peft_task_type="FEATURE_EXTRACTION",
+    folder_tokenizer=_folder_tokenizer,
+)

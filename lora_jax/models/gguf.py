@@ -5,7 +5,9 @@ BF16, Q4_0/Q4_1/Q5_x/Q8_0, the K-quants, ...). GGUF names tensors its own way an
 PyTorch's ``(out, in)`` row order, but llama.cpp's converter permutes the rows of the query and key
 projections so that rotary embeddings rotate *adjacent* pairs (GPT-J style). We undo that permutation,
 so the result is a Hugging Face ``LlamaForCausalLM`` state dict (``rotate_half`` layout) and goes
-through :func:`lora_jax.models.llama.from_hf`.
+through :func:`lora_jax.models.llama.from_hf`. The GGUF name of each Hugging Face tensor comes from the
+``gguf`` package's own name map (``gguf.get_tensor_name_map``, what llama.cpp's converter uses), applied
+to the Llama family's Hugging Face names.
 
 Example (needs the asset)::
 
@@ -18,32 +20,17 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from lora_jax.models import llama
 
-__all__ = ["gguf_to_hf", "load_gguf", "read_gguf", "unpermute_rotary"]
+__all__ = ["gguf_names", "gguf_to_hf", "load_gguf", "read_gguf", "unpermute_rotary"]
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
-_TOP = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER = {
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
 
 
@@ -76,6 +63,21 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     """
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_names(arch: str, hf_names: Iterable[str], num_layers: int) -> dict[str, str]:
+    """``{GGUF tensor name: Hugging Face name}`` for ``hf_names``, from the ``gguf`` package's name map.
+
+    Example:
+        >>> gguf_names("llama", ["model.layers.1.self_attn.q_proj.weight"], 2)
+        {'blk.1.attn_q.weight': 'model.layers.1.self_attn.q_proj.weight'}
+    """
+    import gguf
+
+    arch_id = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    name_map = gguf.get_tensor_name_map(arch_id, num_layers)
+    names = {hf: name_map.get_name(hf, try_suffixes=(".weight", ".bias")) for hf in hf_names}
+    return {name: hf for hf, name in names.items() if name is not None}
 
 
 def gguf_to_hf(path_or_reader: Any) -> tuple[dict, dict[str, np.ndarray]]:
@@ -123,29 +125,28 @@ def gguf_to_hf(path_or_reader: Any) -> tuple[dict, dict[str, np.ndarray]]:
     }
     cfg = llama.config_from_hf(config)
     expected_hf = llama._expected_hf_shapes(cfg)  # noqa: SLF001 (same package)
+    to_hf = gguf_names(arch, expected_hf, cfg.num_layers)
+    rotary = {f".{llama.HF_PROJECTIONS['attn/query']}.weight": heads,
+              f".{llama.HF_PROJECTIONS['attn/key']}.weight": kv_heads}
 
     tensors: dict[str, np.ndarray] = {}
     for t in reader.tensors:
-        m = _BLK.fullmatch(t.name)
-        if t.name in _TOP:
-            hf = _TOP[t.name]
-        elif m and m.group(2) in _LAYER:
-            hf = f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
-        else:
+        hf = to_hf.get(t.name)
+        if hf is None:
+            m = _BLK.fullmatch(t.name)
+            if m and int(m.group(1)) >= cfg.num_layers:
+                raise ValueError(f"GGUF tensor {t.name!r} does not fit the config "
+                                 f"(block_count={cfg.num_layers}).")
             raise ValueError(f"Unexpected GGUF tensor {t.name!r} for architecture {arch!r}.")
-        if hf not in expected_hf:
-            raise ValueError(f"GGUF tensor {t.name!r} does not fit the config "
-                             f"(block_count={cfg.num_layers}).")
         # ggml lists dims fastest-first; PyTorch order is the reverse.
         found = tuple(int(n) for n in reversed(t.shape))
         if found != expected_hf[hf]:
             raise ValueError(f"GGUF tensor {t.name!r} has shape {found}, expected {expected_hf[hf]} "
                              f"from the metadata.")
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(found)
-        if t.name.endswith("attn_q.weight"):
-            w = unpermute_rotary(w, heads)
-        elif t.name.endswith("attn_k.weight"):
-            w = unpermute_rotary(w, kv_heads)
+        for suffix, n_heads in rotary.items():
+            if hf.endswith(suffix):
+                w = unpermute_rotary(w, n_heads)
         tensors[hf] = w
     missing = [n for n in expected_hf if n not in tensors]
     if missing:

@@ -15,7 +15,8 @@ a final LayerNorm, and an LM head tied to the token embedding (``wte.attend``). 
     params/layers_{i}/mlp/down/kernel                    (F, D)    bias (D,)
     params/ln_f/{scale,bias}                             (D,)
 
-Logical axis names as in :mod:`lora_jax.models.bert` (``"vocab"``, ``"embed"``, ``"heads"``, ``"mlp"``).
+Logical axis names as in :mod:`lora_jax.models.bert` (``"vocab"``, ``"embed"``, ``"heads"``, ``"mlp"``),
+mapped to mesh axes by :data:`LOGICAL_AXIS_RULES`.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -38,12 +39,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models.hf import param_shapes, strip_prefix
-from lora_jax.models.bert import LayerNorm
+from lora_jax.models import layers
+from lora_jax.models.family import ModelFamily
+from lora_jax.models.layers import LayerNorm
+from lora_jax.models.weights import hf_leaf_names, param_shapes, strip_prefix
 
 Array = jax.Array
 
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
+
+# Logical axis name -> mesh axis (None = replicated). GPT-2's vocabulary (50257) is odd, so it is never
+# split; the token table (also the LM head) is split along "embed".
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", None),
+)
+
+# LoRA targets when none are given: the attention query and value projections (as in the paper).
+DEFAULT_TARGETS = r".*/attn/(query|value)/kernel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,17 +119,13 @@ class GPT2Config:
         return cls(**kwargs)
 
 
-def _init(config, names, scale: float = 1.0):
-    return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range * scale), names)
+def _init(config: GPT2Config, scale: float = 1.0):
+    return nn.initializers.normal(config.initializer_range * scale)
 
 
 def _dense(config: GPT2Config, features: int, axes, name: str, scale: float = 1.0) -> nn.Dense:
-    return nn.Dense(
-        features, dtype=config.dtype, param_dtype=config.param_dtype,
-        kernel_init=_init(config, axes, scale),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
-        name=name,
-    )
+    return layers.dense(features, axes, name, init=_init(config, scale), dtype=config.dtype,
+                        param_dtype=config.param_dtype)
 
 
 def _layer_norm(config: GPT2Config, name: str) -> LayerNorm:
@@ -198,10 +209,10 @@ class GPT2LMHeadModel(nn.Module):
                 f"sequence length {seq_len} exceeds max_position_embeddings={c.max_position_embeddings}; "
                 f"truncate the inputs."
             )
-        wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
-                       embedding_init=_init(c, ("vocab", "embed")), name="wte")
-        wpe = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
-                       embedding_init=_init(c, (None, "embed"), 0.5), name="wpe")
+        wte = layers.embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), "wte", init=_init(c),
+                           dtype=c.dtype, param_dtype=c.param_dtype)
+        wpe = layers.embed(c.max_position_embeddings, c.hidden_size, (None, "embed"), "wpe", init=_init(c, 0.5),
+                           dtype=c.dtype, param_dtype=c.param_dtype)
         positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), input_ids.shape)
         x = wte(input_ids) + wpe(positions)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
@@ -225,10 +236,35 @@ def init(key: Array, config: GPT2Config) -> tuple[GPT2LMHeadModel, dict]:
 
 def logical_axes(model: GPT2LMHeadModel) -> Any:
     """Logical axis names of the variables, as a tree of ``jax.sharding.PartitionSpec``."""
-    return nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), *_example_inputs()))
+    return layers.logical_partition_specs(model, *_example_inputs())
 
 
 # --- Hugging Face weights ------------------------------------------------------------------------
+
+# Hugging Face ``GPT2LMHeadModel`` names: the family's one table. Its layers are ``Conv1D`` (weights
+# already ``(in, out)``) and the query/key/value projections are one fused ``c_attn`` ``(D, 3D)``.
+HF_LAYER = "h.{i}."
+HF_QKV = "attn.c_attn"  # split into attn/query, attn/key, attn/value (in that order)
+HF_PROJECTIONS = {"attn/out": "attn.c_proj", "mlp/up": "mlp.c_fc", "mlp/down": "mlp.c_proj"}
+HF_NORMS = {"ln_1": "ln_1", "ln_2": "ln_2"}
+HF_TOP = {"wte": ("wte", ("embedding",)), "wpe": ("wpe", ("embedding",)), "ln_f": ("ln_f", ("scale", "bias"))}
+_QKV = ("query", "key", "value")
+
+
+def _hf_names(config: GPT2Config) -> dict[tuple[str, ...], str]:
+    """Flax path -> HF name for every parameter but the fused query/key/value (see :data:`HF_QKV`)."""
+    names = {}
+    for ours, (hf, leaves) in HF_TOP.items():
+        names.update(hf_leaf_names((ours,), hf, leaves, transpose_kernel=False))
+    for i in range(config.num_layers):
+        layer, prefix = (f"layers_{i}",), HF_LAYER.format(i=i)
+        for ours, hf in HF_NORMS.items():
+            names.update(hf_leaf_names(layer + (ours,), prefix + hf, ("scale", "bias"), transpose_kernel=False))
+        for ours, hf in HF_PROJECTIONS.items():
+            names.update(hf_leaf_names(layer + tuple(ours.split("/")), prefix + hf, ("kernel", "bias"),
+                                       transpose_kernel=False))
+    return {path: hf for path, (hf, _) in names.items()}
+
 
 def _check(name: str, value: np.ndarray, expected: tuple[int, ...], errors: list[str], flax_name: str) -> bool:
     if tuple(value.shape) != tuple(expected):
@@ -260,26 +296,14 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **over
     # Flax path -> (HF name, converter from the HF array to the list of (flax path, array)).
     plan: dict[str, list[tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray], tuple[int, ...]]]] = {}
 
-    def direct(hf: str, path: tuple[str, ...]):
+    for path, hf in _hf_names(cfg).items():
         plan[hf] = [(path, lambda a: a, shapes[path])]
-
-    direct("wte.weight", ("wte", "embedding"))
-    direct("wpe.weight", ("wpe", "embedding"))
-    direct("ln_f.weight", ("ln_f", "scale"))
-    direct("ln_f.bias", ("ln_f", "bias"))
     for i in range(cfg.num_layers):
-        hf, layer = f"h.{i}.", (f"layers_{i}",)
-        for ln in ("ln_1", "ln_2"):
-            direct(hf + ln + ".weight", layer + (ln, "scale"))
-            direct(hf + ln + ".bias", layer + (ln, "bias"))
         for kind, leaf in (("weight", "kernel"), ("bias", "bias")):
-            plan[hf + "attn.c_attn." + kind] = [
+            plan[f"{HF_LAYER.format(i=i)}{HF_QKV}.{kind}"] = [
                 (path, lambda a, j=j: a[..., j * d:(j + 1) * d], shapes[path])
-                for j, path in enumerate(layer + ("attn", proj, leaf) for proj in ("query", "key", "value"))
+                for j, path in enumerate((f"layers_{i}", "attn", proj, leaf) for proj in _QKV)
             ]
-            direct(hf + "attn.c_proj." + kind, layer + ("attn", "out", leaf))
-            direct(hf + "mlp.c_fc." + kind, layer + ("mlp", "up", leaf))
-            direct(hf + "mlp.c_proj." + kind, layer + ("mlp", "down", leaf))
 
     errors, params = [], {}
     for hf, targets in plan.items():
@@ -309,3 +333,17 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **over
             + "\nCheck that config.json belongs to these weights."
         )
     return model, {"params": params}
+
+
+FAMILY = ModelFamily(
+    model_type="gpt2",
+    model_classes=(GPT2LMHeadModel,),
+    layers="layers",
+    hf_layer=HF_LAYER,
+    hf_projections=HF_PROJECTIONS,
+    logical_axis_rules=LOGICAL_AXIS_RULES,
+    default_targets=DEFAULT_TARGETS,
+    logical_partition_specs=logical_axes,
+    from_hf=from_hf,
+    peft_task_type=None,  # PEFT adapts the fused Conv1D c_attn, which has no single counterpart here
+)

@@ -51,13 +51,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.models import layers
+from lora_jax.models.family import ModelFamily
+from lora_jax.models.weights import hf_leaf_names
+
 __all__ = [
-    "LOGICAL_AXIS_RULES_DEFAULT", "KVCache", "Llama", "LlamaConfig", "from_hf", "generate",
-    "logical_partition_specs", "stack_layers", "to_hf", "unstack_layers",
+    "DEFAULT_TARGETS", "FAMILY", "HF_PROJECTIONS", "LOGICAL_AXIS_RULES_DEFAULT", "KVCache", "Llama",
+    "LlamaConfig", "from_hf", "generate", "logical_partition_specs", "stack_layers", "to_hf",
+    "unstack_layers",
 ]
 
 # Logical axis name -> mesh axis name (None = replicated). Use with nn.logical_to_mesh_sharding.
-LOGICAL_AXIS_RULES_DEFAULT: tuple[tuple[str, str | None], ...] = (
+# The activation_* names are for activations (nn.with_logical_constraint, as in MaxText): batch over
+# the data-parallel axes everywhere, heads/mlp/vocab over tensor; the train step activates them.
+LOGICAL_AXIS_RULES_DEFAULT: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -65,7 +72,18 @@ LOGICAL_AXIS_RULES_DEFAULT: tuple[tuple[str, str | None], ...] = (
     ("vocab", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
+_BTD = ("activation_batch", "activation_length", "activation_embed")
+
+# LoRA targets when none are given: the attention query and value projections (as in the paper).
+DEFAULT_TARGETS = r".*/attn/(query|value)/kernel"
 
 _NEG = float(np.finfo(np.float32).min)
 
@@ -124,10 +142,8 @@ class KVCache(NamedTuple):
 
 
 def _dense(features: int, axes: tuple[str, str], name: str, cfg: LlamaConfig) -> nn.Dense:
-    return nn.Dense(
-        features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-    )
+    return layers.dense(features, axes, name, init=nn.initializers.lecun_normal(), use_bias=False,
+                        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -173,6 +189,8 @@ class Attention(nn.Module):
         q = _dense(h * d, ("embed", "heads"), "query", cfg)(x).reshape(b, t, h, d)
         k = _dense(k_heads * d, ("embed", "kv_heads"), "key", cfg)(x).reshape(b, t, k_heads, d)
         v = _dense(k_heads * d, ("embed", "kv_heads"), "value", cfg)(x).reshape(b, t, k_heads, d)
+        q = nn.with_logical_constraint(q, _BTD[:2] + ("activation_heads", None))
+        k, v = (nn.with_logical_constraint(y, _BTD[:2] + ("activation_kv_heads", None)) for y in (k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:
             ck, cv = kv
@@ -195,7 +213,8 @@ class MLP(nn.Module):
         cfg = self.cfg
         gate = _dense(cfg.intermediate_size, ("embed", "mlp"), "gate", cfg)(x)
         up = _dense(cfg.intermediate_size, ("embed", "mlp"), "up", cfg)(x)
-        return _dense(cfg.hidden_size, ("mlp", "embed"), "down", cfg)(nn.silu(gate) * up)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, _BTD[:2] + ("activation_mlp",))
+        return _dense(cfg.hidden_size, ("mlp", "embed"), "down", cfg)(hidden)
 
 
 class Block(nn.Module):
@@ -207,10 +226,11 @@ class Block(nn.Module):
     def __call__(self, x, cos, sin, allowed, index, kv):
         cfg = self.cfg
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
+        x = nn.with_logical_constraint(x, _BTD)
         a, kv = Attention(cfg, name="attn")(norm(name="attn_norm")(x), cos, sin, allowed, index, kv)
-        x = x + a
+        x = nn.with_logical_constraint(x + a, _BTD)
         x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
-        return x, kv
+        return nn.with_logical_constraint(x, _BTD), kv
 
 
 class Llama(nn.Module):
@@ -250,22 +270,20 @@ class Llama(nn.Module):
         allowed = (k_slot[None, :] <= q_slot[:, None])[None] & valid[:, None, :]  # (B, T, S)
         allowed = allowed[:, None, None]  # (B, 1, 1, T, S) against scores (B, K, G, T, S)
 
-        embed = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed",
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-        )
-        x = embed(input_ids)
+        embed = layers.embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), "embed",
+                             init=nn.initializers.normal(0.02), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        x = nn.with_logical_constraint(embed(input_ids), _BTD)
 
         block = Block
         if cfg.remat:
             block = nn.remat(Block, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            layers = nn.scan(
+            scanned = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
-            x, kv = layers(x, cos, sin, allowed, index, kv)
+            x, kv = scanned(x, cos, sin, allowed, index, kv)
         else:
             new = []
             for i in range(cfg.num_layers):
@@ -276,11 +294,12 @@ class Llama(nn.Module):
                 kv = (jnp.stack([k for k, _ in new]), jnp.stack([v for _, v in new]))
 
         x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+        x = nn.with_logical_constraint(x, _BTD)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
             logits = _dense(cfg.vocab_size, ("embed", "vocab"), "lm_head", cfg)(x)
-        logits = logits.astype(jnp.float32)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), _BTD[:2] + ("activation_vocab",))
         if cache is None:
             return logits
         return logits, KVCache(kv[0], kv[1], valid, index + t)
@@ -399,27 +418,19 @@ def logical_partition_specs(model: Llama) -> Any:
         >>> tuple(logical_partition_specs(Llama(cfg))["params"]["layers"]["attn"]["key"]["kernel"])
         ('layers', 'embed', 'kv_heads')
     """
-    ids = jnp.zeros((1, 1), jnp.int32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), ids)
-    return nn.get_partition_spec(abstract)
+    return layers.logical_partition_specs(model, jnp.zeros((1, 1), jnp.int32))
 
 
-_HF_LAYER = {
-    "self_attn.q_proj.weight": ("attn", "query", "kernel"),
-    "self_attn.k_proj.weight": ("attn", "key", "kernel"),
-    "self_attn.v_proj.weight": ("attn", "value", "kernel"),
-    "self_attn.o_proj.weight": ("attn", "out", "kernel"),
-    "mlp.gate_proj.weight": ("mlp", "gate", "kernel"),
-    "mlp.up_proj.weight": ("mlp", "up", "kernel"),
-    "mlp.down_proj.weight": ("mlp", "down", "kernel"),
-    "input_layernorm.weight": ("attn_norm", "scale"),
-    "post_attention_layernorm.weight": ("mlp_norm", "scale"),
+# Hugging Face ``LlamaForCausalLM`` names: the family's one table (from_hf, to_hf, GGUF, PEFT files).
+HF_LAYER = "model.layers.{i}."
+HF_PROJECTIONS = {
+    "attn/query": "self_attn.q_proj", "attn/key": "self_attn.k_proj", "attn/value": "self_attn.v_proj",
+    "attn/out": "self_attn.o_proj", "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj",
+    "mlp/down": "mlp.down_proj",
 }
-_HF_TOP = {
-    "model.embed_tokens.weight": ("embed", "embedding"),
-    "model.norm.weight": ("final_norm", "scale"),
-    "lm_head.weight": ("lm_head", "kernel"),
-}
+HF_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+HF_TOP = {"embed": ("model.embed_tokens", "embedding"), "final_norm": ("model.norm", "scale"),
+          "lm_head": ("lm_head", "kernel")}
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 
 
@@ -452,25 +463,38 @@ def config_from_hf(config: Mapping[str, Any], **overrides) -> LlamaConfig:
     return LlamaConfig(**kw)
 
 
-def _expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    per = {
-        "self_attn.q_proj.weight": (cfg.num_heads * hd, d),
-        "self_attn.k_proj.weight": (cfg.num_kv_heads * hd, d),
-        "self_attn.v_proj.weight": (cfg.num_kv_heads * hd, d),
-        "self_attn.o_proj.weight": (d, cfg.num_heads * hd),
-        "mlp.gate_proj.weight": (f, d),
-        "mlp.up_proj.weight": (f, d),
-        "mlp.down_proj.weight": (d, f),
-        "input_layernorm.weight": (d,),
-        "post_attention_layernorm.weight": (d,),
-    }
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+def _hf_names(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
+    """Flax path (unstacked layout) -> (Hugging Face name, stored transposed) for every parameter."""
+    names = {}
+    for ours, (hf, leaf) in HF_TOP.items():
+        if not (ours == "lm_head" and cfg.tie_word_embeddings):
+            names.update(hf_leaf_names((ours,), hf, (leaf,)))
     for i in range(cfg.num_layers):
-        shapes.update({f"model.layers.{i}.{k}": s for k, s in per.items()})
-    return shapes
+        layer, prefix = (f"layers_{i}",), HF_LAYER.format(i=i)
+        for ours, hf in HF_PROJECTIONS.items():
+            names.update(hf_leaf_names(layer + tuple(ours.split("/")), prefix + hf, ("kernel",)))
+        for ours, hf in HF_NORMS.items():
+            names.update(hf_leaf_names(layer + (ours,), prefix + hf, ("scale",)))
+    return names
+
+
+def _flax_shape(cfg: LlamaConfig, path: tuple[str, ...]) -> tuple[int, ...]:
+    """Shape of the parameter at ``path`` (unstacked layout)."""
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    module = "/".join(path[1:-1]) if path[0].startswith("layers_") else path[0]
+    return {"embed": (v, d), "lm_head": (d, v), "final_norm": (d,), "attn_norm": (d,), "mlp_norm": (d,),
+            "attn/query": (d, q), "attn/key": (d, kv), "attn/value": (d, kv), "attn/out": (q, d),
+            "mlp/gate": (d, f), "mlp/up": (d, f), "mlp/down": (f, d)}[module]
+
+
+def _expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face name -> shape in PyTorch layout (``(out, in)`` weights) for every parameter."""
+    out = {}
+    for path, (hf, transposed) in _hf_names(cfg).items():
+        shape = _flax_shape(cfg, path)
+        out[hf] = shape[::-1] if transposed else shape
+    return out
 
 
 def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *, scan_layers: bool = False,
@@ -501,23 +525,13 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *, sca
     if problems:
         raise ValueError("Llama checkpoint does not fit the config:\n  " + "\n  ".join(problems))
 
-    pdt = cfg.param_dtype
-
-    def put(tree, path, value):
-        for p in path[:-1]:
-            tree = tree.setdefault(p, {})
-        tree[path[-1]] = jnp.asarray(value, pdt)
-
     params: dict = {}
-    for name in expected:
+    for path, (name, transposed) in _hf_names(cfg).items():
         arr = np.asarray(tensors[name])
-        if name.endswith("proj.weight") or name == "lm_head.weight":
-            arr = arr.T  # (out, in) -> Flax (in, out)
-        if name.startswith("model.layers."):
-            i, rest = name[len("model.layers."):].split(".", 1)
-            put(params, (f"layers_{i}",) + _HF_LAYER[rest], arr)
-        else:
-            put(params, _HF_TOP[name], arr)
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = jnp.asarray(arr.T if transposed else arr, cfg.param_dtype)  # (out, in) -> (in, out)
     if cfg.scan_layers:
         params = stack_layers(params, cfg.num_layers)
     return Llama(cfg), {"params": params}
@@ -529,15 +543,9 @@ def to_hf(cfg: LlamaConfig, variables: Mapping) -> tuple[dict, dict[str, np.ndar
     if cfg.scan_layers:
         params = unstack_layers(params, cfg.num_layers)
     out: dict[str, np.ndarray] = {}
-    for name, path in _HF_TOP.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
+    for path, (name, transposed) in _hf_names(cfg).items():
         x = np.array(functools.reduce(lambda t, k: t[k], path, params), np.float32)
-        out[name] = x.T if name == "lm_head.weight" else x
-    for i in range(cfg.num_layers):
-        for rest, path in _HF_LAYER.items():
-            x = np.array(functools.reduce(lambda t, k: t[k], path, params[f"layers_{i}"]), np.float32)
-            out[f"model.layers.{i}.{rest}"] = x.T if rest.endswith("proj.weight") else x
+        out[name] = x.T if transposed else x
     config = {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
@@ -549,3 +557,18 @@ def to_hf(cfg: LlamaConfig, variables: Mapping) -> tuple[dict, dict[str, np.ndar
         "attention_bias": False, "mlp_bias": False,
     }
     return config, out
+
+
+FAMILY = ModelFamily(
+    model_type="llama",
+    model_classes=(Llama,),
+    layers="layers",
+    hf_layer=HF_LAYER,
+    hf_projections=HF_PROJECTIONS,
+    logical_axis_rules=LOGICAL_AXIS_RULES_DEFAULT,
+    default_targets=DEFAULT_TARGETS,
+    logical_partition_specs=logical_partition_specs,
+    from_hf=from_hf,
+    peft_task_type="CAUSAL_LM",
+    scan_layers=True,
+)

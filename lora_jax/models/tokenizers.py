@@ -1,9 +1,14 @@
-"""Byte-level BPE tokenizer rebuilt from GGUF metadata, and SmolLM2's chat template.
+"""Byte-level BPE tokenizer rebuilt from GGUF metadata, and chat templates rendered with Jinja.
 
 A GGUF file carries its tokenizer as metadata: the vocabulary (``tokenizer.ggml.tokens``), the BPE
 merges (``tokenizer.ggml.merges``), token types (3 = control/special) and the pre-tokenizer family
 (``tokenizer.ggml.pre``). :func:`bpe_from_gguf` turns that into a Hugging Face ``tokenizers.Tokenizer``
 (GPT-2 style byte-level BPE) that encodes exactly like the original ``tokenizer.json``.
+
+A chat model's prompt format is its own Jinja template (``tokenizer.chat_template`` in a GGUF,
+``chat_template`` in ``tokenizer_config.json``); :func:`apply_chat_template` renders it the way
+transformers' ``apply_chat_template`` does (sandboxed Jinja, ``trim_blocks``/``lstrip_blocks``,
+``raise_exception``). The default template is SmolLM2-135M-Instruct's.
 
 Example:
     >>> apply_chat_template([{"role": "user", "content": "Hi"}])  # doctest: +NORMALIZE_WHITESPACE
@@ -13,14 +18,31 @@ Example:
 
 from __future__ import annotations
 
+import datetime
+import functools
+import json
+import os
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lora_jax.models.gguf import _field
 
-__all__ = ["SMOLLM2_SYSTEM_PROMPT", "apply_chat_template", "bpe_from_gguf", "special_ids"]
+__all__ = [
+    "SMOLLM2_CHAT_TEMPLATE", "SMOLLM2_SYSTEM_PROMPT", "apply_chat_template", "bpe_from_gguf", "chat_template",
+    "special_ids",
+]
 
 SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+# SmolLM2-135M-Instruct's chat template, verbatim from its GGUF (``tokenizer.chat_template``).
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
 
 # llama.cpp pre-tokenizer names -> whether digits are split one by one before the byte-level regex.
 _PRE_DIGITS = {"smollm": True, "starcoder": True, "refact": True, "gpt2": False, "default": False}
@@ -73,24 +95,75 @@ def special_ids(path_or_reader: Any) -> dict[str, int | None]:
             for k, name in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))}
 
 
-def apply_chat_template(messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
-                        system_prompt: str = SMOLLM2_SYSTEM_PROMPT) -> str:
-    """SmolLM2's ChatML prompt: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message.
+def chat_template(name_or_path: str | os.PathLike) -> str | None:
+    """The chat template of a model: ``"smollm2-135m"`` (its GGUF), a GGUF file, or a Hugging Face folder.
 
-    Same output as the ``tokenizer.chat_template`` stored in SmolLM2's GGUF: a default system message
-    is put first unless the first message is a system message, and ``add_generation_prompt`` opens the
-    assistant's turn.
+    A folder's template is ``chat_template.jinja`` or ``chat_template`` in ``tokenizer_config.json``.
+    ``None`` when the model has none (e.g. BERT).
+    """
+    if name_or_path == "smollm2-135m":
+        from lora_jax import assets
+
+        name_or_path = assets.fetch("smollm2-135m")
+    path = pathlib.Path(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        from lora_jax.models.gguf import read_gguf
+
+        return _field(read_gguf(path), "tokenizer.chat_template", None)
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    if (path / "tokenizer_config.json").is_file():
+        template = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    """A Jinja template compiled as transformers does: sandboxed, trim/lstrip blocks, its globals."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def apply_chat_template(messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+                        system_prompt: str | None = None, template: str | None = None, **kwargs: Any) -> str:
+    """Renders ``messages`` with a model's chat template (default: SmolLM2's ChatML template).
 
     Args:
       messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``.
+      add_generation_prompt: open the assistant's turn at the end.
+      system_prompt: put first as a system message unless the first message is one (``None``: the
+        template's own default, SmolLM2's "You are a helpful AI assistant named SmolLM, ...").
+      template: the Jinja template (see :func:`chat_template`); ``None``: :data:`SMOLLM2_CHAT_TEMPLATE`.
+      **kwargs: more template variables, e.g. ``bos_token``.
+
+    Raises:
+      ValueError: a message without ``role``/``content``, a template that does not compile, or one that
+        rejects the messages (its ``raise_exception``).
     """
-    parts = []
+    import jinja2
+
     for i, msg in enumerate(messages):
         if not {"role", "content"} <= set(msg):
             raise ValueError(f"messages[{i}] must have 'role' and 'content', got keys {sorted(msg)}.")
-        if i == 0 and msg["role"] != "system":
-            parts.append(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
-        parts.append(f"<|im_start|>{msg['role']}\n{msg['content']}<|im_end|>\n")
-    if add_generation_prompt:
-        parts.append("<|im_start|>assistant\n")
-    return "".join(parts)
+    chat = [dict(m) for m in messages]
+    if system_prompt is not None and not (chat and chat[0]["role"] == "system"):
+        chat.insert(0, {"role": "system", "content": system_prompt})
+    try:
+        return _compile(SMOLLM2_CHAT_TEMPLATE if template is None else template).render(
+            messages=chat, add_generation_prompt=add_generation_prompt, **kwargs)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template: {e}") from None

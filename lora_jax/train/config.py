@@ -1,13 +1,13 @@
 """`TrainConfig`: every knob of `lora-jax finetune`, as a dataclass and as command-line flags.
 
-The defaults are the main job: SmolLM2-135M-Instruct + LoRA (r=8, alpha=16 on the attention query and
-value projections) fine-tuned on movie-review sentiment as prompt -> label word, sized to finish in
-about ten minutes on two CPU cores.
+The defaults are the main job: SmolLM2-135M-Instruct + LoRA (r=8, alpha=16 on the model family's
+default targets, the attention query and value projections) fine-tuned on movie-review sentiment as
+prompt -> label word, sized to finish in about ten minutes on two CPU cores.
 
 Example:
   >>> cfg = from_args(["--rank", "4", "--mesh", "data=2,fsdp=1,tensor=1"])
-  >>> cfg.rank, cfg.alpha, cfg.mesh
-  (4, 16.0, 'data=2,fsdp=1,tensor=1')
+  >>> cfg.rank, cfg.alpha, cfg.mesh, cfg.targets
+  (4, 16.0, 'data=2,fsdp=1,tensor=1', '.*/attn/(query|value)/kernel')
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 from typing import Sequence
 
-__all__ = ["TrainConfig", "add_arguments", "from_args"]
+__all__ = ["TrainConfig", "add_arguments", "default_targets", "from_args"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class TrainConfig:
   # LoRA.
   rank: int = 8
   alpha: float = 16.0
-  targets: str = r".*/attn/(query|value)/kernel"
+  targets: str | None = None            # None: the model family's default targets
   dropout: float = 0.0
   # Optimisation.
   steps: int = 160
@@ -63,6 +63,8 @@ class TrainConfig:
   step_sleep: float = 0.0               # testing only: sleep after each step
 
   def __post_init__(self):
+    if self.targets is None:
+      object.__setattr__(self, "targets", default_targets(self.model))
     problems = []
     for name in ("steps", "batch", "grad_accum", "max_len", "rank", "eval_batch", "keep", "checkpoint_every"):
       if getattr(self, name) < 1:
@@ -79,13 +81,22 @@ class TrainConfig:
     return self.batch // self.grad_accum
 
 
+def default_targets(model: str) -> str:
+  """The default LoRA targets of `model`'s family (``tiny-llama``: Llama's; an unknown model: Llama's)."""
+  from lora_jax.models import registry
+
+  family = registry.family_for("smollm2-135m" if model == "tiny-llama" else model)
+  return (family or registry.FAMILIES["llama"]).default_targets
+
+
 _HELP = {
     "model": "base model: 'smollm2-135m', a local Hugging Face folder, or 'tiny-llama' (random, for tests)",
     "data": "data set ('movie-reviews')",
     "prompt": "prompt template with {text} (a typed \\n is a newline); the completion is ' positive' / ' negative'",
     "max_len": "tokens per example (prompt + label; long reviews are cut at a word boundary)",
     "rank": "LoRA rank r", "alpha": "LoRA alpha (scale = alpha / r)",
-    "targets": "LoRA targets: a regex full-matched on '/'-joined parameter paths",
+    "targets": "LoRA targets: a regex full-matched on '/'-joined parameter paths (default: the model "
+               "family's, the attention query and value projections)",
     "dropout": "LoRA dropout on the low-rank path",
     "steps": "optimizer steps", "batch": "global batch (examples per optimizer step)",
     "grad_accum": "micro-batches per step (gradient accumulation)",
@@ -119,8 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
       if f.name in ("num_processes", "process_id"):
         kind = int
-      parser.add_argument(flag, type=kind, default=f.default,
-                          help=f"{_HELP.get(f.name, '')} (default: {f.default!r})")
+      shown = "" if f.name == "targets" else f" (default: {f.default!r})"
+      parser.add_argument(flag, type=kind, default=f.default, help=f"{_HELP.get(f.name, '')}{shown}")
 
 
 def from_args(argv: Sequence[str] | None = None) -> TrainConfig:

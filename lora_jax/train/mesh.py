@@ -79,18 +79,25 @@ def batch_sharding(mesh, leading: int = 0) -> NamedSharding:
 def param_shardings(model, variables: Any, mesh, rules=None) -> Any:
   """A ``NamedSharding`` per leaf of `variables`, from the model's logical-axis annotations.
 
-  Uses ``model.logical_partition_specs`` semantics: ``nn.get_partition_spec`` of the abstract
-  ``model.init`` (leaves without annotations are replicated), mapped to mesh axes by `rules`
-  (default: the model module's ``LOGICAL_AXIS_RULES_DEFAULT``).
+  The model's family (`lora_jax.models.registry.family_of`) gives both the logical ``PartitionSpec``
+  of every variable and, unless `rules` is given, the rules that map them to mesh axes
+  (``ModelFamily.logical_axis_rules``: Llama's, BERT's or GPT-2's own). A model outside the registry
+  is read with ``nn.get_partition_spec`` of its abstract ``model.init`` on a ``(1, 1)`` token batch and
+  mapped with the Llama rules; leaves without annotations are replicated.
   """
   import flax.linen as nn
 
-  from lora_jax.models import llama
+  from lora_jax.models import layers, llama, registry
 
-  rules = llama.LOGICAL_AXIS_RULES_DEFAULT if rules is None else rules
+  family = registry.family_of(model)
+  if rules is None:
+    rules = llama.LOGICAL_AXIS_RULES_DEFAULT if family is None else family.logical_axis_rules
   try:
-    logical = llama.logical_partition_specs(model)
-  except (TypeError, ValueError, KeyError, AttributeError) as e:  # not a Llama-style model
+    if family is not None:
+      logical = family.logical_partition_specs(model)
+    else:
+      logical = layers.logical_partition_specs(model, np.zeros((1, 1), np.int32))
+  except (TypeError, ValueError, KeyError, AttributeError) as e:  # no annotations readable this way
     import warnings
     warnings.warn(f"no logical-axis annotations could be read from {type(model).__name__} ({e}); its "
                   f"parameters are replicated on the mesh.")
