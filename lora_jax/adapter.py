@@ -3,8 +3,11 @@
 - **Adapter** (`save_adapter` / `load_adapter` / `adapter_info`): the deltas as safetensors, tensors
   ``{key path}/a`` and ``{key path}/b``, with a JSON header (``lora_jax`` entry, format
   ``ADAPTER_FORMAT``) holding the `LoraSpec`, the base model's identity and, per delta, its scale, axes,
-  rank, kernel shape and a CRC32 of each array. Loading checks everything against the model and the
-  file, lists every problem at once and loads nothing partially.
+  rank, kernel shape and a CRC32 of each array, and a CRC32 of the whole header (``header_crc32``), so
+  an edited scale, axis, target or dropout is refused like a flipped bit in an array. Loading checks
+  everything against the model and the file, lists every problem at once, and loads nothing partially:
+  neither part of the file, nor the file into part of the model (every leaf that the stored spec
+  targets in this model must get a delta, unless ``allow_partial=True``).
 - **Spec as JSON** (`spec_to_json` / `spec_from_json`): the `LoraSpec` stored in that header.
 - **Merged params** (`save_merged`): ``W + s·a·b`` folded in, as safetensors keyed by key path.
 
@@ -32,6 +35,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import warnings
 import zlib
 from typing import Any
 
@@ -39,8 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._checksums import crc32
 from lora_jax._closest import closest
 from lora_jax.core import _fit_problem, merge
+from lora_jax.coverage import check_coverage
 from lora_jax.delta import LoraDelta, is_delta
 from lora_jax.spec import LoraAxes, LoraSpec, path_str
 
@@ -49,8 +55,18 @@ __all__ = [
     "spec_from_json", "spec_to_json",
 ]
 
-ADAPTER_FORMAT = "lora_jax.adapter/1"
+ADAPTER_FORMAT = "lora_jax.adapter/2"
 ADAPTER_FILE = "adapter.safetensors"
+# Format /1 (no header checksum) is still read, with a warning, rather than refused: adapters are the
+# results people keep (hours of training each), the array checksums of a /1 file still hold, and
+# loading one and saving it again upgrades it; refusing them would leave retraining as the only way.
+_FORMATS_READ = (ADAPTER_FORMAT, "lora_jax.adapter/1")
+_HEADER_CRC = "header_crc32"
+# The fields every header holds (format /2 also `_HEADER_CRC`), each delta record, and the stored spec.
+_HEADER_FIELDS = ("format", "spec", "base_model", "deltas", "extra")
+_DELTA_FIELDS = ("scale", "axes", "dropout", "rank", "weight_shape", "crc32_a", "crc32_b")
+_SPEC_FIELDS = ("rank", "alpha", "targets", "exclude", "rank_pattern", "alpha_pattern", "rslora", "init",
+                "dropout", "dtype", "axes")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,6 +99,11 @@ def spec_from_json(d: dict) -> LoraSpec:
         True
     """
     d = dict(d)
+    unknown = sorted(set(d) - set(_SPEC_FIELDS))
+    if unknown:
+        raise ValueError(f"spec_from_json: unknown LoraSpec field(s) {unknown}; the fields are {list(_SPEC_FIELDS)}.")
+    if "targets" not in d:
+        raise ValueError("spec_from_json: the spec has no 'targets' field (which parameters it adapts).")
     d["axes"] = {k: LoraAxes(**v) for k, v in d.get("axes", {}).items()}
     d["targets"], d["exclude"] = tuple(d["targets"]), tuple(d.get("exclude", ()))
     return LoraSpec(**d)
@@ -97,8 +118,24 @@ def _adapter_file(path) -> pathlib.Path:
     return path / ADAPTER_FILE if path.is_dir() or path.suffix != ".safetensors" else path
 
 
-def _crc(x: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(x).tobytes()) & 0xFFFFFFFF
+def _header_crc(header: dict) -> int:
+    """CRC32 of the header without its own checksum, as canonical JSON (sorted keys, no spaces)."""
+    body = {k: v for k, v in header.items() if k != _HEADER_CRC}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()) & 0xFFFFFFFF
+
+
+def _missing_fields(header: dict) -> list[str]:
+    """The required header fields that are absent, as "/"-joined paths (e.g. ``deltas/<path>/scale``)."""
+    required = _HEADER_FIELDS + ((_HEADER_CRC,) if header.get("format") == ADAPTER_FORMAT else ())
+    missing = [k for k in required if k not in header]
+    spec, deltas = header.get("spec"), header.get("deltas")
+    if isinstance(spec, dict):
+        missing += [f"spec/{k}" for k in _SPEC_FIELDS if k not in spec]
+    if isinstance(deltas, dict):
+        for name, rec in deltas.items():
+            fields = rec if isinstance(rec, dict) else {}
+            missing += [f"deltas/{name}/{k}" for k in _DELTA_FIELDS if k not in fields]
+    return missing
 
 
 def save_adapter(path, deltas: Any, spec: LoraSpec, *, base_model: dict | None = None,
@@ -115,11 +152,14 @@ def save_adapter(path, deltas: Any, spec: LoraSpec, *, base_model: dict | None =
 
     Tensors are named ``{key path}/a`` and ``{key path}/b``; the header ``lora_jax`` entry holds
     ``{"format", "spec", "base_model", "deltas": {path: {scale, axes, dropout, rank, weight_shape,
-    crc32_a, crc32_b}}, "extra"}``. The file is written to a temporary name and renamed, so a reader
-    never sees half an adapter.
+    crc32_a, crc32_b}}, "extra", "header_crc32"}``, the last a CRC32 of the others as canonical JSON
+    (sorted keys, no spaces): any change to the header after saving, `extra` included, is refused on
+    load. (A checksum against accidents and careless edits, not a signature.) The file is written to a
+    temporary name and renamed, so a reader never sees half an adapter.
 
     Raises:
-        TypeError: a leaf of `deltas` is neither a `LoraDelta` nor None (names its key path).
+        TypeError: a leaf of `deltas` is neither a `LoraDelta` nor None (names its key path), or
+            `base_model` / `extra` are not JSON-able.
         ValueError: `deltas` holds no `LoraDelta`.
     """
     from safetensors.numpy import save_file
@@ -139,11 +179,16 @@ def save_adapter(path, deltas: Any, spec: LoraSpec, *, base_model: dict | None =
         tensors[f"{name}/a"], tensors[f"{name}/b"] = a, b
         record[name] = {"scale": d.scale, "axes": dataclasses.asdict(d.axes), "dropout": d.dropout,
                         "rank": d.rank, "weight_shape": list(d.weight_shape()),
-                        "crc32_a": _crc(a), "crc32_b": _crc(b)}
+                        "crc32_a": crc32(a), "crc32_b": crc32(b)}
     if not record:
         raise ValueError("save_adapter: deltas hold no LoraDelta (nothing to save).")
     header = {"format": ADAPTER_FORMAT, "spec": spec_to_json(spec), "base_model": base_model or {},
               "deltas": record, "extra": extra or {}}
+    try:  # the round trip normalizes what JSON changes (tuples, int keys), as a reader will see it
+        header = json.loads(json.dumps(header))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"save_adapter: base_model and extra must be JSON-able: {e}") from None
+    header[_HEADER_CRC] = _header_crc(header)
     tmp = file.with_name(file.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"lora_jax": json.dumps(header)})
     os.replace(tmp, file)  # a reader never sees a half-written adapter
@@ -155,13 +200,19 @@ def save_adapter(path, deltas: Any, spec: LoraSpec, *, base_model: dict | None =
 
 
 def adapter_info(path) -> dict:
-    """The JSON header of an adapter file (``format``, ``spec``, ``base_model``, ``deltas``, ``extra``).
+    """The JSON header of an adapter file (``format``, ``spec``, ``base_model``, ``deltas``, ``extra``,
+    ``header_crc32``), after checking that every field is there and that the header matches its checksum.
+
+    A format ``lora_jax.adapter/1`` file (written before the header checksum existed) is read with a
+    warning that its header is not covered.
 
     Args:
         path: the ``.safetensors`` file or its folder.
 
     Raises:
-        ValueError: missing file, not safetensors, or no lora_jax header (names the file).
+        ValueError: missing file, not safetensors, no lora_jax header, an unknown format, a header field
+            missing (each named, e.g. ``deltas/params/layers_0/attn/query/kernel/scale``), or a header that
+            does not match its checksum (edited or corrupted). The message names the file.
     """
     from safetensors import safe_open
 
@@ -182,13 +233,34 @@ def adapter_info(path) -> dict:
         header = json.loads(meta["lora_jax"])
     except json.JSONDecodeError as e:
         raise ValueError(f"{str(file)!r}: the lora_jax header is not valid JSON (corrupted?): {e}") from None
-    if header.get("format") != ADAPTER_FORMAT:
+    if not isinstance(header, dict):
+        raise ValueError(f"{str(file)!r}: the lora_jax header is a JSON {type(header).__name__}, not an object "  # noqa: TRY004
+                         f"(corrupted?).")
+    if "format" in header and header["format"] not in _FORMATS_READ:
         raise ValueError(f"{str(file)!r}: unknown adapter format {header.get('format')!r}, expected "
                          f"{ADAPTER_FORMAT!r}.")
+    missing = _missing_fields(header)
+    if missing:
+        raise ValueError(f"{str(file)!r}: the adapter header lacks the field(s) {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''} (corrupted, or edited by hand?); nothing was "
+                         f"loaded. Save the adapter again with save_adapter.")
+    for name in ("spec", "deltas", "base_model", "extra"):
+        if not isinstance(header[name], dict):
+            raise ValueError(f"{str(file)!r}: the adapter header field {name!r} is a JSON "  # noqa: TRY004
+                             f"{type(header[name]).__name__}, not an object (corrupted?).")
+    if header["format"] != ADAPTER_FORMAT:
+        warnings.warn(f"{str(file)!r} is a {header['format']!r} adapter: its arrays are checksummed but its "
+                      f"header (scales, axes, targets, dropout, the list of deltas) is not. Load it and save it "
+                      f"again with save_adapter to upgrade it to {ADAPTER_FORMAT!r}.", stacklevel=2)
+    elif header[_HEADER_CRC] != _header_crc(header):
+        raise ValueError(f"{str(file)!r}: the adapter header does not match its checksum {_HEADER_CRC}: it was "
+                         f"edited or corrupted after save_adapter wrote it (a scale, axes, targets, dropout, "
+                         f"the list of deltas, or the metadata). Nothing was loaded. To change an adapter, load "
+                         f"it, change the deltas and save it again with save_adapter.")
     return header
 
 
-def load_adapter(path, params: Any, *, base_model: dict | None = None) -> Any:
+def load_adapter(path, params: Any, *, base_model: dict | None = None, allow_partial: bool = False) -> Any:
     """Reads an adapter and returns deltas with the structure of `params`, after checking everything.
 
     Args:
@@ -196,14 +268,18 @@ def load_adapter(path, params: Any, *, base_model: dict | None = None) -> Any:
         params: the base model's params (arrays or ``jax.ShapeDtypeStruct``s), e.g. Linen variables.
         base_model: if given, must equal the identity stored at save time (e.g. ``{"name": ...}``; only
             the keys given here are compared).
+        allow_partial: load the adapter even if some leaves of `params` that its stored spec targets get
+            no delta (e.g. a 2-layer adapter into a 3-layer model), leaving those leaves unadapted.
 
     Returns:
         A tree with the structure of `params`: a `LoraDelta` at each stored key path, None elsewhere.
 
     Raises:
-        ValueError: a corrupted file (bad header, missing tensor, checksum mismatch), a delta path that is
-            not in `params` (with the closest paths it has), a shape that does not fit its kernel, or a
-            base-model mismatch. All problems are listed at once; nothing is loaded partially.
+        ValueError: a corrupted file (bad header, a missing header field, a header or array checksum
+            mismatch, a missing tensor), a delta path that is not in `params` (with the closest paths it
+            has), a shape that does not fit its kernel, a base-model mismatch (all listed at once), or,
+            without `allow_partial`, leaves of `params` that the stored spec targets but the adapter has
+            no delta for (named). Nothing is loaded partially.
     """
     from safetensors import safe_open
 
@@ -229,7 +305,7 @@ def load_adapter(path, params: Any, *, base_model: dict | None = None) -> Any:
                     problems.append(f"{name}: tensors {name}/a or {name}/b missing from the file (corrupted?)")
                     continue
                 a, b = f.get_tensor(f"{name}/a"), f.get_tensor(f"{name}/b")
-                if _crc(a) != rec["crc32_a"] or _crc(b) != rec["crc32_b"]:
+                if crc32(a) != rec["crc32_a"] or crc32(b) != rec["crc32_b"]:
                     problems.append(f"{name}: checksum mismatch, the file is corrupted")
                     continue
                 try:
@@ -251,7 +327,14 @@ def load_adapter(path, params: Any, *, base_model: dict | None = None) -> Any:
     if problems:
         raise ValueError(f"adapter {str(file)!r} does not fit this model ({len(problems)} problem(s)); nothing "
                          f"was loaded:\n  " + "\n  ".join(problems))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    deltas = jax.tree_util.tree_unflatten(treedef, out)
+    try:
+        spec = spec_from_json(header["spec"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"adapter {str(file)!r}: its stored spec is malformed ({type(e).__name__}: {e}); "
+                         f"nothing was loaded.") from None
+    check_coverage(params, deltas, spec, allow_partial=allow_partial, source=f"adapter {str(file)!r}")
+    return deltas
 
 
 # ----------------------------------------------------------------------------------------------------
