@@ -24,21 +24,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import operator
 import pathlib
-import sys
 import time
 
 import jax
 import numpy as np
+import rank_ablation  # the sibling script: MiniLM task, configurations, outputs
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import common  # noqa: E402
-import rank_ablation  # noqa: E402
-
-import lora_jax as lj  # noqa: E402
-from lora_jax import analysis  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import lora_jax as lj
+from lora_jax import analysis
+from lora_jax.train import sweep
 
 SETTINGS = {
     False: dict(train_examples=2000, eval_examples=256, steps=64, batch_size=16, max_len=32, lr=2e-3,
@@ -66,13 +62,14 @@ def get(tree, path):
 
 
 def train(rank: int, seeds, task, variables, arrays, s):
-  cfg = common.Config("lora", "qv", rank, "subspace")
-  row, trainable = common.run_config(
-      cfg, task, variables, *arrays, seeds=seeds, steps=s["steps"], batch_size=s["batch_size"],
-      eval_batch_size=128, lr=s["lr"], lr_full=s["lr"], lr_head=s["lr_head"], alpha=s["alpha"],
-      log=lambda m: print(m, flush=True))
-  init = [lj.init(jax.random.split(jax.random.key(sd))[0], variables, cfg.spec(s["alpha"])) for sd in seeds]
-  return row, [common.seed_slice(trainable["deltas"], i) for i in range(len(seeds))], init
+  """LoRA on Wq, Wv at `rank`, every seed at once: ``(JSON row, trained deltas per seed, initial deltas per seed)``."""
+  row = rank_ablation.Row("lora", "qv", rank, "subspace")
+  settings = {**s, "seeds": tuple(seeds), "lr_full": s["lr"], "eval_batch_size": 128}
+  summary, result = row.run(task, variables, arrays, settings)
+  init = sweep.init(task, row.config(settings), variables, seeds)
+  runs = range(len(seeds))
+  return (summary, [result.run(i)["deltas"] for i in runs],
+          [jax.tree_util.tree_map(operator.itemgetter(i), init["deltas"]) for i in runs])
 
 
 def input_directions(delta: lj.LoraDelta) -> np.ndarray:
@@ -91,13 +88,13 @@ def main(argv=None):
   for k in ("steps", "layer"):
     if getattr(args, k) is not None:
       s[k] = getattr(args, k)
-  out = args.out or (rank_ablation.SMALL_OUT if args.small else common.RESULTS)
+  out = args.out or (rank_ablation.SMALL_OUT if args.small else rank_ablation.RESULTS)
   t0 = time.time()
 
   from lora_jax import data
   splits = data.load_sentiment()
-  train_ex = common.subset(splits["train"], s["train_examples"])
-  eval_ex = common.subset(splits["validation"], s["eval_examples"])
+  train_ex = data.subset(splits["train"], s["train_examples"])
+  eval_ex = data.subset(splits["validation"], s["eval_examples"])
   task, variables, arrays = rank_ablation.minilm_task(s["max_len"], train_ex, eval_ex)
 
   r_small, r_big, layer = s["small_rank"], s["big_rank"], s["layer"]
@@ -142,7 +139,7 @@ def main(argv=None):
       k, key = jax.random.split(key)
       result["table7"][f"{mat}_r{r}"] = analysis.amplification_report(lj.delta_weight(delta), w, r, k)
 
-  common.save_json(result, out / "subspace_minilm.json")
+  rank_ablation.save_json(result, out / "subspace_minilm.json")
   plot(result, out)
   md = report_markdown(result)
   (out / "subspace_minilm.md").write_text(md)

@@ -72,6 +72,17 @@ def test_split_is_seeded():
 
 # --- batching and resumption ---
 
+def test_subset_is_a_fixed_random_sample_in_order():
+    examples = _examples(50)
+    sample = data.subset(examples, 10)
+    assert sample == data.subset(examples, 10) and len(sample) == 10
+    assert [e.id for e in sample] == sorted(e.id for e in sample)  # original order kept
+    assert [e.id for e in sample] != list(range(10))                # not a prefix
+    assert {e.label for e in sample} == {0, 1}
+    assert data.subset(examples, 10, seed=1) != sample
+    assert data.subset(examples, 0) == data.subset(examples, 50) == data.subset(examples, 99) == examples
+
+
 def _ids(it):
     return [b["x"].tolist() for b in it]
 

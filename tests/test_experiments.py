@@ -1,5 +1,7 @@
-"""Runs each experiment script in --small mode (a subprocess each) and checks what it writes."""
+"""Runs each experiment script in --small mode (a subprocess each) and checks what it writes; checks
+that experiments and notebooks use the library as any user would."""
 
+import ast
 import json
 import pathlib
 import subprocess
@@ -7,9 +9,37 @@ import sys
 
 import pytest
 
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
 
-pytestmark = [pytest.mark.slow, pytest.mark.assets]
+
+def slow(test):
+  return pytest.mark.slow(pytest.mark.assets(test))
+
+
+def _imported_roots(source: str) -> set[str]:
+  roots = set()
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Import):
+      roots |= {a.name.split(".")[0] for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+      roots.add(node.module.split(".")[0])
+  return roots
+
+
+def test_no_second_library_in_experiments():
+  """Notebooks import lora_jax, never the experiment scripts; nothing edits sys.path; common.py is gone."""
+  scripts = {p.stem for p in EXPERIMENTS.glob("*.py")}
+  assert "common" not in scripts
+  for p in sorted(EXPERIMENTS.glob("*.py")):
+    assert "sys.path" not in p.read_text(), p
+  notebooks = sorted((REPO / "notebooks").glob("*.ipynb"))
+  assert notebooks
+  for p in notebooks:
+    code = ["".join(c["source"]) for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "code"]
+    roots = set().union(*map(_imported_roots, code))
+    assert "lora_jax" in roots and not roots & scripts, (p.name, sorted(roots & scripts))
+    assert not any("sys.path" in c for c in code), p.name
 
 
 def _run(script, *args, out):
@@ -19,6 +49,7 @@ def _run(script, *args, out):
   return proc.stdout
 
 
+@slow
 @pytest.mark.parametrize("model", ["minilm", "smollm2"])
 def test_rank_ablation_small(model, tmp_path):
   _run("rank_ablation.py", "--model", model, out=tmp_path)
@@ -37,6 +68,7 @@ def test_rank_ablation_small(model, tmp_path):
   assert (tmp_path / f"rank_ablation_{model}.png").stat().st_size > 0
 
 
+@slow
 def test_subspace_small(tmp_path):
   _run("subspace.py", out=tmp_path)
   result = json.loads((tmp_path / "subspace_minilm.json").read_text())
@@ -51,6 +83,7 @@ def test_subspace_small(tmp_path):
     assert (tmp_path / fig).stat().st_size > 0
 
 
+@slow
 def test_throughput_small(tmp_path):
   out = tmp_path / "throughput.json"
   _run("throughput.py", "--no-sweeps", out=out)

@@ -18,6 +18,25 @@ TINY = ["finetune", "--model", "tiny-llama", "--steps", "10", "--batch", "4", "-
         "--no-progress"]
 
 
+# The run to be killed: `lora-jax` with one second of sleep after each checkpoint save, patched in from
+# outside, so the product has no hook for it and the test has time to kill it between steps.
+SLOW_CLI = [sys.executable, "-c", """
+import sys, time
+from lora_jax import checkpoint
+from lora_jax.train import cli
+
+save = checkpoint.TrainCheckpointer.save
+
+def slow_save(self, *args, **kwargs):
+  started = save(self, *args, **kwargs)
+  time.sleep(1.0)
+  return started
+
+checkpoint.TrainCheckpointer.save = slow_save
+sys.exit(cli.main(sys.argv[1:]))
+"""]
+
+
 def _env():
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
@@ -42,7 +61,7 @@ def test_sigkill_and_restart_resumes_exactly(tmp_path):
   ref_out, out = tmp_path / "ref", tmp_path / "killed"
   ref = subprocess.Popen(CLI + TINY + ["--out", str(ref_out)], env=_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-  victim = subprocess.Popen(CLI + TINY + ["--out", str(out), "--step-sleep", "1.0"], env=_env(),
+  victim = subprocess.Popen(SLOW_CLI + TINY + ["--out", str(out)], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while time.time() < deadline and victim.poll() is None:
@@ -114,3 +133,29 @@ def test_main_job_end_to_end_small(tmp_path):
   assert (out / "loss.png").stat().st_size > 1000 and (out / "merged" / "merged.safetensors").is_file()
   kinds = [json.loads(l)["kind"] for l in (out / "metrics.jsonl").read_text().splitlines()]
   assert kinds == ["train", "eval", "train"]
+
+
+def test_check_resume_refuses_other_settings(tmp_path):
+  """The resume check on its own: no checkpoint, a matching one, one of other trajectory settings."""
+  import dataclasses
+
+  import jax.numpy as jnp
+
+  from lora_jax import checkpoint
+  from lora_jax.train import loop
+  from lora_jax.train.config import TrainConfig
+
+  cfg = TrainConfig(model="tiny-llama", steps=4, lr=1e-2)
+  ckpt = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", every=1)
+  try:
+    assert loop.check_resume(ckpt, cfg) is False
+    ckpt.save(2, {"w": jnp.zeros(3)}, {"config": dataclasses.asdict(cfg)})
+    ckpt.wait()
+    assert loop.check_resume(ckpt, cfg) is True
+    assert loop.check_resume(ckpt, dataclasses.replace(cfg, out="elsewhere", progress=False)) is True
+    with pytest.raises(ValueError, match=r"holds a run with other settings; nothing was restored or deleted\. "
+                                         r"Differences \(checkpoint, now\): \{'lr': \(0\.01, 0\.005\)\}"):
+      loop.check_resume(ckpt, dataclasses.replace(cfg, lr=5e-3))
+    assert ckpt.all_steps() == [2]
+  finally:
+    ckpt.close()

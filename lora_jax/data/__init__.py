@@ -22,6 +22,7 @@ from lora_jax.data.sentiment import (
     read_snippets,
     split,
     steps_per_epoch,
+    subset,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "read_snippets",
     "split",
     "steps_per_epoch",
+    "subset",
 ]

@@ -109,6 +109,23 @@ def split(examples: Sequence[Example], seed: int = 0) -> dict[str, list[Example]
     return {name: [examples[i] for i in idx.tolist()] for name, idx in parts.items()}
 
 
+def subset(examples: Sequence, n: int, *, seed: int = 0) -> list:
+    """``n`` examples drawn at random with ``default_rng(seed)``, kept in their original order.
+
+    All of them when ``n <= 0`` or ``n >= len(examples)``. A fixed random sample keeps a run's data
+    independent of how a split is ordered (the source file lists every positive review first, so a
+    prefix of it would be one class).
+
+    Example:
+        >>> subset(list("abcdef"), 3)
+        ['c', 'd', 'f']
+    """
+    if n <= 0 or n >= len(examples):
+        return list(examples)
+    idx = np.sort(np.random.default_rng(seed).permutation(len(examples))[:n])
+    return [examples[i] for i in idx.tolist()]
+
+
 def load_sentiment(path: str | pathlib.Path | None = None, *, seed: int = 0) -> dict[str, list[Example]]:
     """The movie-review sentiment set split into ``"train"``, ``"validation"``, ``"test"``.
 

@@ -1,13 +1,20 @@
 """The fine-tuning engine: build a sharded LoRA setup, train with checkpoints, evaluate, export.
 
 `build` returns everything placed on the mesh (params by the model's logical-axis rules, deltas
-following them, optimizer state following the deltas) and the jitted steps; `finetune` runs the
-main job end to end: base accuracy, training (resumable), fine-tuned accuracy, adapter export,
-metrics JSONL, loss curve.
+following them, optimizer state following the deltas) and the jitted steps. `finetune` runs the
+main job end to end as a composition of steps, each usable on its own:
+
+* `check_config`, `check_resume`: refuse settings that cannot run, or a checkpoint of other settings,
+  before anything expensive is loaded;
+* `load_model`, `load_data`, `build`: the model, the encoded splits, the sharded setup;
+* `restore`: the train state and base accuracy of the latest checkpoint;
+* `train_loop`: the steps, with metrics, periodic validation and checkpoints (resumable exactly);
+* `evaluate_test`, `export`: accuracy before and after, the adapter (and merged params), loss curve.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,7 +34,8 @@ from lora_jax.train import mesh as mesh_lib
 from lora_jax.train import step as step_lib
 from lora_jax.train.config import TrainConfig
 
-__all__ = ["Setup", "build", "evaluate", "finetune", "load_model", "lora_spec", "tiny_llama"]
+__all__ = ["Setup", "Splits", "build", "check_config", "check_resume", "evaluate", "evaluate_test", "export",
+           "finetune", "load_data", "load_model", "lora_spec", "restore", "tiny_llama", "train_loop"]
 
 # Config fields that change the training trajectory: a checkpoint made with other values is refused.
 TRAJECTORY_FIELDS = ("model", "data", "prompt", "max_len", "rank", "alpha", "targets", "dropout", "steps",
@@ -51,8 +59,9 @@ def log(*args) -> None:
 def tiny_llama(vocab_size: int, *, scan_layers: bool = True, remat: bool = False, dtype: Any = jnp.float32,
                seed: int = 0):
   """A random 2-layer Llama (d=32) for tests: ``(model, variables)``; shardable on a 2x2x2 mesh."""
-  from lora_jax.models.llama import Llama, LlamaConfig
   import flax.linen as nn
+
+  from lora_jax.models.llama import Llama, LlamaConfig
 
   cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
@@ -160,14 +169,36 @@ def candidate_token_ids(tokenizer, completions=None) -> list[int]:
 
 
 def encode_split(examples, tokenizer, cfg: TrainConfig, limit: int = 0) -> dict[str, np.ndarray]:
+  """`data.encode_lm` rows of `examples`; with `limit`, of a fixed random subset (`data.subset`, the same
+  for every seed) of that many."""
   from lora_jax import data
 
-  if limit and limit < len(examples):
-    # A fixed random subset (the same for every --seed), independent of how the split is ordered: the
-    # source file is grouped by label, so any ordered prefix would be one class.
-    idx = np.sort(np.random.default_rng(0).permutation(len(examples))[:limit])
-    examples = [examples[i] for i in idx]
-  return data.encode_lm(examples, tokenizer, cfg.max_len, prompt=cfg.prompt)
+  return data.encode_lm(data.subset(examples, limit), tokenizer, cfg.max_len, prompt=cfg.prompt)
+
+
+@dataclasses.dataclass
+class Splits:
+  """The encoded data of a run (`data.encode_lm` arrays): all of train, the scored test subset, and the
+  validation subset of the periodic evaluation (None without ``eval_every``)."""
+
+  train: dict[str, np.ndarray]
+  test: dict[str, np.ndarray]
+  val: dict[str, np.ndarray] | None
+
+  @property
+  def num_targets(self) -> int:
+    """The most completion tokens of any training row (the loss positions per row of the step)."""
+    return int(self.train["loss_mask"].sum(1).max())
+
+
+def load_data(cfg: TrainConfig, tokenizer) -> Splits:
+  """The movie-review splits encoded for `cfg` (``max_len``, ``prompt``, ``eval_size``, ``val_size``)."""
+  from lora_jax import data
+
+  splits = data.load_sentiment(seed=0)
+  return Splits(train=encode_split(splits["train"], tokenizer, cfg),
+                test=encode_split(splits["test"], tokenizer, cfg, cfg.eval_size),
+                val=encode_split(splits["validation"], tokenizer, cfg, cfg.val_size) if cfg.eval_every else None)
 
 
 def evaluate(setup: Setup, deltas, arrays: dict[str, np.ndarray], batch_size: int, *,
@@ -217,18 +248,11 @@ def _gather(tree):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The main job
+# The main job: check, resume, data, train loop, export; `finetune` composes them.
 
 
-def finetune(cfg: TrainConfig) -> dict:
-  """Runs (or resumes) a fine-tuning job; returns the results dict (also written to ``out/results.json``)."""
-  from lora_jax import data
-
-  t_start = time.time()
-  out = pathlib.Path(cfg.out).absolute()
-  if _is_main():
-    out.mkdir(parents=True, exist_ok=True)
-  mesh = mesh_lib.make_mesh(cfg.mesh)
+def check_config(cfg: TrainConfig, mesh) -> None:
+  """Settings that only fail against the mesh or the data sets: cheap, before anything is loaded."""
   dp = data_parallel_size(mesh)
   if cfg.micro_batch % dp:
     raise ValueError(f"micro-batch {cfg.micro_batch} (--batch {cfg.batch} / --grad-accum {cfg.grad_accum}) must be "
@@ -236,26 +260,149 @@ def finetune(cfg: TrainConfig) -> dict:
   if cfg.data != "movie-reviews":
     raise ValueError(f"--data {cfg.data!r}: only 'movie-reviews' is available.")
 
-  # Refuse a checkpoint made with other settings before any expensive work.
-  ckpt = checkpoint.TrainCheckpointer(out / "checkpoints", every=cfg.checkpoint_every, keep=cfg.keep)
+
+def check_resume(ckpt: checkpoint.TrainCheckpointer, cfg: TrainConfig) -> bool:
+  """Whether `ckpt` holds a run of `cfg` to resume (False: none there).
+
+  Raises:
+    ValueError: the latest checkpoint was made with other values of `TRAJECTORY_FIELDS` (every
+      difference listed), or its metadata cannot be read. Nothing is restored or deleted.
+  """
+  if ckpt.latest_step() is None:
+    return False
+  stored = ckpt.metadata().get("config", {})
+  now = dataclasses.asdict(cfg)
+  diff = {k: (stored.get(k), now[k]) for k in TRAJECTORY_FIELDS if stored.get(k) != now[k]}
+  if diff:
+    raise ValueError(f"{ckpt.directory} holds a run with other settings; nothing was restored or "
+                     f"deleted. Differences (checkpoint, now): {diff}. Use the same flags or another --out.")
+  return True
+
+
+def restore(ckpt: checkpoint.TrainCheckpointer, setup: Setup) -> tuple[Any, Any, int, dict | None]:
+  """``(deltas, opt_state, step, base_detail)`` of the latest checkpoint, placed like `setup`'s.
+
+  ``base_detail`` is the base model's test evaluation stored with the run (None if it had none yet).
+  """
+  state, meta = ckpt.restore({"deltas": setup.deltas, "opt_state": setup.opt_state})
+  step = int(meta["step"])
+  log(f"resumed from step {step} ({ckpt.directory})")
+  return state["deltas"], state["opt_state"], step, meta.get("base_detail")
+
+
+def evaluate_test(setup: Setup, deltas, arrays: dict[str, np.ndarray], cfg: TrainConfig, what: str) -> dict:
+  """`evaluate` with details on the test subset, logged as ``"{what} accuracy on N test reviews: ..."``."""
+  t = time.time()
+  detail = evaluate(setup, deltas, arrays, cfg.eval_batch, details=True)
+  log(f"{what} accuracy on {len(arrays['labels'])} test reviews: {detail['accuracy']:.4f} ({time.time() - t:.1f}s); "
+      f"{_per_class(detail)}")
+  return detail
+
+
+def train_loop(cfg: TrainConfig, setup: Setup, deltas, opt_state, splits: Splits, *, start: int,
+               ckpt: checkpoint.TrainCheckpointer, meta: dict, metrics_file: pathlib.Path):
+  """Steps ``start .. cfg.steps`` from `deltas`, `opt_state`: one JSONL record per step (and per
+  validation) in `metrics_file` (appended to when resuming), a checkpoint with `meta` every
+  ``checkpoint_every`` steps and at the end.
+
+  Step ``k`` trains on batch ``k`` of the seeded order of `data.batches`, with the PRNG key
+  ``fold_in(fold_in(key(seed), 1), k)``, so a resumed run repeats exactly what an uninterrupted one does.
+
+  Returns:
+    ``(deltas, opt_state, step_seconds)``: the trained state and the wall time of each step run here.
+  """
+  from lora_jax import data
+
+  train = splits.train
+  batches = data.batches({k: train[k] for k in ("input_ids", "attention_mask", "loss_mask")}, cfg.batch,
+                         seed=cfg.seed, shuffle=True, start_step=start, num_epochs=None, drop_remainder=True)
+  key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+  step_times, t_last = [], time.time()
+  # Process 0 writes the metrics: a resumed run appends to them, a fresh one starts the file anew.
+  with (
+      open(metrics_file, "a" if start else "w") if _is_main() else contextlib.nullcontext() as writer,
+      _progress(cfg, start) as pbar,
+  ):
+
+    def record(rec):
+      if writer:
+        writer.write(json.dumps(rec) + "\n")
+        writer.flush()
+
+    for step in range(start, cfg.steps):
+      b = next(batches)
+      b = {k: v.reshape(cfg.grad_accum, cfg.micro_batch, *v.shape[1:]) for k, v in b.items() if k != "valid"}
+      gb = mesh_lib.global_batch(b, setup.shardings["batch"], axis=1)
+      deltas, opt_state, m = setup.train_step(deltas, opt_state, setup.params, gb, jax.random.fold_in(key, step))
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      now = time.time()
+      record({"kind": "train", "step": step + 1, "loss": m["loss"], "lr": float(setup.schedule(step)),
+              "grad_norm": m["grad_norm"], "tokens": m["tokens"], "step_s": now - t_last,
+              "tokens_per_s": m["tokens"] / max(now - t_last, 1e-9)})
+      step_times.append(now - t_last)
+      t_last = now
+      if pbar is not None:
+        pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens'] / max(step_times[-1], 1e-9):.0f}")
+        pbar.update(1)
+      if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+        acc = evaluate(setup, deltas, splits.val, cfg.eval_batch)
+        record({"kind": "eval", "step": step + 1, "val_accuracy": acc})
+        if pbar is not None:
+          pbar.write(f"step {step + 1}: validation accuracy {acc:.4f}")
+      ckpt.save(step + 1, {"deltas": deltas, "opt_state": opt_state}, {**meta, "data_position": step + 1})
+  if ckpt.latest_step() != cfg.steps:
+    ckpt.save(cfg.steps, {"deltas": deltas, "opt_state": opt_state}, {**meta, "data_position": cfg.steps},
+              force=True)
+  return deltas, opt_state, step_times
+
+
+@contextlib.contextmanager
+def _progress(cfg: TrainConfig, start: int):
+  """A tqdm bar over the steps on process 0 with ``cfg.progress`` and steps left; None otherwise."""
+  if not (cfg.progress and _is_main() and start < cfg.steps):
+    yield None
+    return
+  from tqdm.auto import tqdm
+
+  with tqdm(total=cfg.steps, initial=start, desc="finetune", dynamic_ncols=True) as pbar:
+    yield pbar
+
+
+def export(cfg: TrainConfig, out: pathlib.Path, setup: Setup, deltas, identity: dict, results: dict) -> dict:
+  """Writes the run's products under `out` from process 0: the adapter (with the trajectory settings
+  and `results`), the merged params with ``export_merged``, ``loss.png``; returns `results` with the
+  adapter's size. Every process must call it (gathering sharded arrays is a collective)."""
+  host_deltas = _gather(deltas)
+  host_params = _gather(setup.params) if cfg.export_merged else None  # a collective: every process joins
+  if not _is_main():
+    return results
   config_json = dataclasses.asdict(cfg)
-  resuming = ckpt.latest_step() is not None
-  if resuming:
-    stored = checkpoint_meta(ckpt).get("config", {})
-    diff = {k: (stored.get(k), config_json[k]) for k in TRAJECTORY_FIELDS if stored.get(k) != config_json[k]}
-    if diff:
-      raise ValueError(f"{out / 'checkpoints'} holds a run with other settings; nothing was restored or "
-                       f"deleted. Differences (checkpoint, now): {diff}. Use the same flags or another --out.")
+  shipped = {k: config_json[k] for k in TRAJECTORY_FIELDS}  # no local paths in a file meant to be shared
+  adapter = checkpoint.save_adapter(out / "adapter", host_deltas, setup.spec, base_model=identity,
+                                    extra={"config": shipped, "results": results})
+  results = {**results, "adapter_bytes": adapter.stat().st_size}
+  if cfg.export_merged:
+    merged = checkpoint.save_merged(out / "merged", host_params, host_deltas, metadata=identity)
+    log(f"merged params: {merged}")
+  plot_metrics(out / "metrics.jsonl", out / "loss.png")
+  return results
+
+
+def finetune(cfg: TrainConfig) -> dict:
+  """Runs (or resumes) a fine-tuning job; returns the results dict (also written to ``out/results.json``)."""
+  t_start = time.time()
+  out = pathlib.Path(cfg.out).absolute()
+  if _is_main():
+    out.mkdir(parents=True, exist_ok=True)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  check_config(cfg, mesh)
+  ckpt = checkpoint.TrainCheckpointer(out / "checkpoints", every=cfg.checkpoint_every, keep=cfg.keep)
+  resuming = check_resume(ckpt, cfg)  # refuse a checkpoint made with other settings before any expensive work
 
   model, variables, tok, identity = load_model(cfg)
-  spec = lora_spec(cfg, variables)
-  splits = data.load_sentiment(seed=0)
-  train = encode_split(splits["train"], tok, cfg)
-  test = encode_split(splits["test"], tok, cfg, cfg.eval_size)
-  val = encode_split(splits["validation"], tok, cfg, cfg.val_size) if cfg.eval_every else None
-  num_targets = int(train["loss_mask"].sum(1).max())
-  setup = build(model, variables, spec, mesh=mesh, lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup,
-                weight_decay=cfg.weight_decay, seed=cfg.seed, num_targets=num_targets,
+  splits = load_data(cfg, tok)
+  setup = build(model, variables, lora_spec(cfg, variables), mesh=mesh, lr=cfg.lr, steps=cfg.steps,
+                warmup=cfg.warmup, weight_decay=cfg.weight_decay, seed=cfg.seed, num_targets=splits.num_targets,
                 candidate_ids=candidate_token_ids(tok), dropout=cfg.dropout > 0)
   del variables
   n_train = lj.count_params(setup.deltas)
@@ -263,109 +410,32 @@ def finetune(cfg: TrainConfig) -> dict:
       f"LoRA r={cfg.rank} alpha={cfg.alpha} on {cfg.targets}: {n_train:,} trainable; mesh {dict(mesh.shape)} "
       f"on {jax.device_count()} devices / {jax.process_count()} processes")
 
-  state = {"deltas": setup.deltas, "opt_state": setup.opt_state}
-  start, base_acc, base_detail = 0, None, None
+  deltas, opt_state, start, base = setup.deltas, setup.opt_state, 0, None
   if resuming:
-    state, meta = ckpt.restore(state)
-    start, base_acc, base_detail = int(meta["step"]), meta.get("base_accuracy"), meta.get("base_detail")
-    log(f"resumed from step {start} ({out / 'checkpoints'})")
-  deltas, opt_state = state["deltas"], state["opt_state"]
+    deltas, opt_state, start, base = restore(ckpt, setup)
+  if base is None:
+    base = evaluate_test(setup, deltas, splits.test, cfg, "base model")  # b = 0: exactly the base model
 
-  if base_acc is None:
-    t = time.time()
-    base_detail = evaluate(setup, deltas, test, cfg.eval_batch, details=True)  # b = 0: exactly the base model
-    base_acc = base_detail["accuracy"]
-    log(f"base model accuracy on {len(test['labels'])} test reviews: {base_acc:.4f} ({time.time() - t:.1f}s); "
-        f"{_per_class(base_detail)}")
-
-  metrics_file = out / "metrics.jsonl"
-  # A resumed run appends to its metrics; a fresh one starts the file anew.
-  writer = open(metrics_file, "a" if start else "w") if _is_main() else None
-  micro = cfg.micro_batch
-  batches = data.batches({k: train[k] for k in ("input_ids", "attention_mask", "loss_mask")}, cfg.batch,
-                         seed=cfg.seed, shuffle=True, start_step=start, num_epochs=None, drop_remainder=True)
-  key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
-  pbar = None
-  if cfg.progress and _is_main() and start < cfg.steps:
-    from tqdm.auto import tqdm
-    pbar = tqdm(total=cfg.steps, initial=start, desc="finetune", dynamic_ncols=True)
-  meta = {"config": config_json, "base_accuracy": base_acc, "base_detail": base_detail, "identity": identity}
-  t_train, t_last = time.time(), time.time()
-  step_times = []
-  for step in range(start, cfg.steps):
-    b = next(batches)
-    b = {k: v.reshape(cfg.grad_accum, micro, *v.shape[1:]) for k, v in b.items() if k != "valid"}
-    gb = mesh_lib.global_batch(b, setup.shardings["batch"], axis=1)
-    deltas, opt_state, m = setup.train_step(deltas, opt_state, setup.params, gb, jax.random.fold_in(key, step))
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
-    now = time.time()
-    rec = {"kind": "train", "step": step + 1, "loss": m["loss"], "lr": float(setup.schedule(step)),
-           "grad_norm": m["grad_norm"], "tokens": m["tokens"], "step_s": now - t_last,
-           "tokens_per_s": m["tokens"] / max(now - t_last, 1e-9)}
-    t_last = now
-    step_times.append(rec["step_s"])
-    if writer:
-      writer.write(json.dumps(rec) + "\n")
-      writer.flush()
-    if pbar is not None:
-      pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-      pbar.update(1)
-    if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-      acc = evaluate(setup, deltas, val, cfg.eval_batch)
-      if writer:
-        writer.write(json.dumps({"kind": "eval", "step": step + 1, "val_accuracy": acc}) + "\n")
-        writer.flush()
-      if pbar is not None:
-        pbar.write(f"step {step + 1}: validation accuracy {acc:.4f}")
-    ckpt.save(step + 1, {"deltas": deltas, "opt_state": opt_state}, {**meta, "data_position": step + 1})
-    if cfg.step_sleep:
-      time.sleep(cfg.step_sleep)
-  if pbar is not None:
-    pbar.close()
+  meta = {"config": dataclasses.asdict(cfg), "base_accuracy": base["accuracy"], "base_detail": base,
+          "identity": identity}
+  t_train = time.time()
+  deltas, opt_state, step_times = train_loop(cfg, setup, deltas, opt_state, splits, start=start, ckpt=ckpt,
+                                             meta=meta, metrics_file=out / "metrics.jsonl")
   train_s = time.time() - t_train
-  if ckpt.latest_step() != cfg.steps:
-    ckpt.save(cfg.steps, {"deltas": deltas, "opt_state": opt_state}, {**meta, "data_position": cfg.steps},
-              force=True)
   ckpt.close()
 
-  t = time.time()
-  lora_detail = evaluate(setup, deltas, test, cfg.eval_batch, details=True)
-  lora_acc = lora_detail["accuracy"]
-  log(f"LoRA accuracy on {len(test['labels'])} test reviews: {lora_acc:.4f} ({time.time() - t:.1f}s); "
-      f"{_per_class(lora_detail)}")
-  host_deltas = _gather(deltas)
-  host_params = _gather(setup.params) if cfg.export_merged else None  # a collective: every process joins
-  results = {"base_accuracy": base_acc, "lora_accuracy": lora_acc, "eval_examples": int(len(test["labels"])),
-             "trainable_params": n_train, "steps": cfg.steps, "train_seconds_this_run": train_s,
+  lora = evaluate_test(setup, deltas, splits.test, cfg, "LoRA")
+  results = {"base_accuracy": base["accuracy"], "lora_accuracy": lora["accuracy"],
+             "eval_examples": len(splits.test["labels"]), "trainable_params": n_train, "steps": cfg.steps,
+             "train_seconds_this_run": train_s,
              "median_step_seconds": float(np.median(step_times[1:] or step_times)) if step_times else None,
-             "base": base_detail, "lora": lora_detail}
+             "base": base, "lora": lora}
+  results = export(cfg, out, setup, deltas, identity, results)
   if _is_main():
-    shipped = {k: config_json[k] for k in TRAJECTORY_FIELDS}  # no local paths in a file meant to be shared
-    adapter = checkpoint.save_adapter(out / "adapter", host_deltas, spec, base_model=identity,
-                                      extra={"config": shipped, "results": results})
-    results["adapter_bytes"] = adapter.stat().st_size
-    if cfg.export_merged:
-      merged = checkpoint.save_merged(out / "merged", host_params, host_deltas, metadata=identity)
-      log(f"merged params: {merged}")
-    writer.close()
-    plot_metrics(metrics_file, out / "loss.png")
     results["wall_seconds_this_run"] = time.time() - t_start
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log(json.dumps(results, indent=2))
   return results
-
-
-def checkpoint_meta(ckpt: checkpoint.TrainCheckpointer) -> dict:
-  """The JSON metadata of the latest checkpoint (clear error if unreadable; nothing deleted)."""
-  import orbax.checkpoint as ocp
-
-  step = ckpt.latest_step()
-  try:
-    return ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception as e:
-    raise ValueError(f"checkpoint {ckpt.directory / str(step)} cannot be read (corrupted or incomplete?): "
-                     f"{type(e).__name__}: {e}. Nothing was deleted; move it away to restart from an "
-                     f"earlier step.") from None
 
 
 def plot_metrics(metrics_file, png) -> None:
