@@ -20,7 +20,7 @@ __all__ = [
     "delta_weight", "is_delta", "FallbackWarning",
 ]
 
-_SUBMODULES = ("analysis", "assets", "checkpoint", "data", "models", "peft", "train")
+_SUBMODULES = ("adapter", "analysis", "assets", "checkpoint", "data", "models", "peft", "train")
 
 
 def __getattr__(name):

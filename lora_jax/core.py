@@ -15,9 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.delta import LoraDelta, delta_weight, init_delta, is_delta
+from lora_jax.pairing import fit_problem, paired_leaves
 from lora_jax.spec import LoraAxes, LoraSpec, path_str
+from lora_jax.transform.axes import infer_axes
 
-__all__ = ["init", "merge", "unmerge", "count_params", "delta_weights", "paired_leaves"]
+__all__ = ["init", "merge", "unmerge", "count_params", "delta_weights"]
+
+# `core.paired_leaves` (imported above) and `core._fit_problem` were the pairing helpers' old homes; they
+# stay importable while callers move to lora_jax.pairing.
+_fit_problem = fit_problem
 
 
 def _leaf_key(key, path: str):
@@ -66,7 +72,7 @@ def init(key: jax.Array, params: Any, spec: LoraSpec, *, fn: Callable | None = N
   inferred = None
   dtype = jnp.float32 if spec.dtype is None else jnp.dtype(spec.dtype)
   out = []
-  for path, (_, w) in zip(paths, leaves):
+  for path, (_, w) in zip(paths, leaves, strict=True):
     if path not in chosen:
       out.append(None)
       continue
@@ -81,61 +87,12 @@ def init(key: jax.Array, params: Any, spec: LoraSpec, *, fn: Callable | None = N
             f"Either pass LoraSpec(axes={{{path!r}: LoraAxes(stack=..., inputs=..., outputs=...)}}) or "
             f"let init infer them: lj.init(key, params, spec, fn=apply_fn, args=example_args).")
       if inferred is None:
-        from lora_jax.transform import infer_axes  # tracing machinery lives with wrap
         inferred = infer_axes(fn, params, chosen, args, kwargs or {})
       axes = inferred[path]
     axes = axes.check(len(w.shape), path)
     out.append(init_delta(_leaf_key(key, path), w.shape, axes, spec.rank_for(path), spec.scale_for(path),
                           spec.init, dtype, spec.dropout, where=path))
   return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _fit_problem(d: LoraDelta, shape: tuple[int, ...]) -> str | None:
-  """Why `d` cannot be the delta of a kernel of `shape`, or None if it can."""
-  ax = d.axes
-  if sorted(ax.stack + ax.inputs + ax.outputs) != list(range(len(shape))):
-    return f"{ax} do not list each axis of a {len(shape)}-D kernel exactly once"
-  a_shape, b_shape = tuple(d.a.shape), tuple(d.b.shape)
-  r = a_shape[-1] if a_shape else None
-  pick = lambda axes: tuple(shape[i] for i in axes)
-  want_a = (*pick(ax.stack), *pick(ax.inputs), r)
-  want_b = (*pick(ax.stack), r, *pick(ax.outputs))
-  if (a_shape, b_shape) != (want_a, want_b):
-    return (f"with {ax} (rank {r}) it needs a {want_a} and b {want_b}, "
-            f"found a {a_shape} and b {b_shape}")
-  return None
-
-
-def paired_leaves(params: Any, deltas: Any, what: str = "deltas"):
-  """``(treedef, [(path, w, delta_or_None)])`` for every leaf of params; clear errors on mismatch."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  try:
-    ds = treedef.flatten_up_to(deltas)
-  except (ValueError, TypeError) as e:
-    want = {path_str(p) for p, _ in leaves}
-    # None marks an untargeted leaf: count it as present, or every untargeted path shows as missing.
-    got = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        deltas, is_leaf=lambda x: x is None or is_delta(x))[0]}
-    raise ValueError(
-        f"{what} do not have the structure of params: {what} paths missing from params: "
-        f"{sorted(got - want)[:8]}; params paths missing from {what}: {sorted(want - got)[:8]}. "
-        f"Create deltas with lj.init(key, params, spec) for these very params.\n(jax: {e})") from None
-  pairs = []
-  for (p, w), d in zip(leaves, ds):
-    path = path_str(p)
-    if d is not None:
-      if not is_delta(d):
-        raise TypeError(f"{path}: expected a LoraDelta or None in {what}, found {type(d).__name__}")
-      if not hasattr(w, "shape"):  # e.g. a tree of shardings: nothing to check against
-        pairs.append((path, w, d))
-        continue
-      problem = _fit_problem(d, tuple(w.shape))
-      if problem:
-        raise ValueError(
-            f"{path}: delta does not fit the parameter of shape {tuple(w.shape)}: {problem}. "
-            f"The adapter was made for a different model or config.")
-    pairs.append((path, w, d))
-  return treedef, pairs
 
 
 @jax.custom_jvp

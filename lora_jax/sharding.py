@@ -13,8 +13,8 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lora_jax.core import paired_leaves
 from lora_jax.delta import LoraDelta
+from lora_jax.pairing import paired_leaves
 
 __all__ = ["delta_shardings", "delta_partition_specs"]
 

@@ -381,3 +381,9 @@ def test_delta_weights(use_jit):
     assert dws[k]["kernel"].dtype == jnp.float32
   assert dws["dense"]["bias"] is None and dws["step"] is None
   assert lj.delta_weights(deltas, jnp.bfloat16)["conv"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_pairing_helpers_keep_their_old_names_in_core():
+  """`lora_jax.pairing` holds them now; adapter code still imports them from core."""
+  from lora_jax import core, pairing
+  assert core.paired_leaves is pairing.paired_leaves and core._fit_problem is pairing.fit_problem

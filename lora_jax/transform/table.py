@@ -1,0 +1,101 @@
+"""The rule table: the one place where a JAX primitive is mapped to the rule that handles a tracked weight.
+
+``RULES[primitive_name][kind]`` is the rule for an equation of that primitive whose tracked inputs are
+all of value kind ``kind`` (a `TrackedValue` subclass). `rule_for` looks the kind up along its MRO, so a
+rule registered for `TrackedValue` serves every kind, and a subclass inherits its parent's rules unless
+it registers its own. Equations with tracked inputs of different kinds only get a `TrackedValue` rule.
+Whatever has no rule goes to the interpreter's fallback, which materialises the value (``dense()``) for
+that use and warns.
+
+A rule is ``rule(ctx, eqn, invals) -> outvals`` (one per ``eqn.outvars``; see
+`lora_jax.transform.interpreter`). It may hand a use it cannot factor to ``interpreter.fallback``.
+
+To add a primitive:
+    write its rule in the module of its family (`views`: the value is still W + low rank after the op;
+    `uses`: the op consumes W; `control`: it holds jaxprs to re-enter) and add one line below, under
+    the kinds it supports. A primitive name that exists only in some JAX versions also goes into
+    `JAX_VERSIONED` with the versions it serves (a test checks that every key is a primitive of the
+    installed JAX or listed there).
+
+To add a value kind (a quantized base, a bank of adapters selected per example, a DoRA magnitude, ...):
+    subclass `TrackedValue` in its own module and implement its interface (``dense``, ``arrays``,
+    ``with_arrays``, ``stacked_arrays``): that alone makes the control-flow rules and the fallback work
+    for it. Then register the rules of the ops it can do better than materialising, in the entries
+    below (``"dot_general": {LoraValue: uses.dot_general, QuantValue: quant.dot_general}``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lora_jax.transform import control, uses, views
+from lora_jax.transform.interpreter import Rule
+from lora_jax.transform.value import LoraValue, TrackedValue, own_axes  # noqa: F401 (own_axes: doctest)
+
+__all__ = ["RULES", "JAX_VERSIONED", "rule_for"]
+
+_ANY = TrackedValue  # a rule for every kind of tracked value
+
+# Names that exist only in some JAX versions (this package supports jax >= 0.4.35), with the versions.
+JAX_VERSIONED: dict[str, str] = {
+    "pjit": "JAX < 0.7.0 (renamed `jit` in 0.7.0)",
+    "jit": "JAX >= 0.7.0 (was `pjit`)",
+    "custom_vjp_call_jaxpr": "JAX < 0.6.1 (staged custom_vjp; merged into `custom_vjp_call` in 0.6.1)",
+    "closed_call": "JAX <= 0.11.0 (after 0.11.0, `closed_call_p` is `eval_jaxpr`)",
+    "eval_jaxpr": "JAX > 0.11.0 (replaces the `call` and `closed_call` primitives)",
+}
+
+RULES: dict[str, dict[type, Rule]] = {
+    # View-like ops: W and both factors go through the op, the result is still W' + low rank.
+    "convert_element_type": {LoraValue: views.convert_element_type},
+    "transpose": {LoraValue: views.transpose},
+    "broadcast_in_dim": {LoraValue: views.broadcast_in_dim},
+    "reshape": {LoraValue: views.reshape},
+    "squeeze": {LoraValue: views.squeeze},
+    "slice": {LoraValue: views.slice_},
+    "dynamic_slice": {LoraValue: views.dynamic_slice},
+    "sharding_constraint": {LoraValue: views.identity},
+    "copy": {LoraValue: views.identity},
+    "device_put": {LoraValue: views.device_put},
+    "mul": {LoraValue: views.scalar_mul},
+    "neg": {LoraValue: views.neg},
+    # Uses: base op plus the low-rank path.
+    "dot_general": {LoraValue: uses.dot_general},
+    "conv_general_dilated": {LoraValue: uses.conv_general_dilated},
+    "gather": {LoraValue: uses.gather},
+    # Control flow: re-entered with the interpreter inside, for any kind.
+    "jit": {_ANY: control.inline},                     # JAX >= 0.7.0
+    "pjit": {_ANY: control.inline},                    # JAX < 0.7.0
+    "closed_call": {_ANY: control.inline},             # JAX <= 0.11.0
+    "eval_jaxpr": {_ANY: control.inline},              # JAX > 0.11.0
+    "custom_jvp_call": {_ANY: control.custom_call},
+    "custom_vjp_call": {_ANY: control.custom_call},
+    "custom_vjp_call_jaxpr": {_ANY: control.custom_call},  # JAX < 0.6.1
+    "remat2": {_ANY: control.checkpoint},              # jax.checkpoint / jax.remat
+    "scan": {_ANY: control.scan},
+    "while": {_ANY: control.while_loop},
+    "cond": {_ANY: control.cond},
+}
+
+
+def rule_for(name: str, invals: Sequence) -> Rule | None:
+    """The rule for primitive `name` applied to `invals` (which hold at least one tracked value), or None.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> v = LoraValue(jnp.ones((2, 3)), None, None, own_axes(2), "w")
+        >>> rule_for("dot_general", [jnp.ones((4, 2)), v]) is uses.dot_general
+        True
+        >>> rule_for("sin", [v]) is None     # no rule: the interpreter falls back
+        True
+    """
+    by_kind = RULES.get(name)
+    if not by_kind:
+        return None
+    kinds = {type(x) for x in invals if isinstance(x, TrackedValue)}
+    if len(kinds) != 1:
+        return by_kind.get(_ANY)
+    for k in next(iter(kinds)).__mro__:
+        if k in by_kind:
+            return by_kind[k]
+    return None

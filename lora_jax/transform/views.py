@@ -1,0 +1,198 @@
+"""Rules for view-like ops on a `LoraValue`: the op applies to W and to both aligned factors alike.
+
+A factor's axes line up with W's (size 1 where the factor is constant), plus a trailing rank axis that
+every op leaves alone. So ``transpose(W)``, ``reshape(W)``, ``W[i:j]``, ``W.astype(bf16)``, ``c·W``, ...
+stay low-rank: ``op(W + Σ_r a·b) = op(W) + Σ_r op(a)·op(b)``. Each rule also maps the view's `origin`
+(which original axes each view axis comes from) for axis inference. When an op cannot be expressed on
+the factors (e.g. a reshape merging an axis a factor varies along with one it does not), the rule hands
+the use to the fallback.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lora_jax.transform.interpreter import bind, fallback
+from lora_jax.transform.value import LoraValue, TrackedValue
+
+__all__ = ["view", "convert_element_type", "transpose", "broadcast_in_dim", "reshape", "squeeze", "slice_",
+           "dynamic_slice", "identity", "scalar_mul", "neg", "device_put"]
+
+
+def view(fn_factor, new_origin):
+    """Rule builder: w' = the op on w; a' = fn_factor(eqn, a, v, invals) (same for b); origin from
+    ``new_origin(ctx, eqn, v)``. A factor function returns None when the op has no factored form."""
+
+    def rule(ctx, eqn, invals):
+        v = invals[0]
+        if any(isinstance(x, TrackedValue) for x in invals[1:]):
+            return fallback(ctx, eqn, invals)
+        w = bind(eqn, [v.w, *invals[1:]])[0]
+        if v.a is None:
+            a = b = None
+        else:
+            a, b = (fn_factor(eqn, f, v, invals) for f in (v.a, v.b))
+            if a is None or b is None:  # not representable in factored form
+                return fallback(ctx, eqn, invals)
+        origin = new_origin(ctx, eqn, v)
+        return [v.replace(w=w, a=a, b=b, origin=origin)]
+
+    return rule
+
+
+def _same_origin(ctx, eqn, v):
+    return v.origin
+
+
+def _cast_factor(eqn, f, v, invals):
+    dt = eqn.params["new_dtype"]
+    return f.astype(dt) if jnp.issubdtype(dt, jnp.inexact) else None
+
+
+def _transpose_factor(eqn, f, v, invals):
+    return jnp.transpose(f, tuple(eqn.params["permutation"]) + (f.ndim - 1,))
+
+
+def _transpose_origin(ctx, eqn, v):
+    return tuple(v.origin[i] for i in eqn.params["permutation"])
+
+
+def _broadcast_factor(eqn, f, v, invals):
+    shape, bdims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
+    fshape = [1] * len(shape)
+    for k, j in enumerate(bdims):
+        fshape[j] = f.shape[k]
+    return lax.broadcast_in_dim(f, tuple(fshape) + (f.shape[-1],), tuple(bdims) + (len(shape),))
+
+
+def _broadcast_origin(ctx, eqn, v):
+    origin = [frozenset()] * len(eqn.params["shape"])
+    for k, j in enumerate(eqn.params["broadcast_dimensions"]):
+        origin[j] = v.origin[k]
+    return tuple(origin)
+
+
+def _reshape_groups(old, new):
+    """Split a reshape into contiguous groups of old and new axes with equal products."""
+    groups, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        gi, gj, po, pn = [i], [j], old[i], new[j]
+        i, j = i + 1, j + 1
+        while po != pn:
+            if po < pn:
+                gi.append(i)
+                po *= old[i]
+                i += 1
+            else:
+                gj.append(j)
+                pn *= new[j]
+                j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def _reshape_factor(eqn, f, v, invals):
+    if eqn.params.get("dimensions") is not None:
+        return None
+    old, new = v.w.shape, tuple(eqn.params["new_sizes"])
+    fshape = []
+    for gi, gj in _reshape_groups(old, new):
+        sizes = [f.shape[i] for i in gi]
+        if all(s == 1 for s in sizes):
+            fshape += [1] * len(gj)
+        elif all(f.shape[i] == old[i] for i in gi):
+            fshape += [new[j] for j in gj]
+        else:  # a group mixing axes the factor varies along with axes it does not
+            return None
+    return f.reshape(tuple(fshape) + (f.shape[-1],))
+
+
+def _reshape_origin(ctx, eqn, v):
+    new = tuple(eqn.params["new_sizes"])
+    origin = [frozenset()] * len(new)
+    for gi, gj in _reshape_groups(v.w.shape, new):
+        merged = frozenset().union(*(v.origin[i] for i in gi)) if gi else frozenset()
+        for j in gj:
+            origin[j] = merged
+    return tuple(origin)
+
+
+def _squeeze_factor(eqn, f, v, invals):
+    return lax.squeeze(f, tuple(d % v.w.ndim for d in eqn.params["dimensions"]))
+
+
+def _squeeze_origin(ctx, eqn, v):
+    dims = {d % v.w.ndim for d in eqn.params["dimensions"]}
+    # A squeezed axis that came from a W axis of size > 1 was indexed (a layer picked from a stack).
+    indexed = frozenset().union(*(v.origin[d] for d in dims)) if dims else frozenset()
+    if indexed:
+        ctx.note(v, "index", {ax: "stack" for ax in indexed})
+    return tuple(o for i, o in enumerate(v.origin) if i not in dims)
+
+
+def _slice_factor(eqn, f, v, invals):
+    p = eqn.params
+    strides = p["strides"] or (1,) * v.w.ndim
+    start, limit, step = [], [], []
+    for i in range(v.w.ndim):
+        if f.shape[i] == 1:
+            start.append(0), limit.append(1), step.append(1)
+        else:
+            start.append(p["start_indices"][i]), limit.append(p["limit_indices"][i]), step.append(strides[i])
+    return lax.slice(f, (*start, 0), (*limit, f.shape[-1]), (*step, 1))
+
+
+def _dynamic_slice_factor(eqn, f, v, invals):
+    starts = invals[1:1 + v.w.ndim]
+    sizes = eqn.params["slice_sizes"]
+    idx = [jnp.zeros((), jnp.int32) if f.shape[i] == 1 else starts[i] for i in range(v.w.ndim)]
+    idx = [jnp.asarray(i).astype(jnp.int32) for i in idx]
+    sz = [1 if f.shape[i] == 1 else sizes[i] for i in range(v.w.ndim)]
+    return lax.dynamic_slice(f, (*idx, jnp.zeros((), jnp.int32)), (*sz, f.shape[-1]))
+
+
+def _identity_factor(eqn, f, v, invals):
+    return f
+
+
+convert_element_type = view(_cast_factor, _same_origin)
+transpose = view(_transpose_factor, _transpose_origin)
+broadcast_in_dim = view(_broadcast_factor, _broadcast_origin)
+reshape = view(_reshape_factor, _reshape_origin)
+squeeze = view(_squeeze_factor, _squeeze_origin)
+slice_ = view(_slice_factor, _same_origin)
+dynamic_slice = view(_dynamic_slice_factor, _same_origin)
+identity = view(_identity_factor, _same_origin)  # sharding constraints, copies: the value is unchanged
+
+
+def scalar_mul(ctx, eqn, invals):
+    """``c * W`` for a scalar c is still low-rank: scale w and b."""
+    x, y = invals
+    v, c = (x, y) if isinstance(x, LoraValue) else (y, x)
+    if isinstance(c, TrackedValue) or np.ndim(c) != 0:
+        return fallback(ctx, eqn, invals)
+    w = bind(eqn, [v.w, c] if v is x else [c, v.w])[0]
+    b = None if v.b is None else v.b * jnp.asarray(c).astype(v.b.dtype)
+    return [v.replace(w=w, b=b)]
+
+
+def neg(ctx, eqn, invals):
+    """``-W = -w - Σ_r a·b``: negate w and b."""
+    v = invals[0]
+    return [v.replace(w=-v.w, b=None if v.b is None else -v.b)]
+
+
+def device_put(ctx, eqn, invals):
+    """device_put may carry several operands; tracked ones pass through (it is a no-op on values)."""
+    outs = bind(eqn, [x.w if isinstance(x, LoraValue) else x for x in invals])
+    return [x.replace(w=o) if isinstance(x, LoraValue) else o for x, o in zip(invals, outs, strict=True)]

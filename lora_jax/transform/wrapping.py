@@ -1,0 +1,57 @@
+"""`wrap`: run any apply function with LoRA deltas as ``x·W + s·((x·a)·b)``, never building ``W + s·a·b``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.pairing import paired_leaves
+from lora_jax.transform.interpreter import Ctx, eval_jaxpr, materialize, trace
+from lora_jax.transform.table import rule_for
+from lora_jax.transform.value import LoraValue
+
+__all__ = ["wrap"]
+
+
+def wrap(fn: Callable, *, strict: bool = False) -> Callable:
+    """``g(params, deltas, *args, dropout_key=None, **kw) == fn(merge(params, deltas), *args, **kw)``.
+
+    Computed as ``x·W + s·((x·a)·b)`` at every use of an adapted W: no ``W + s·a·b`` is built and, when
+    you differentiate with respect to the deltas, no W-shaped gradient is computed.
+
+    Args:
+        fn: any function ``fn(params, *args, **kwargs)`` of a params pytree (e.g. a Linen ``model.apply``).
+            Array arguments (leaves of args/kwargs that are jax or numpy arrays) are traced; any other leaf
+            (bools, ints, strings) is treated as static.
+        strict: raise instead of warning when an adapted weight meets an op with no factored rule.
+
+    Returns:
+        The wrapped function. Its keyword ``dropout_key`` (a PRNG key) turns on LoRA dropout on the input
+        of every low-rank path (rate from ``LoraSpec.dropout``); without it (inference) there is no
+        dropout.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import lora_jax as lj
+        >>> f = lambda p, x: x @ p["w"]
+        >>> p = {"w": jnp.ones((4, 3))}
+        >>> d = lj.init(jax.random.key(0), p, lj.LoraSpec(rank=2, targets="w"))
+        >>> bool(jnp.allclose(lj.wrap(f)(p, d, jnp.ones((5, 4))), f(lj.merge(p, d), jnp.ones((5, 4)))))
+        True
+    """
+    warned: set = set()  # one warning per (primitive, path) for the life of the wrapped function
+
+    @functools.wraps(fn)
+    def wrapped(params, deltas, *args, dropout_key=None, **kwargs):
+        treedef, pairs = paired_leaves(params, deltas)
+        closed, out_shape, dyn = trace(fn, [w for _, w, _ in pairs], treedef, args, kwargs)
+        invals = [jnp.asarray(w) if d is None else LoraValue.of(w, d, path) for path, w, d in pairs]
+        ctx = Ctx(rule_for, strict=strict, warned=warned, key=dropout_key)
+        outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, [*invals, *dyn])
+        outs = [materialize(ctx, o, None) for o in outs]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    return wrapped
