@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models import layers
+from lora_jax.models import layers, lazy
 from lora_jax.models.family import ModelFamily
 from lora_jax.models.layers import LayerNorm
 from lora_jax.models.weights import hf_leaf_names, param_shapes, read_weights, strip_prefix
@@ -57,12 +57,19 @@ MINILM = "minilm"
 
 # Logical axis name -> mesh axis (None = replicated). The vocabulary (30522 in MiniLM, a multiple of 2
 # only) is not split; the embedding tables are split along "embed" instead.
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", None),
 )
+_BTD = ("activation_batch", "activation_length", "activation_embed")  # activations (B, T, D)
 
 # LoRA targets when none are given: the attention query and value projections (as in the paper).
 DEFAULT_TARGETS = r".*/attn/(query|value)/kernel"
@@ -211,8 +218,8 @@ class BertLayer(nn.Module):
         drop = nn.Dropout(c.dropout_rate)
         h = BertSelfAttention(c, name="attn")(x, bias, deterministic)
         x = _layer_norm(c, "attn_ln")(x + drop(h, deterministic=deterministic))
-        h = BertMLP(c, name="mlp")(x)
-        return _layer_norm(c, "mlp_ln")(x + drop(h, deterministic=deterministic))
+        h = BertMLP(c, name="mlp")(nn.with_logical_constraint(x, _BTD))
+        return nn.with_logical_constraint(_layer_norm(c, "mlp_ln")(x + drop(h, deterministic=deterministic)), _BTD)
 
 
 class BertEncoder(nn.Module):
@@ -236,6 +243,7 @@ def _encode(config, input_ids, attention_mask, token_type_ids, deterministic):
     if token_type_ids is None:
         token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
     x = BertEmbeddings(config, name="embeddings")(input_ids, token_type_ids, deterministic)
+    x = nn.with_logical_constraint(x, _BTD)
     return BertEncoder(config, name="encoder")(x, attention_mask, deterministic)
 
 
@@ -352,7 +360,7 @@ def _assemble(names, tensors, shapes, dtype, ignore: Callable[[str], bool]) -> d
             errors.append(f"missing tensor {hf!r} (for {flax_name}, shape {expected})")
             continue
         used.add(hf)
-        value = np.asarray(tensors[hf])
+        value = lazy.as_source(tensors[hf])  # an array, or a lazy tensor (sharded loading)
         if transpose:
             if value.ndim != 2:
                 errors.append(f"tensor {hf!r} (for {flax_name}): expected a 2-D weight, found shape {value.shape}")
@@ -366,7 +374,7 @@ def _assemble(names, tensors, shapes, dtype, ignore: Callable[[str], bool]) -> d
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(value, dtype)
+        node[path[-1]] = lazy.to_param(value, dtype)
     unexpected = sorted(k for k in tensors if k not in used and not ignore(k))
     if unexpected:
         errors.append(f"unexpected tensors {unexpected}")
@@ -385,6 +393,7 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **over
         config: the ``config.json`` dict.
         tensors: HF state-dict names -> arrays (``BertModel`` names, or ``bert.``-prefixed names from
             ``BertFor*`` heads). ``pooler.*``, ``cls.*``, ``classifier.*`` and ``position_ids`` are ignored.
+            Lazy tensors (:func:`lora_jax.models.weights.open_weights`) give lazy views as leaves.
         **overrides: :class:`BertConfig` fields to override (e.g. ``dtype=jnp.bfloat16``).
 
     Returns:

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models import layers
+from lora_jax.models import layers, lazy
 from lora_jax.models.family import ModelFamily
 from lora_jax.models.layers import LayerNorm
 from lora_jax.models.weights import hf_leaf_names, param_shapes, strip_prefix
@@ -50,12 +50,19 @@ _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
 
 # Logical axis name -> mesh axis (None = replicated). GPT-2's vocabulary (50257) is odd, so it is never
 # split; the token table (also the LM head) is split along "embed".
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", None),
 )
+_BTD = ("activation_batch", "activation_length", "activation_embed")  # activations (B, T, D)
 
 # LoRA targets when none are given: the attention query and value projections (as in the paper).
 DEFAULT_TARGETS = r".*/attn/(query|value)/kernel"
@@ -180,7 +187,9 @@ class GPT2Block(nn.Module):
         drop = nn.Dropout(c.dropout_rate)
         x = x + drop(GPT2Attention(c, name="attn")(_layer_norm(c, "ln_1")(x), mask, deterministic),
                      deterministic=deterministic)
-        return x + drop(GPT2MLP(c, name="mlp")(_layer_norm(c, "ln_2")(x)), deterministic=deterministic)
+        x = nn.with_logical_constraint(x, _BTD)
+        x = x + drop(GPT2MLP(c, name="mlp")(_layer_norm(c, "ln_2")(x)), deterministic=deterministic)
+        return nn.with_logical_constraint(x, _BTD)
 
 
 def causal_mask(attention_mask: Array | None, seq_len: int, batch: int) -> Array:
@@ -214,13 +223,13 @@ class GPT2LMHeadModel(nn.Module):
         wpe = layers.embed(c.max_position_embeddings, c.hidden_size, (None, "embed"), "wpe", init=_init(c, 0.5),
                            dtype=c.dtype, param_dtype=c.param_dtype)
         positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), input_ids.shape)
-        x = wte(input_ids) + wpe(positions)
+        x = nn.with_logical_constraint(wte(input_ids) + wpe(positions), _BTD)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
         mask = causal_mask(attention_mask, seq_len, batch)
         for i in range(c.num_layers):
             x = GPT2Block(c, name=f"layers_{i}")(x, mask, deterministic)
-        x = _layer_norm(c, "ln_f")(x)
-        return wte.attend(x).astype(jnp.float32)
+        x = nn.with_logical_constraint(_layer_norm(c, "ln_f")(x), _BTD)
+        return nn.with_logical_constraint(wte.attend(x).astype(jnp.float32), _BTD[:2] + ("activation_vocab",))
 
 
 def _example_inputs(seq_len: int = 8):
@@ -283,6 +292,7 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **over
         tensors: HF state-dict names -> arrays, with or without the ``transformer.`` prefix. Conv1D
             weights are already ``(in, out)``; ``c_attn`` ``(D, 3D)`` is split into query/key/value.
             ``lm_head.weight`` (tied to ``wte``) and the ``attn.bias``/``attn.masked_bias`` buffers are ignored.
+            Lazy tensors (:func:`lora_jax.models.weights.open_weights`) give lazy views as leaves.
         **overrides: :class:`GPT2Config` fields to override (e.g. ``dtype=jnp.bfloat16``).
 
     Raises:
@@ -315,14 +325,14 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **over
         if hf not in tensors:
             errors.append(f"missing tensor {hf!r} (for {flax_names}, shape {expected})")
             continue
-        value = np.asarray(tensors[hf])
+        value = lazy.as_source(tensors[hf])  # an array, or a lazy tensor (sharded loading)
         if not _check(hf, value, expected, errors, flax_names):
             continue
         for path, convert, _ in targets:
             node = params
             for key in path[:-1]:
                 node = node.setdefault(key, {})
-            node[path[-1]] = jnp.asarray(convert(value), cfg.param_dtype)
+            node[path[-1]] = lazy.to_param(convert(value), cfg.param_dtype)
     ignored = lambda k: k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias"))
     unexpected = sorted(k for k in tensors if k not in plan and not ignored(k))
     if unexpected:

@@ -7,6 +7,10 @@ the tensors.
 
 Weights may be one ``model.safetensors`` or shards listed in ``model.safetensors.index.json``
 (:mod:`lora_jax.models.weights`); bfloat16 tensors are read as ``ml_dtypes.bfloat16`` numpy arrays.
+
+With ``mesh=``, nothing is read whole: every parameter is created as a global ``jax.Array`` with the
+sharding the family's logical-axis rules give on that mesh, each process reading only its own
+devices' blocks (:mod:`lora_jax.models.sharded`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import pathlib
 from typing import Any
 
 from lora_jax.models import registry
-from lora_jax.models.weights import param_shapes, read_safetensors, read_weights, strip_prefix
+from lora_jax.models.weights import open_weights, param_shapes, read_safetensors, read_weights, strip_prefix
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "load_hf", "param_shapes", "read_safetensors", "read_weights", "strip_prefix"]
 
@@ -25,7 +29,7 @@ SUPPORTED_MODEL_TYPES = tuple(sorted(registry.FAMILIES))
 
 
 def load_hf(folder: str | os.PathLike, *, scan_layers: bool = False, remat: bool = False,
-            dtype: Any = None) -> tuple[Any, dict, Any]:
+            dtype: Any = None, mesh: Any = None, rules: Any = None) -> tuple[Any, dict, Any]:
     """A Hugging Face model folder -> ``(model, variables, tokenizer)``.
 
     Args:
@@ -33,14 +37,22 @@ def load_hf(folder: str | os.PathLike, *, scan_layers: bool = False, remat: bool
         ``tokenizer.json``.
       scan_layers, remat: families with ``ModelFamily.scan_layers`` (Llama; see
         :class:`lora_jax.models.llama.LlamaConfig`).
-      dtype: compute dtype, e.g. ``jnp.bfloat16``; parameters stay float32.
+      dtype: without ``mesh``: the compute dtype, e.g. ``jnp.bfloat16``, parameters float32. With
+        ``mesh``: the compute *and* parameter dtype; ``None`` keeps the checkpoint's own (a bfloat16
+        checkpoint stays bfloat16, block by block: never a float32 copy of the model).
+      mesh: a ``jax.sharding.Mesh``: create every parameter as a global ``jax.Array`` with its final
+        sharding (the family's logical-axis rules on this mesh; mesh axes the rules name but the mesh
+        lacks are replicated), each process reading only the blocks its own devices hold.
+      rules: logical-axis rules to use instead of the family's (with ``mesh``).
 
     Returns:
       The Flax module, ``{"params": ...}``, and a ``tokenizers.Tokenizer`` from ``tokenizer.json`` (for
       BERT without one, the WordPiece tokenizer from ``vocab.txt``), or ``None`` if the folder has none.
 
     Raises:
-      ValueError: missing folder/files, or an unsupported ``model_type``.
+      ValueError: missing folder/files (a missing shard names its file and a tensor in it), an
+        unsupported ``model_type``, or (with ``mesh``) a mesh axis that does not divide a parameter
+        dimension (checked before any tensor is read).
     """
     folder = pathlib.Path(folder)
     if not folder.is_dir():
@@ -61,7 +73,19 @@ def load_hf(folder: str | os.PathLike, *, scan_layers: bool = False, remat: bool
     kwargs = {"scan_layers": scan_layers, "remat": remat} if family.scan_layers else {}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model, variables = family.from_hf(config, read_weights(folder), **kwargs)
+    if mesh is None:
+        if rules is not None:
+            raise ValueError("rules= maps logical axes to a mesh: pass mesh= too.")
+        model, variables = family.from_hf(config, read_weights(folder), **kwargs)
+    else:
+        from lora_jax.models import sharded
+
+        tensors = open_weights(folder)  # headers only
+        param_dtype = dtype if dtype is not None else sharded.checkpoint_dtype(tensors)
+        if param_dtype is not None:
+            kwargs["param_dtype"] = param_dtype
+        model, views = family.from_hf(config, tensors, **kwargs)
+        variables = sharded.materialize(model, views, mesh, rules=rules)
 
     tokenizer = None
     if (folder / "tokenizer.json").is_file():

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models import layers
+from lora_jax.models import layers, lazy
 from lora_jax.models.family import ModelFamily
 from lora_jax.models.weights import hf_leaf_names
 
@@ -237,16 +237,25 @@ class Llama(nn.Module):
     """Llama causal language model.
 
     ``__call__(input_ids (B, T) int, attention_mask (B, T) {0,1} = None, positions (B, T) = None,
-    cache: KVCache = None)`` returns float32 logits ``(B, T, V)``, or ``(logits, cache)`` when a cache
-    is given. Positions default to the count of earlier non-padding tokens (so left padding works).
+    cache: KVCache = None, segment_ids (B, T) int = None)`` returns float32 logits ``(B, T, V)``, or
+    ``(logits, cache)`` when a cache is given. Positions default to the count of earlier non-padding
+    tokens (so left padding works).
+
+    ``segment_ids`` (packed rows, no cache): tokens attend only to earlier tokens of their own segment
+    (a block-diagonal causal mask) and positions restart at 0 where a segment starts, so each example
+    packed into a row computes what it computes alone (:mod:`lora_jax.data.packing`).
     """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
+                 segment_ids=None):
         cfg = self.config
         b, t = input_ids.shape
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache; decode one "
+                             "sequence per row instead.")
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
 
         if cache is None:
@@ -262,12 +271,18 @@ class Llama(nn.Module):
                 kv = (jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
             else:
                 kv = (cache.k, cache.v)
+        if positions is None and segment_ids is not None:
+            start = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+            first = jax.lax.cummax(jnp.where(start, jnp.arange(t, dtype=jnp.int32), 0), axis=1)
+            positions = jnp.arange(t, dtype=jnp.int32) - first  # restarts at each segment
         if positions is None:
             positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
         cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         q_slot = index + jnp.arange(t)
         k_slot = jnp.arange(valid.shape[1])
         allowed = (k_slot[None, :] <= q_slot[:, None])[None] & valid[:, None, :]  # (B, T, S)
+        if segment_ids is not None:  # block-diagonal: only within a segment
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
         allowed = allowed[:, None, None]  # (B, 1, 1, T, S) against scores (B, K, G, T, S)
 
         embed = layers.embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), "embed",
@@ -396,7 +411,7 @@ def stack_layers(params: Mapping, num_layers: int) -> dict:
     """``{"layers_0": t0, ..., "layers_{L-1}": t}`` -> ``{"layers": stacked (L, ...)}`` (scan layout)."""
     params = dict(params)
     per = [params.pop(f"layers_{i}") for i in range(num_layers)]
-    params["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per)
+    params["layers"] = jax.tree_util.tree_map(lambda *xs: lazy.stack(xs), *per)  # jnp.stack, or a lazy view
     return params
 
 
@@ -503,7 +518,9 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *, sca
 
     Args:
       config: the ``config.json`` dict.
-      tensors: name -> array in PyTorch layout (``(out, in)`` weights), e.g. read from safetensors.
+      tensors: name -> array in PyTorch layout (``(out, in)`` weights), e.g. read from safetensors; or
+        lazy tensors (:func:`lora_jax.models.weights.open_weights`), then the leaves are lazy views
+        that :mod:`lora_jax.models.sharded` reads block by block.
       scan_layers, remat, dtype: set on the :class:`LlamaConfig`; ``dtype`` is the compute dtype.
       param_dtype: dtype of the returned parameters (default float32).
 
@@ -527,11 +544,11 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *, sca
 
     params: dict = {}
     for path, (name, transposed) in _hf_names(cfg).items():
-        arr = np.asarray(tensors[name])
+        arr = lazy.as_source(tensors[name])
         node = params
         for p in path[:-1]:
             node = node.setdefault(p, {})
-        node[path[-1]] = jnp.asarray(arr.T if transposed else arr, cfg.param_dtype)  # (out, in) -> (in, out)
+        node[path[-1]] = lazy.to_param(arr.T if transposed else arr, cfg.param_dtype)  # (out, in) -> (in, out)
     if cfg.scan_layers:
         params = stack_layers(params, cfg.num_layers)
     return Llama(cfg), {"params": params}
