@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.delta import LoraDelta, delta_weight, init_delta, is_delta
+from lora_jax.dora import dora_fold, init_magnitude, is_dora
 from lora_jax.pairing import fit_problem, paired_leaves
-from lora_jax.spec import LoraAxes, LoraSpec, path_str
+from lora_jax.quant.array import QuantLeaf, box_quantized, is_quantized
+from lora_jax.spec import LoraAxes, LoraSpec, path_str, residual_init
 from lora_jax.transform.axes import infer_axes
 
 __all__ = ["init", "merge", "unmerge", "count_params", "delta_weights"]
@@ -53,7 +55,8 @@ def init(key: jax.Array, params: Any, spec: LoraSpec, *, fn: Callable | None = N
     spec: the `LoraSpec`.
     fn, args, kwargs: optionally the apply function and example arguments,
       ``fn(params, *args, **kwargs)``; it is traced abstractly (no FLOPs) to infer the stacked, input and
-      output axes of >2-D kernels from how they are contracted.
+      output axes of kernels without explicit axes from how they are contracted (2-D kernels too: an
+      ``(out, in)`` layout gets `a` on its input axis, with a warning; undecided ones stay ``(in, out)``).
 
   Returns:
     A tree with params' structure: `LoraDelta` at targets (b = 0, so ``merge(params, deltas) == params``
@@ -66,7 +69,12 @@ def init(key: jax.Array, params: Any, spec: LoraSpec, *, fn: Callable | None = N
     >>> d["dense"]["kernel"].a.shape, d["dense"]["kernel"].b.shape, d["dense"]["bias"]
     ((16, 4), (4, 32), None)
   """
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  if residual_init(spec.init):
+    raise ValueError(
+        f"lj.init: LoraSpec(init={spec.init!r}) moves W's principal part into the delta, which changes the "
+        f"base weights too; use residual, deltas = lj.init_with_residual(key, params, spec) and train on "
+        f"the residual.")
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
   paths = [path_str(p) for p, _ in leaves]
   chosen = set(spec.select(paths))
   inferred = None
@@ -78,7 +86,7 @@ def init(key: jax.Array, params: Any, spec: LoraSpec, *, fn: Callable | None = N
       continue
     _check_target(path, w)
     axes = spec.axes_for(path)
-    if axes is None and len(w.shape) == 2:
+    if axes is None and len(w.shape) == 2 and fn is None:
       axes = LoraAxes()
     if axes is None:
       if fn is None:
@@ -86,13 +94,28 @@ def init(key: jax.Array, params: Any, spec: LoraSpec, *, fn: Callable | None = N
             f"{path}: kernel of shape {tuple(w.shape)} has more than 2 dims and no axes were given. "
             f"Either pass LoraSpec(axes={{{path!r}: LoraAxes(stack=..., inputs=..., outputs=...)}}) or "
             f"let init infer them: lj.init(key, params, spec, fn=apply_fn, args=example_args).")
-      if inferred is None:
-        inferred = infer_axes(fn, params, chosen, args, kwargs or {})
-      axes = inferred[path]
+      if inferred is None:  # only leaves without explicit axes; 2-D ones default to (in, out)
+        need = {p for p, (_, x) in zip(paths, leaves, strict=True) if p in chosen and spec.axes_for(p) is None}
+        inferred = infer_axes(fn, _abstract_quantized(params), need, args, kwargs or {},
+                              optional={p for p, (_, x) in zip(paths, leaves, strict=True)
+                                        if p in need and len(x.shape) == 2})
+      axes = inferred.get(path, LoraAxes())
     axes = axes.check(len(w.shape), path)
-    out.append(init_delta(_leaf_key(key, path), w.shape, axes, spec.rank_for(path), spec.scale_for(path),
-                          spec.init, dtype, spec.dropout, where=path))
+    d = init_delta(_leaf_key(key, path), w.shape, axes, spec.rank_for(path), spec.scale_for(path),
+                   spec.init, dtype, spec.dropout, where=path)
+    if spec.dora:
+      if is_quantized(w):
+        raise ValueError(f"{path}: DoRA is not supported for a quantized base kernel (QuantizedArray); "
+                         f"use LoraSpec(dora=False) for QLoRA targets, or exclude this path.")
+      d = init_magnitude(w, d, spec.dora_detach_norm, where=path)
+    out.append(d)
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _abstract_quantized(params):
+  # A quantized leaf is seen by the apply function as a dense weight of its shape and dtype.
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x,
+                                params, is_leaf=is_quantized)
 
 
 @jax.custom_jvp
@@ -114,6 +137,12 @@ def _add_exact_jvp(primals, tangents):
 def _fold(w, d: LoraDelta, sign: float):
   # W ± s·a·b in float32 (float64 for float64 W), cast once back to W's dtype.
   acc = w.dtype if jnp.finfo(w.dtype).bits > 32 else jnp.float32
+  if is_dora(d):  # DoRA: (m / ‖V‖_col) ⊙ V with V = W + s·a·b
+    if sign < 0:
+      raise ValueError(
+          "unmerge: a DoRA merge cannot be undone: W' = m ⊙ V / ‖V‖_col loses each column's scale of "
+          "V = W + s·a·b. Keep the original params and merge them again instead.")
+    return dora_fold(w, _add_exact(w.astype(acc), delta_weight(d, acc)), d).astype(w.dtype)
   return _add_exact(w.astype(acc), sign * delta_weight(d, acc)).astype(w.dtype)
 
 
@@ -123,10 +152,12 @@ def _fold_jit(sign: float, donate: bool, sharding):
   return jax.jit(functools.partial(_fold, sign=sign), donate_argnums=(0,) if donate else (), **kw)
 
 
-def _apply(params, deltas, sign: float, donate: bool):
-  treedef, pairs = paired_leaves(params, deltas)
+def _apply(params, deltas, sign: float, donate: bool, dtype=None):
+  treedef, pairs = paired_leaves(box_quantized(params), deltas)
   out = []
   for path, w, d in pairs:
+    if isinstance(w, QuantLeaf):  # a quantized base leaf (QLoRA): decoded, then merged like a dense one
+      w = w.q.dequantize(dtype)
     if d is not None and not jnp.issubdtype(jnp.result_type(w), jnp.floating):
       raise TypeError(f"{path}: a delta can only be merged into a floating-point array, found "
                       f"{type(w).__name__} with dtype {getattr(w, 'dtype', None)}.")
@@ -140,8 +171,12 @@ def _apply(params, deltas, sign: float, donate: bool):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def merge(params: Any, deltas: Any, *, donate: bool = False) -> Any:
+def merge(params: Any, deltas: Any, *, donate: bool = False, dtype: Any = None) -> Any:
   """``W + s·a·b`` at every delta (fp32 arithmetic, cast back to W's dtype); other leaves unchanged.
+
+  A quantized base leaf (`lj.QuantizedArray`, QLoRA) is dequantized first, to `dtype` (default: the
+  dtype it was quantized from), so the result is dense everywhere; `lj.quantize` it again for a
+  quantized merged model.
 
   Works eagerly and inside `jit`; eagerly, each merged leaf keeps its input's sharding. With
   ``donate=True`` each targeted W's buffer is donated so merging a large model does not double its
@@ -154,7 +189,7 @@ def merge(params: Any, deltas: Any, *, donate: bool = False) -> Any:
     >>> merge(params, d)["w"].tolist()
     [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
   """
-  return _apply(params, deltas, 1.0, donate)
+  return _apply(params, deltas, 1.0, donate, dtype)
 
 
 def unmerge(params: Any, deltas: Any, *, donate: bool = False) -> Any:

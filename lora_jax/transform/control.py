@@ -7,8 +7,9 @@ calls run their primal: a custom derivative rule of a call that consumes an adap
 produce a W-shaped cotangent, which is what factored execution avoids.
 
 These rules only use the `TrackedValue` interface (its path, origin and arrays), so they serve every
-kind of tracked value. Loop carries and outputs are plain arrays: a tracked value that would flow into
-one is materialised (with a `FallbackWarning`).
+kind of tracked value. A checkpoint's outputs may be tracked values (returned as their arrays and
+rebuilt outside); loop carries and outputs are plain arrays: a tracked value that would flow into one is
+materialised (with a `FallbackWarning`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import jax
 from jax import lax
 
-from lora_jax.transform.interpreter import eval_jaxpr, fallback, materialize, plain
+from lora_jax.transform.interpreter import eval_jaxpr, fallback, plain
 from lora_jax.transform.value import TrackedValue
 
 __all__ = ["inline", "custom_call", "checkpoint", "scan", "while_loop", "cond"]
@@ -49,14 +50,21 @@ def checkpoint(ctx, eqn, invals):
     plain_ins = [x for x in invals if not isinstance(x, TrackedValue)]
     parts = [x.arrays() for x in tracked.values()]
 
+    templates: list = []  # the tracked outputs as traced inside, to rebuild them outside
+
     def body(plain_ins, parts):
         it_p, it_t = iter(plain_ins), iter(parts)
         vals = [tracked[i].with_arrays(next(it_t)) if i in tracked else next(it_p)
                 for i in range(len(invals))]
-        return [materialize(ctx, o, None) for o in eval_jaxpr(ctx, jaxpr, (), vals)]
+        outs = eval_jaxpr(ctx, jaxpr, (), vals)
+        templates[:] = [o if isinstance(o, TrackedValue) else None for o in outs]
+        # A weight returned through the checkpoint (NNX's remat returns the layer's params) leaves as its
+        # arrays, unchanged: it stays W + low rank outside, and nothing W-shaped is built for it.
+        return [o.arrays() if isinstance(o, TrackedValue) else o for o in outs]
 
-    return jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))(
+    outs = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))(
         plain_ins, parts)
+    return [o if t is None else t.with_arrays(tuple(o)) for o, t in zip(outs, templates, strict=True)]
 
 
 def scan(ctx, eqn, invals):

@@ -68,10 +68,26 @@ class Ctx:
     def inferring(self) -> bool:
         return self.record is not None
 
-    def note(self, v: TrackedValue, kind: str, roles: dict[int, str]):
-        """Record, in inference mode, that `v` was used by `kind` with W's axes in these roles."""
-        if self.record is not None:
-            self.record.setdefault(v.path, []).append((kind, roles))
+    def note(self, v: TrackedValue, kind: str, roles: dict):
+        """Record, in inference mode, that `v` was used by `kind` with W's axes in these roles.
+
+        An axis is an int (an axis of ``v.path``) or a ``(path, axis)`` pair: a value built from several
+        parameters (kernels concatenated into one) tags its origins with their paths.
+        """
+        if self.record is None:
+            return
+        by_path: dict = {p: {} for p in _paths_of(v)}
+        for ax, role in roles.items():
+            path, ax = ax if isinstance(ax, tuple) else (v.path, ax)
+            by_path.setdefault(path, {})[ax] = role
+        for path, r in by_path.items():
+            self.record.setdefault(path, []).append((kind, r))
+
+
+def _paths_of(v: TrackedValue) -> list:
+    """The parameter paths a tracked value is built from (several for concatenated kernels)."""
+    tagged = {ax[0] for o in v.origin for ax in o if isinstance(ax, tuple)}
+    return sorted(tagged) if tagged else [v.path]
 
 
 def bind(eqn, invals) -> list:
@@ -88,31 +104,32 @@ def bind(eqn, invals) -> list:
     return out if eqn.primitive.multiple_results else [out]
 
 
-def materialize(ctx: Ctx, v, prim: str | None):
+def materialize(ctx: Ctx, v, prim: str):
     """The dense value of a tracked view; warns (or raises when strict) naming `prim` and the path.
 
-    `prim` None: a materialisation the caller asked for (an output of the wrapped function), no warning.
+    The one place where ``W + s·a·b`` is built (the only caller of ``TrackedValue.dense``): every
+    materialisation, including a weight returned by the wrapped function (`prim` ``"output of fn"``),
+    goes through the warning.
     """
     if not isinstance(v, TrackedValue):
         return v
-    if prim is not None:
-        if ctx.inferring:
-            ctx.note(v, "fallback:" + prim, {})
-        elif ctx.strict:
-            raise ValueError(
-                f"lora_jax.wrap(strict=True): {v.path} is used by primitive `{prim}`, which has no factored "
-                f"LoRA rule, so W + s·a·b would have to be materialised. Use wrap(fn) to allow it, or change "
-                f"the model so the weight reaches a dot_general/conv/gather through view-like ops only.")
-        elif (prim, v.path) not in ctx.warned:
-            ctx.warned.add((prim, v.path))
-            warnings.warn(
-                f"lora_jax.wrap: {v.path} is used by primitive `{prim}`, which has no factored LoRA rule; "
-                f"W + s·a·b is materialised for this use (slower, more memory). Pass strict=True to make "
-                f"this an error.", FallbackWarning, stacklevel=2)
+    if ctx.inferring:
+        ctx.note(v, "fallback:" + prim, {})
+    elif ctx.strict:
+        raise ValueError(
+            f"lora_jax.wrap(strict=True): {v.path} is used by primitive `{prim}`, which has no factored "
+            f"LoRA rule, so W + s·a·b would have to be materialised. Use wrap(fn) to allow it, or change "
+            f"the model so the weight reaches a dot_general/conv/gather through view-like ops only.")
+    elif (prim, v.path) not in ctx.warned:
+        ctx.warned.add((prim, v.path))
+        warnings.warn(
+            f"lora_jax.wrap: {v.path} is used by primitive `{prim}`, which has no factored LoRA rule; "
+            f"W + s·a·b is materialised for this use (slower, more memory). Pass strict=True to make "
+            f"this an error.", FallbackWarning, stacklevel=2)
     return v.dense()
 
 
-def plain(ctx: Ctx, vals, prim: str | None) -> list:
+def plain(ctx: Ctx, vals, prim: str) -> list:
     """`vals` with every tracked value materialised (see `materialize`)."""
     return [materialize(ctx, x, prim) for x in vals]
 

@@ -28,9 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lora_jax.transform import control, uses, views
+from lora_jax.transform import control, quantized, uses, views
 from lora_jax.transform.interpreter import Rule
 from lora_jax.transform.value import LoraValue, TrackedValue, own_axes  # noqa: F401 (own_axes: doctest)
+from lora_jax.transform.quantized import QuantValue
+from lora_jax.transform import dora
+from lora_jax.transform.dora import DoraValue
 
 __all__ = ["RULES", "JAX_VERSIONED", "rule_for"]
 
@@ -57,12 +60,18 @@ RULES: dict[str, dict[type, Rule]] = {
     "sharding_constraint": {LoraValue: views.identity},
     "copy": {LoraValue: views.identity},
     "device_put": {LoraValue: views.device_put},
-    "mul": {LoraValue: views.scalar_mul},
+    "mul": {LoraValue: views.scale},
+    "div": {LoraValue: views.scale},
+    "rev": {LoraValue: views.rev},
+    "concatenate": {LoraValue: views.concatenate},
     "neg": {LoraValue: views.neg},
     # Uses: base op plus the low-rank path.
     "dot_general": {LoraValue: uses.dot_general},
     "conv_general_dilated": {LoraValue: uses.conv_general_dilated},
     "gather": {LoraValue: uses.gather},
+    "square": {LoraValue: uses.square},                # V·V, V**2: weight norm's |V|², summed below
+    "integer_pow": {LoraValue: uses.square},
+    "reduce_sum": {uses.SquareValue: uses.sum_of_squares},
     # Control flow: re-entered with the interpreter inside, for any kind.
     "jit": {_ANY: control.inline},                     # JAX >= 0.7.0
     "pjit": {_ANY: control.inline},                    # JAX < 0.7.0
@@ -76,6 +85,23 @@ RULES: dict[str, dict[type, Rule]] = {
     "while": {_ANY: control.while_loop},
     "cond": {_ANY: control.cond},
 }
+
+# A quantized base (QLoRA, `quantized.QuantValue`): every view-like op LoraValue has a rule for is recorded
+# and replayed on the decoded weight at its use (the factors go through that LoraValue rule); its uses
+# decode W right at the op.
+for _name, _by_kind in RULES.items():
+    if getattr(_by_kind.get(LoraValue), "__module__", None) == views.__name__:
+        _by_kind[QuantValue] = quantized.view
+RULES["dot_general"][QuantValue] = quantized.dot_general
+RULES["gather"][QuantValue] = quantized.gather
+
+# A DoRA kernel (`dora.DoraValue`, g ⊙ (W + s·a·b)): views go through the LoraValue rules (for V and for g
+# alike), dot_general multiplies the factored product by g; conv kernels and embedding tables raise.
+for _name in (*dora.VIEWS, "convert_element_type"):
+    RULES[_name][DoraValue] = dora.view
+RULES["dot_general"][DoraValue] = dora.dot_general
+RULES["conv_general_dilated"][DoraValue] = dora.unsupported
+RULES["gather"][DoraValue] = dora.unsupported
 
 
 def rule_for(name: str, invals: Sequence) -> Rule | None:

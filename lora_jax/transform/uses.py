@@ -3,14 +3,19 @@
 - ``dot_general`` (Dense, DenseGeneral, einsum, attention projections, a weight-tied ``attend``):
   ``x·W + s·((x·a)·b)``, following the pure `plan_dot_general`;
 - ``conv_general_dilated``: ``conv(x, W) + conv(x, a)·b`` (a conv with r output channels, then a 1x1 map
-  r -> out, as PEFT's Conv LoRA);
-- ``gather`` of rows (embedding lookups): ``W[ids] + s·a[ids]·b``.
+  r -> out, as PEFT's Conv LoRA); grouped and depthwise convs run a grouped conv with a (r channels per
+  group), then a per-group map with b;
+- ``gather`` of rows (embedding lookups): ``W[ids] + s·a[ids]·b``;
+- ``V * V`` / ``V ** 2`` then ``reduce_sum`` (the norm of weight normalisation): three thin contractions.
 
 Each rule first records, for axis inference, which of W's axes the use contracts (inputs), keeps as a
-batch (stack) or leaves free (outputs). LoRA dropout applies to x on the low-rank path only.
+batch (stack) or leaves free (outputs). LoRA dropout applies to x on the low-rank path only. Below float32
+(bfloat16 compute), ``x·W`` and ``(x·a)·b`` accumulate in float32 and are added before one rounding.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +24,9 @@ from jax import lax
 
 from lora_jax.transform.interpreter import bind, fallback, materialize
 from lora_jax.transform.plan import DotPlan, plan_dot_general
-from lora_jax.transform.value import LoraValue, TrackedValue, dense_delta, squeeze_to
+from lora_jax.transform.value import LoraValue, TrackedValue, dense_delta, labels, present, squeeze_to
 
-__all__ = ["dot_general", "conv_general_dilated", "gather"]
+__all__ = ["dot_general", "conv_general_dilated", "gather", "SquareValue", "square", "sum_of_squares"]
 
 
 def _dropout(ctx, v: LoraValue, x):
@@ -57,18 +62,25 @@ def dot_general(ctx, eqn, invals):
         # Contracting over axes of both factors at once (a trace-like use): no cheaper than dense.
         why = eqn.primitive.name + " (contracts axes of both a and b)"
         return bind(eqn, [materialize(ctx, lhs, why), materialize(ctx, rhs, why)])
-    base = bind(eqn, [x, v.w] if w_is_rhs else [v.w, x])[0]
+    operands = [x, v.w] if w_is_rhs else [v.w, x]
     if plan.low_rank is None:
-        return [base]
+        return bind(eqn, operands)
     path, dt, pet, prec = plan.low_rank, x.dtype, p.get("preferred_element_type"), p.get("precision")
+    out_dt = eqn.outvars[0].aval.dtype
+    # Below float32 (bfloat16 compute), both products of the low-rank path and the base product
+    # accumulate in float32 and are added once, then rounded once: as close to the float32 truth as x·W'.
+    widen = jnp.issubdtype(out_dt, jnp.floating) and jnp.finfo(out_dt).bits < 32
+    acc = np.dtype(np.float32) if widen else pet
+    base = bind(eqn.replace(params={**p, "preferred_element_type": acc}) if widen else eqn, operands)[0]
     first, second = (v.b, v.a) if path.first == "b" else (v.a, v.b)
     xin = _dropout(ctx, v, x)
     t = jnp.einsum(path.first_spec, xin, squeeze_to(first, path.first_axes).astype(dt), precision=prec,
-                   preferred_element_type=pet).astype(dt)
-    low = jnp.einsum(path.second_spec, t, squeeze_to(second, path.second_axes).astype(dt), precision=prec,
-                     preferred_element_type=pet)
+                   preferred_element_type=acc)
+    t = t if widen else t.astype(dt)
+    low = jnp.einsum(path.second_spec, t, squeeze_to(second, path.second_axes).astype(t.dtype), precision=prec,
+                     preferred_element_type=acc)
     low = low.reshape(path.low_shape)
-    return [base + jnp.broadcast_to(low, base.shape).astype(base.dtype)]
+    return [(base + jnp.broadcast_to(low, base.shape).astype(base.dtype)).astype(out_dt)]
 
 
 def conv_general_dilated(ctx, eqn, invals):
@@ -87,17 +99,26 @@ def conv_general_dilated(ctx, eqn, invals):
     shape = v.w.shape
     a_ok = all(v.a.shape[i] == shape[i] for i in (in_dim, *spatial)) and v.a.shape[out_dim] == 1
     b_ok = all(v.b.shape[i] == 1 for i in range(len(shape)) if i != out_dim)
-    if not (a_ok and b_ok) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    groups = p["feature_group_count"]
+    if not (a_ok and b_ok) or p["batch_group_count"] != 1:
         return fallback(ctx, eqn, invals)
     # Low-rank path: conv with a (r output channels), then a 1x1 map r -> out with b (PEFT's Conv LoRA).
+    # Grouped / depthwise (G groups): every group convolves its own input channels with the same a, so
+    # the conv has G·r output channels (a tiled G times, feature_group_count=G); then each group's r
+    # channels map to that group's out/G output channels with its block of b.
+    r = v.a.shape[-1]
     a_k = jnp.moveaxis(jnp.squeeze(v.a, out_dim), -1, out_dim).astype(x.dtype)
+    if groups > 1:
+        a_k = jnp.tile(a_k, [groups if i == out_dim else 1 for i in range(a_k.ndim)])
     xin = _dropout(ctx, v, x)
     low = lax.conv_general_dilated(xin, a_k, p["window_strides"], p["padding"], p["lhs_dilation"],
-                                   p["rhs_dilation"], dn, precision=p["precision"],
+                                   p["rhs_dilation"], dn, feature_group_count=groups, precision=p["precision"],
                                    preferred_element_type=p["preferred_element_type"]).astype(x.dtype)
     feat = dn.out_spec[1]
-    b_mat = v.b.reshape(shape[out_dim], v.b.shape[-1]).astype(x.dtype)  # (out, r)
-    low = jnp.moveaxis(jnp.moveaxis(low, feat, -1) @ b_mat.T, -1, feat)
+    b_mat = v.b.reshape(groups, shape[out_dim] // groups, r).astype(x.dtype)  # (G, out/G, r)
+    low = jnp.moveaxis(low, feat, -1)
+    low = jnp.einsum("...gr,gor->...go", low.reshape(low.shape[:-1] + (groups, r)), b_mat)
+    low = jnp.moveaxis(low.reshape(low.shape[:-2] + (shape[out_dim],)), -1, feat)
     return [base + low.astype(base.dtype)]
 
 
@@ -130,3 +151,74 @@ def gather(ctx, eqn, invals):
 
     low = dense_delta(gather_factor(v.a), gather_factor(v.b), base.shape, base.dtype)
     return [base + low]
+
+
+@dataclasses.dataclass
+class SquareValue(TrackedValue):
+    """``V ∘ V`` for a `LoraValue` V = W + Σ_r a·b, kept as V until a sum reduces it (`sum_of_squares`).
+
+    A value kind of its own (not a `LoraValue`: the view rules do not apply to a square); any use but
+    ``reduce_sum`` materialises it through the fallback.
+    """
+
+    v: LoraValue
+
+    @property
+    def path(self):
+        return self.v.path
+
+    @property
+    def origin(self):
+        return self.v.origin
+
+    def dense(self):
+        d = self.v.dense()
+        return d * d
+
+    def arrays(self) -> tuple:
+        return self.v.arrays()
+
+    def with_arrays(self, arrays: tuple, origin: tuple | None = None) -> SquareValue:
+        return SquareValue(self.v.with_arrays(arrays, origin))
+
+    def stacked_arrays(self, length: int) -> tuple:
+        return self.v.stacked_arrays(length)
+
+
+def square(ctx, eqn, invals):
+    """``V * V``, ``V ** 2``, ``jnp.square(V)``: a `SquareValue` (in inference mode, looked through)."""
+    v = invals[0]
+    if eqn.primitive.name == "integer_pow" and eqn.params["y"] != 2:
+        return fallback(ctx, eqn, invals)
+    if v.a is None:
+        return [v.replace(w=v.w * v.w)]
+    return [SquareValue(v)]
+
+
+def sum_of_squares(ctx, eqn, invals):
+    """``Σ_axes (W + Σ_r a·b)²`` (the norm of weight normalisation) without building W + s·a·b.
+
+    ``= Σ W² + 2 Σ_r Σ W·a_r·b_r + Σ_{r,r'} Σ a_r·a_r'·b_r·b_r'``: three contractions whose results have
+    the reduced shape (W meets a like x does in ``x·W``; no W-shaped array, no W-shaped gradient).
+    """
+    v = invals[0].v
+    axes = set(eqn.params["axes"])
+    shape = v.w.shape
+    n = len(shape)
+    lab = labels(n + 2)
+    keep = [i for i in range(n) if i not in axes]
+    pa, pb = present(v.a.shape, shape), present(v.b.shape, shape)
+    a, b = squeeze_to(v.a, pa), squeeze_to(v.b, pb)
+    sa, sb = "".join(lab[i] for i in pa), "".join(lab[i] for i in pb)
+    r, q = lab[n], lab[n + 1]
+    full = "".join(lab)[:n]
+
+    def term(spec_in, ops, have):
+        out = [i for i in keep if i in have]
+        res = jnp.einsum(f"{spec_in}->{''.join(lab[i] for i in out)}", *ops, preferred_element_type=jnp.float32)
+        return res.reshape([shape[i] if i in out else 1 for i in keep])
+
+    total = term(f"{full},{full}", (v.w, v.w), set(range(n)))
+    total = total + 2 * term(f"{full},{sa}{r},{sb}{r}", (v.w, a, b), set(range(n)))
+    total = total + term(f"{sa}{r},{sb}{r},{sa}{q},{sb}{q}", (a, b, a, b), set(pa) | set(pb))
+    return [jnp.broadcast_to(total, [shape[i] for i in keep]).astype(eqn.outvars[0].aval.dtype)]

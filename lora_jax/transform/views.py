@@ -2,7 +2,9 @@
 
 A factor's axes line up with W's (size 1 where the factor is constant), plus a trailing rank axis that
 every op leaves alone. So ``transpose(W)``, ``reshape(W)``, ``W[i:j]``, ``W.astype(bf16)``, ``c·W``, ...
-stay low-rank: ``op(W + Σ_r a·b) = op(W) + Σ_r op(a)·op(b)``. Each rule also maps the view's `origin`
+stay low-rank: ``op(W + Σ_r a·b) = op(W) + Σ_r op(a)·op(b)``; so do flips (``rev``), per-channel scales
+(``c·W`` with c constant along one factor's axes goes into the other factor) and concatenations of
+kernels (block factors). Each rule also maps the view's `origin`
 (which original axes each view axis comes from) for axis inference. When an op cannot be expressed on
 the factors (e.g. a reshape merging an axis a factor varies along with one it does not), the rule hands
 the use to the fallback.
@@ -15,10 +17,11 @@ import numpy as np
 from jax import lax
 
 from lora_jax.transform.interpreter import bind, fallback
-from lora_jax.transform.value import LoraValue, TrackedValue
+from lora_jax.transform.uses import square
+from lora_jax.transform.value import LoraValue, TrackedValue, present
 
 __all__ = ["view", "convert_element_type", "transpose", "broadcast_in_dim", "reshape", "squeeze", "slice_",
-           "dynamic_slice", "identity", "scalar_mul", "neg", "device_put"]
+           "dynamic_slice", "identity", "scale", "rev", "concatenate", "neg", "device_put"]
 
 
 def view(fn_factor, new_origin):
@@ -175,15 +178,97 @@ dynamic_slice = view(_dynamic_slice_factor, _same_origin)
 identity = view(_identity_factor, _same_origin)  # sharding constraints, copies: the value is unchanged
 
 
-def scalar_mul(ctx, eqn, invals):
-    """``c * W`` for a scalar c is still low-rank: scale w and b."""
+def _rev_factor(eqn, f, v, invals):
+    return lax.rev(f, tuple(d for d in eqn.params["dimensions"] if f.shape[d] != 1))
+
+
+rev = view(_rev_factor, _same_origin)  # jnp.flip; ConvTranspose(transpose_kernel=True) flips its kernel
+
+
+def scale(ctx, eqn, invals):
+    """``c * W``, ``W * c`` or ``W / c`` for c constant along the axes of one factor: c goes into the other.
+
+    ``W * W`` is a use, `uses.square`.
+
+    c is a scalar or an array of W's rank with size 1 along the axes it does not vary along (how JAX
+    writes ``W * g`` for a per-channel g): a per-output-channel scale (weight norm's g, a per-channel
+    quantisation scale) scales b, a per-input-channel one scales a. A c that varies along the axes of
+    both factors (an element-wise mask) falls back; in inference mode (no factors) the value is looked
+    through whatever c is, so axis inference still sees the contraction behind it.
+    """
     x, y = invals
-    v, c = (x, y) if isinstance(x, LoraValue) else (y, x)
-    if isinstance(c, TrackedValue) or np.ndim(c) != 0:
+    if x is y and isinstance(x, LoraValue) and eqn.primitive.name == "mul":
+        return square(ctx, eqn, [x])
+    if isinstance(x, TrackedValue) and isinstance(y, TrackedValue):
         return fallback(ctx, eqn, invals)
+    if eqn.primitive.name == "div" and not isinstance(x, LoraValue):  # c / W is not W + low rank
+        return fallback(ctx, eqn, invals)
+    v, c = (x, y) if isinstance(x, LoraValue) else (y, x)
     w = bind(eqn, [v.w, c] if v is x else [c, v.w])[0]
-    b = None if v.b is None else v.b * jnp.asarray(c).astype(v.b.dtype)
-    return [v.replace(w=w, b=b)]
+    if w.shape != v.w.shape:  # c broadcasts W up: not a scaling of W
+        return fallback(ctx, eqn, invals)
+    if v.a is None:
+        return [v.replace(w=w)]
+    shape = np.shape(c)
+    if shape and len(shape) != v.w.ndim:
+        return fallback(ctx, eqn, invals)
+    varies = {i for i, n in enumerate(shape) if n != 1 and v.w.shape[i] != 1}
+    if not varies & set(present(v.a.shape, v.w.shape)):
+        name = "b"
+    elif not varies & set(present(v.b.shape, v.w.shape)):
+        name = "a"
+    else:  # an element-wise mask: (W + a·b)·c is not low rank
+        return fallback(ctx, eqn, invals)
+    f = getattr(v, name)
+    cf = jnp.asarray(c).astype(f.dtype)[..., None]
+    f = f * cf if eqn.primitive.name == "mul" else f / cf
+    return [v.replace(w=w, **{name: f})]
+
+
+def _tagged(v):
+    """`v.origin` with each axis tagged by its path (a concatenation mixes several parameters)."""
+    return tuple(frozenset(ax if isinstance(ax, tuple) else (v.path, ax) for ax in o) for o in v.origin)
+
+
+def concatenate(ctx, eqn, invals):
+    """Kernels concatenated along an axis (fused LSTM gates, a qkv kernel fused at run time): block factors.
+
+    ``concat_k(W_i + a_i·b_i) = concat_k(W_i) + Σ_i a_i'·b_i'`` where the factor of ``W_i`` that varies
+    along axis k is zero-padded to the whole axis (the other stays constant along it), and the padded
+    factors are concatenated along the rank axis: rank Σ r_i, a block-diagonal product. Plain operands
+    (a kernel that is not adapted) add no rank.
+    """
+    k = eqn.params["dimension"]
+    tracked = [x for x in invals if isinstance(x, TrackedValue)]
+    if any(not isinstance(x, LoraValue) for x in tracked) or len({x.dropout for x in tracked}) > 1:
+        return fallback(ctx, eqn, invals)
+    w = bind(eqn, [x.w if isinstance(x, LoraValue) else x for x in invals])[0]
+    tags = [_tagged(x) for x in tracked]
+    origin = tuple(frozenset().union(*(t[i] for t in tags)) for i in range(w.ndim))
+    path = "+".join(dict.fromkeys(x.path for x in tracked))
+    out = LoraValue(w, None, None, origin, path, tracked[0].dropout)
+    if tracked[0].a is None:
+        return [out]
+    sizes = [np.shape(x.w if isinstance(x, LoraValue) else x)[k] for x in invals]
+    offsets = np.cumsum([0] + sizes)
+    parts = []  # (a_i', b_i') with their own rank axes
+    for x, off, n in zip(invals, offsets, sizes, strict=False):
+        if not isinstance(x, LoraValue):
+            continue
+        a, b = x.a, x.b
+        pad = [(0, 0)] * a.ndim
+        pad[k] = (int(off), int(offsets[-1] - off - n))
+        a_varies = a.shape[k] == n > 1
+        if a_varies:
+            a = jnp.pad(a, pad)
+        if not a_varies or b.shape[k] == n > 1:  # b carries the block (broadcast along k if constant)
+            b = jnp.pad(jnp.broadcast_to(b, b.shape[:k] + (n,) + b.shape[k + 1:]), pad)
+        parts.append((a, b))
+    full = lambda fs: [jnp.broadcast_to(f, tuple(max(g.shape[i] for g in fs) for i in range(w.ndim))  # noqa: E731
+                                        + f.shape[-1:]) for f in fs]
+    a = jnp.concatenate(full([p[0] for p in parts]), axis=-1)
+    b = jnp.concatenate(full([p[1] for p in parts]), axis=-1)
+    return [out.replace(a=a, b=b)]
 
 
 def neg(ctx, eqn, invals):
@@ -196,3 +281,4 @@ def device_put(ctx, eqn, invals):
     """device_put may carry several operands; tracked ones pass through (it is a no-op on values)."""
     outs = bind(eqn, [x.w if isinstance(x, LoraValue) else x for x in invals])
     return [x.replace(w=o) if isinstance(x, LoraValue) else o for x, o in zip(invals, outs, strict=True)]
+
