@@ -7,7 +7,10 @@
 
 from lora_jax.core import count_params, delta_weights, init, merge, unmerge
 from lora_jax.delta import LoraDelta, delta_weight, is_delta
-from lora_jax.optim import optimizer, trainable_mask
+from lora_jax.optim import loraplus, optimizer, trainable_mask
+from lora_jax.dora import DoraDelta
+from lora_jax.residual import init_with_residual
+from lora_jax.quant import QuantizedArray, QuantSpec, dequantize, quantize
 from lora_jax.sharding import delta_partition_specs, delta_shardings
 from lora_jax.spec import LoraAxes, LoraSpec
 from lora_jax.transform import FallbackWarning, infer_axes, wrap
@@ -17,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraSpec", "LoraAxes", "LoraDelta", "init", "merge", "unmerge", "wrap", "infer_axes", "optimizer",
     "trainable_mask", "delta_shardings", "delta_partition_specs", "count_params", "delta_weights",
-    "delta_weight", "is_delta", "FallbackWarning",
+    "delta_weight", "is_delta", "FallbackWarning", "DoraDelta", "loraplus", "init_with_residual", "QuantSpec", "QuantizedArray", "quantize", "dequantize",
 ]
 
 _SUBMODULES = ("adapter", "analysis", "assets", "checkpoint", "data", "models", "peft", "train")

@@ -48,6 +48,7 @@ from lora_jax._closest import closest
 from lora_jax.core import _fit_problem, merge
 from lora_jax.coverage import check_coverage
 from lora_jax.delta import LoraDelta, is_delta
+from lora_jax.dora import DoraDelta, is_dora
 from lora_jax.spec import LoraAxes, LoraSpec, path_str
 
 __all__ = [
@@ -67,6 +68,8 @@ _HEADER_FIELDS = ("format", "spec", "base_model", "deltas", "extra")
 _DELTA_FIELDS = ("scale", "axes", "dropout", "rank", "weight_shape", "crc32_a", "crc32_b")
 _SPEC_FIELDS = ("rank", "alpha", "targets", "exclude", "rank_pattern", "alpha_pattern", "rslora", "init",
                 "dropout", "dtype", "axes")
+# LoraSpec fields written only when they differ from their defaults (older headers lack them).
+_SPEC_OPTIONAL = {"dora": False, "dora_detach_norm": True}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,6 +90,8 @@ def spec_to_json(spec: LoraSpec) -> dict:
         "rslora": spec.rslora, "init": spec.init, "dropout": spec.dropout,
         "dtype": None if spec.dtype is None else jnp.dtype(spec.dtype).name,
         "axes": {k: dataclasses.asdict(v) for k, v in dict(spec.axes).items()},
+        **{k: v for k, v in (("dora", spec.dora), ("dora_detach_norm", spec.dora_detach_norm))
+           if v != _SPEC_OPTIONAL[k]},
     }
 
 
@@ -99,7 +104,7 @@ def spec_from_json(d: dict) -> LoraSpec:
         True
     """
     d = dict(d)
-    unknown = sorted(set(d) - set(_SPEC_FIELDS))
+    unknown = sorted(set(d) - set(_SPEC_FIELDS) - set(_SPEC_OPTIONAL))
     if unknown:
         raise ValueError(f"spec_from_json: unknown LoraSpec field(s) {unknown}; the fields are {list(_SPEC_FIELDS)}.")
     if "targets" not in d:
@@ -180,6 +185,10 @@ def save_adapter(path, deltas: Any, spec: LoraSpec, *, base_model: dict | None =
         record[name] = {"scale": d.scale, "axes": dataclasses.asdict(d.axes), "dropout": d.dropout,
                         "rank": d.rank, "weight_shape": list(d.weight_shape()),
                         "crc32_a": crc32(a), "crc32_b": crc32(b)}
+        if is_dora(d):  # DoRA magnitude: tensor {name}/m
+            m = np.asarray(jax.device_get(d.m))
+            tensors[f"{name}/m"] = m
+            record[name]["dora"] = {"detach_norm": d.detach_norm, "crc32_m": crc32(m)}
     if not record:
         raise ValueError("save_adapter: deltas hold no LoraDelta (nothing to save).")
     header = {"format": ADAPTER_FORMAT, "spec": spec_to_json(spec), "base_model": base_model or {},
@@ -311,6 +320,13 @@ def load_adapter(path, params: Any, *, base_model: dict | None = None, allow_par
                 try:
                     d = LoraDelta(jnp.asarray(a), jnp.asarray(b), scale=float(rec["scale"]),
                                   axes=LoraAxes(**rec["axes"]), dropout=float(rec["dropout"]))
+                    if "dora" in rec:
+                        m = f.get_tensor(f"{name}/m")
+                        if crc32(m) != rec["dora"]["crc32_m"]:
+                            problems.append(f"{name}: checksum mismatch of the DoRA magnitude, the file is corrupted")
+                            continue
+                        d = DoraDelta(d.a, d.b, scale=d.scale, axes=d.axes, dropout=d.dropout, m=jnp.asarray(m),
+                                      detach_norm=bool(rec["dora"]["detach_norm"]))
                 except (TypeError, ValueError, KeyError) as e:
                     problems.append(f"{name}: malformed delta record {rec} ({e})")
                     continue

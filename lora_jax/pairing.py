@@ -49,6 +49,9 @@ def fit_problem(d: LoraDelta, shape: tuple[int, ...]) -> str | None:
     want_b = (*pick(ax.stack), r, *pick(ax.outputs))
     if (a_shape, b_shape) != (want_a, want_b):
         return f"with {ax} (rank {r}) it needs a {want_a} and b {want_b}, found a {a_shape} and b {b_shape}"
+    m = getattr(d, "m", None)  # a DoRA magnitude: one entry per output feature
+    if m is not None and hasattr(m, "shape") and tuple(m.shape) != (*pick(ax.stack), *pick(ax.outputs)):
+        return f"its DoRA magnitude m needs shape {(*pick(ax.stack), *pick(ax.outputs))}, found {tuple(m.shape)}"
     return None
 
 

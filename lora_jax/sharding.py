@@ -8,6 +8,7 @@ rank axis is replicated. So ``x @ a`` contracts like ``x @ W`` and ``(x @ a) @ b
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -28,6 +29,15 @@ def _delta_spec(d: LoraDelta, spec: PartitionSpec, ndim: int) -> tuple[Partition
   return a, b
 
 
+def _like(d: LoraDelta, a: PartitionSpec, b: PartitionSpec, wrap) -> LoraDelta:
+  # A DoRA magnitude m: (*stack, *out) follows b without its rank axis.
+  if getattr(d, "m", None) is not None:
+    ns = len(d.axes.stack)
+    m = PartitionSpec(*tuple(b)[:ns], *tuple(b)[ns + 1:])
+    return dataclasses.replace(d, a=wrap(a), b=wrap(b), m=wrap(m))
+  return LoraDelta(wrap(a), wrap(b), d.scale, d.axes, d.dropout)
+
+
 def delta_partition_specs(deltas: Any, param_specs: Any) -> Any:
   """Like `delta_shardings` with a tree of ``PartitionSpec`` (one per param leaf) in and out."""
   treedef, pairs = paired_leaves(param_specs, deltas)
@@ -39,7 +49,7 @@ def delta_partition_specs(deltas: Any, param_specs: Any) -> Any:
     if not isinstance(spec, PartitionSpec):
       raise TypeError(f"{path}: expected a PartitionSpec, found {spec!r}")
     a, b = _delta_spec(d, spec, len(d.weight_shape()))
-    out.append(LoraDelta(a, b, d.scale, d.axes, d.dropout))
+    out.append(_like(d, a, b, lambda x: x))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -72,5 +82,5 @@ def delta_shardings(deltas: Any, param_shardings: Any) -> Any:
           f"{path}: expected a jax.sharding.NamedSharding for the base weight, found {sh!r}. "
           f"Give NamedShardings (mesh + PartitionSpec), or use delta_partition_specs with PartitionSpecs.")
     a, b = _delta_spec(d, sh.spec, len(d.weight_shape()))
-    out.append(LoraDelta(NamedSharding(sh.mesh, a), NamedSharding(sh.mesh, b), d.scale, d.axes, d.dropout))
+    out.append(_like(d, a, b, lambda x: NamedSharding(sh.mesh, x)))
   return jax.tree_util.tree_unflatten(treedef, out)

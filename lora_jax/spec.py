@@ -22,6 +22,14 @@ from lora_jax._closest import closest
 __all__ = ["LoraAxes", "LoraSpec", "path_str"]
 
 INITS = ("kaiming", "gaussian")
+# Inits that move W's principal part into the delta, so they change the base: `lj.init_with_residual`.
+# "pissa_niter_<n>" is PiSSA with a randomized SVD of n subspace iterations (PEFT's spelling).
+RESIDUAL_INITS = ("pissa", "olora")
+
+
+def residual_init(init: str) -> bool:
+  """Whether `init` is a PiSSA / OLoRA init (one that needs `init_with_residual`)."""
+  return isinstance(init, str) and (init in RESIDUAL_INITS or bool(re.fullmatch(r"pissa_niter_[1-9]\d*", init)))
 
 
 def path_str(path) -> str:
@@ -97,11 +105,16 @@ class LoraSpec:
     alpha_pattern: ``{regex: alpha}`` overrides for targeted leaves (first full match wins).
     rslora: rank-stabilised scaling ``alpha / sqrt(rank)`` (Kalajdzievski 2023).
     init: ``"kaiming"`` (a ~ U(±1/sqrt(fan_in)), b zero; PEFT's default) or ``"gaussian"`` (a normal
-      with std 1/r, as in PEFT).
+      with std 1/r, as in PEFT); ``"pissa"``, ``"pissa_niter_<n>"`` (randomized SVD) or ``"olora"``
+      move W's principal part into the delta and need ``lj.init_with_residual``.
     dropout: dropout rate on the input of the low-rank path (used by `wrap` when given a key).
     dtype: dtype of a and b; None means float32.
     axes: ``{regex: LoraAxes}`` for kernels that are not plain ``(in, out)``: stacked layers, conv,
       multi-dim DenseGeneral kernels. >2-D kernels need an entry here or ``init(..., fn=, args=)``.
+    dora: DoRA (Liu et al. 2024): each delta also trains a magnitude per output feature (see
+      `lora_jax.dora`).
+    dora_detach_norm: with DoRA, treat ‖W + s·a·b‖_col as a constant in the backward pass (the
+      paper's section 4.3; PEFT does the same).
 
   Example:
     >>> spec = LoraSpec(rank=4, alpha=8.0, targets=r".*/(query|value)/kernel")
@@ -120,8 +133,13 @@ class LoraSpec:
   dropout: float = 0.0
   dtype: Any = None
   axes: Mapping[str, LoraAxes] = dataclasses.field(default_factory=dict)
+  dora: bool = False
+  dora_detach_norm: bool = True
 
   def __post_init__(self):
+    for name in ("dora", "dora_detach_norm"):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f"LoraSpec.{name} must be True or False, got {getattr(self, name)!r}")
     object.__setattr__(self, "targets", _as_patterns(self.targets, "targets"))
     object.__setattr__(self, "exclude", _as_patterns(self.exclude, "exclude"))
     if not self.targets:
@@ -148,8 +166,9 @@ class LoraSpec:
       _as_patterns(pat, "axes")
       if not isinstance(ax, LoraAxes):
         raise TypeError(f"LoraSpec.axes[{pat!r}] must be a LoraAxes, got {ax!r}")
-    if self.init not in INITS:
-      raise ValueError(f"LoraSpec.init={self.init!r} is not one of {INITS}")
+    if self.init not in INITS and not residual_init(self.init):
+      raise ValueError(f"LoraSpec.init={self.init!r} is not one of {INITS}, nor of the inits that change the "
+                       f"base, {RESIDUAL_INITS} or 'pissa_niter_<n>' (for lj.init_with_residual)")
     if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"LoraSpec.dropout={self.dropout} must be in [0, 1)")
 
@@ -157,7 +176,7 @@ class LoraSpec:
   def __hash__(self):
     return hash((self.rank, self.alpha, self.targets, self.exclude, tuple(dict(self.rank_pattern).items()),
                  tuple(dict(self.alpha_pattern).items()), self.rslora, self.init, self.dropout,
-                 str(self.dtype), tuple(dict(self.axes).items())))
+                 str(self.dtype), tuple(dict(self.axes).items()), self.dora, self.dora_detach_norm))
 
   def matches(self, path: str) -> bool:
     """Whether the "/"-joined key path is targeted (and not excluded)."""
