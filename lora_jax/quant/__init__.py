@@ -1,0 +1,32 @@
+"""QLoRA's frozen base: block-quantized weights as a pytree transform (Dettmers et al. 2023, arXiv:2305.14314).
+
+QLoRA fine-tunes a model whose frozen base weights are stored in 4 bits (NormalFloat4, block-wise
+absmax scales, the scales themselves quantized: "double quantization") with LoRA deltas in full
+precision. Here that is a transform of the params pytree:
+
+    qparams = lj.quantize(params, lj.QuantSpec(format="nf4"))  # QuantizedArray at the targets
+    logits = lj.wrap(apply)(qparams, deltas, x)                # == apply(merge(dequantize(qparams), deltas), x)
+
+`lj.wrap` dequantizes each quantized weight right at its use (inside the jitted step, so XLA fuses the
+decode into the op), and its backward pass decodes again rather than keeping a dense copy alive.
+`save` / `load` keep a quantized base on disk so that quantizing is done once.
+
+Modules: `codes` (the arithmetic on one array), `array` (`QuantizedArray`), `tree` (`QuantSpec`,
+`quantize`, `dequantize`), `io` (safetensors files).
+"""
+
+from lora_jax.quant.array import QuantizedArray, QuantMeta, is_quantized
+from lora_jax.quant.codes import NF4_LEVELS
+from lora_jax.quant.io import info, load, save
+from lora_jax.quant.tree import QuantSpec, dequantize, quantize
+
+__all__ = ["QuantSpec", "QuantizedArray", "QuantMeta", "quantize", "dequantize", "is_quantized", "NF4_LEVELS",
+           "save", "load", "info", "base_bytes"]
+
+
+def base_bytes(params) -> int:
+    """Bytes of every array in `params` (a `QuantizedArray` counts its codes and scales)."""
+    import jax
+    import numpy as np
+
+    return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,168 @@
+"""`QuantizedArray`: a frozen base weight stored as block-quantized codes, a registered pytree.
+
+Its array leaves are the codes and the block scales (and, with double quantization, the scales' own
+float32 scale and offset); its static metadata is what is needed to rebuild the dense weight: shape,
+dtype, format, block size and block axis. Because it is a pytree, a params tree holding quantized
+leaves goes through ``jax.jit``, ``jax.device_put``, orbax and optax like any other; `lj.wrap` sees a
+`QuantizedArray` leaf as one weight of ``shape`` and ``dtype`` and dequantizes it at each use.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> q = QuantizedArray.quantize(jnp.ones((128, 4)), "nf4", 64, 0, double_quant=False)
+    >>> q.shape, q.codes.shape, q.scales.shape, q.nbytes     # 256 B of codes + 32 B of scales
+    ((128, 4), (64, 4), (2, 4), 288)
+    >>> q.dequantize().tolist()[0]
+    [1.0, 1.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.quant import codes as _codes
+
+__all__ = ["QuantizedArray", "QuantMeta", "QuantLeaf", "is_quantized", "box_quantized", "dequantize_arrays"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantMeta:
+    """The static part of a `QuantizedArray` (hashable: it is the pytree's aux data).
+
+    Attributes:
+        shape: the dense weight's shape ``S``.
+        dtype: its dtype name (what `dequantize` gives back).
+        format: ``"nf4"`` or ``"int8"``.
+        block_size: elements per absmax block.
+        axis: the block axis (non-negative).
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    format: str
+    block_size: int
+    axis: int
+
+
+_FIELDS = ("codes", "scales", "scale_scales", "scale_offset")
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class QuantizedArray:
+    """A weight of `shape` and `dtype` held as block-quantized codes (see `lora_jax.quant.codes`).
+
+    Attributes:
+        codes: ``S`` with the block axis halved (nf4, two codes per uint8) or ``S`` (int8).
+        scales: ``S`` with the block axis divided by ``block_size``: float32 absmax per block, or their
+            int8 codes with double quantization.
+        scale_scales: with double quantization, ``(*S[:axis], ceil(n / 256))`` float32; else None.
+        scale_offset: with double quantization, ``S[:axis]`` float32 (the scales' mean); else None.
+        meta: the `QuantMeta` (shape, dtype, format, block_size, axis).
+    """
+
+    def __init__(self, codes, scales, scale_scales, scale_offset, meta: QuantMeta):
+        self.codes, self.scales, self.scale_scales, self.scale_offset = codes, scales, scale_scales, scale_offset
+        self.meta = meta
+
+    # --- pytree ---
+    def tree_flatten_with_keys(self):
+        children = tuple((jax.tree_util.GetAttrKey(k), getattr(self, k)) for k in _FIELDS)
+        return children, self.meta
+
+    @classmethod
+    def tree_unflatten(cls, meta, children):
+        return cls(*children, meta)
+
+    # --- what a weight looks like ---
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.meta.shape
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.meta.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.meta.shape)
+
+    @property
+    def format(self) -> str:
+        return self.meta.format
+
+    @property
+    def double_quant(self) -> bool:
+        return self.scale_scales is not None
+
+    @property
+    def arrays(self) -> tuple:
+        """``(codes, scales, scale_scales, scale_offset)``; the last two None without double quant."""
+        return tuple(getattr(self, k) for k in _FIELDS)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored arrays (what the quantized weight takes in memory)."""
+        return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in self.arrays if x is not None))
+
+    def __repr__(self):
+        m = self.meta
+        dq = ", double_quant" if self.double_quant else ""
+        return (f"QuantizedArray(shape={m.shape}, dtype={m.dtype}, format={m.format}, block_size={m.block_size}, "
+                f"axis={m.axis}{dq})")
+
+    # --- conversions ---
+    @classmethod
+    def quantize(cls, w, fmt: str, block_size: int, axis: int, *, double_quant: bool) -> QuantizedArray:
+        """Quantize the float array `w` (shape and divisibility already checked by the caller)."""
+        meta = QuantMeta(tuple(int(s) for s in w.shape), jnp.dtype(w.dtype).name, fmt, int(block_size),
+                         int(axis))
+        return cls(*_codes.encode(w, fmt, block_size, axis, double_quant=double_quant), meta)
+
+    def dequantize(self, dtype: Any = None):
+        """The dense weight, in `dtype` (default: the original dtype)."""
+        return dequantize_arrays(self.arrays, self.meta, dtype)
+
+
+def dequantize_arrays(arrays: tuple, meta: QuantMeta, dtype: Any = None):
+    """The dense weight from ``(codes, scales, scale_scales, scale_offset)`` and its `QuantMeta`."""
+    return _codes.decode(*arrays, shape=meta.shape, dtype=meta.dtype if dtype is None else dtype,
+                         fmt=meta.format, block_size=meta.block_size, axis=meta.axis)
+
+
+def is_quantized(x) -> bool:
+    """Whether `x` is a `QuantizedArray` (an ``is_leaf`` for tree functions that stop at them)."""
+    return isinstance(x, QuantizedArray)
+
+
+class QuantLeaf:
+    """A `QuantizedArray` seen as one leaf (``shape``, ``dtype``), for walks that pair params with deltas.
+
+    `QuantizedArray` is a pytree (its codes and scales are leaves), but `wrap`, `init` and `merge` pair
+    each weight with one delta; `box_quantized` puts each quantized weight in this unregistered box first.
+    """
+
+    __slots__ = ("q",)
+
+    def __init__(self, q: QuantizedArray):
+        self.q = q
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    @property
+    def dtype(self):
+        return self.q.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.q.ndim
+
+
+def box_quantized(tree: Any) -> Any:
+    """`tree` with every `QuantizedArray` boxed in a `QuantLeaf` (a leaf of the same shape and dtype)."""
+    return jax.tree_util.tree_map(lambda x: QuantLeaf(x) if is_quantized(x) else x, tree, is_leaf=is_quantized)

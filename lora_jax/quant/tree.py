@@ -1,0 +1,229 @@
+"""`QuantSpec` and the params transforms `quantize` / `dequantize`.
+
+A `QuantSpec` selects leaves exactly as `LoraSpec` does (regexes matched in full against "/"-joined key
+paths, ``exclude`` removing some, an error with the closest paths when nothing matches), and says how
+to quantize them. `quantize` replaces each targeted float leaf by a `QuantizedArray`; `dequantize`
+turns every `QuantizedArray` back into a dense array. Both work eagerly (one leaf at a time, each
+keeping its sharding) and inside ``jax.jit``.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> params = {"dense": {"kernel": jnp.ones((128, 32)), "bias": jnp.zeros(32)}}
+    >>> q = quantize(params, QuantSpec(format="nf4", targets=".*/kernel"))
+    >>> q["dense"]["kernel"]
+    QuantizedArray(shape=(128, 32), dtype=float32, format=nf4, block_size=64, axis=0, double_quant)
+    >>> dequantize(q)["dense"]["kernel"].shape
+    (128, 32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lora_jax._closest import closest
+from lora_jax.quant.array import QuantizedArray, QuantMeta, is_quantized
+from lora_jax.quant.codes import FORMATS
+from lora_jax.spec import path_str
+
+__all__ = ["QuantSpec", "quantize", "dequantize"]
+
+
+def _patterns(x, name: str) -> tuple[str, ...]:
+    if x is None:
+        return ()
+    if isinstance(x, str):
+        x = (x,)
+    if not isinstance(x, Sequence) or not all(isinstance(p, str) for p in x):
+        raise TypeError(f"QuantSpec.{name} must be a regex string or a sequence of them, got {x!r}")
+    for p in x:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"QuantSpec.{name}: {p!r} is not a valid regular expression: {e}") from None
+    return tuple(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """Which parameters to quantize, and how (QLoRA, Dettmers et al. 2023).
+
+    Attributes:
+        format: ``"nf4"`` (4-bit NormalFloat, two codes per byte) or ``"int8"`` (absmax int8).
+        block_size: elements per absmax block along the block axis (even; 64 in the paper).
+        double_quant: quantize the block scales too (int8, blocks of 256, one float32 scale each).
+        targets: regex or regexes; a leaf is quantized when one matches its whole "/"-joined key path.
+        exclude: regex or regexes removing leaves from the targets.
+        block_axis: the axis the blocks run along, an input axis of the kernel: an int for every leaf,
+            or ``{regex: int}`` per leaf (first full match wins; others get -2). The default -2 is the
+            input axis of a Dense ``(in, out)`` kernel and of a scan-stacked ``(layers, in, out)`` one.
+
+    Example:
+        >>> QuantSpec(format="int8", block_size=128).targets
+        ('.*/kernel',)
+    """
+
+    format: str = "nf4"
+    block_size: int = 64
+    double_quant: bool = True
+    targets: str | Sequence[str] = r".*/kernel"
+    exclude: str | Sequence[str] = ()
+    block_axis: int | Mapping[str, int] = -2
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", _patterns(self.targets, "targets"))
+        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
+        if not self.targets:
+            raise ValueError("QuantSpec.targets is empty: give at least one regex, e.g. r'.*/kernel'.")
+        if self.format not in FORMATS:
+            raise ValueError(f"QuantSpec.format={self.format!r} is not one of {FORMATS}.")
+        bs = self.block_size
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 2 or bs % 2:
+            raise ValueError(f"QuantSpec.block_size={bs!r} must be an even int >= 2 (64 in the paper).")
+        if isinstance(self.block_axis, Mapping):
+            for pat, ax in self.block_axis.items():
+                _patterns(pat, "block_axis")
+                if not isinstance(ax, int):
+                    raise TypeError(f"QuantSpec.block_axis[{pat!r}] must be an int, got {ax!r}")
+            object.__setattr__(self, "block_axis", tuple(self.block_axis.items()))
+        elif not isinstance(self.block_axis, (int, tuple)):
+            raise TypeError(f"QuantSpec.block_axis must be an int or a {{regex: int}} dict, got {self.block_axis!r}")
+
+    def matches(self, path: str) -> bool:
+        """Whether the "/"-joined key path is targeted (and not excluded)."""
+        full = lambda pats: any(re.fullmatch(p, path) for p in pats)  # noqa: E731
+        return full(self.targets) and not full(self.exclude)
+
+    def axis_for(self, path: str) -> int:
+        if isinstance(self.block_axis, int):
+            return self.block_axis
+        return next((ax for pat, ax in self.block_axis if re.fullmatch(pat, path)), -2)
+
+    def select(self, paths: Sequence[str]) -> list[str]:
+        """The targeted paths among `paths`; raises when none is."""
+        chosen = [p for p in paths if self.matches(p)]
+        if not chosen:
+            raise ValueError(
+                f"QuantSpec.targets {list(self.targets)} (exclude {list(self.exclude)}) match no parameter. "
+                f"Patterns must match the whole '/'-joined key path. Closest available paths: "
+                f"{closest(self.targets, paths, regex=True)}. All {len(paths)} paths start like: {list(paths)[:8]}")
+        return chosen
+
+
+def _check_leaf(path: str, w, spec: QuantSpec) -> int:
+    """The block axis of leaf `w` at `path`, after checking it can be quantized with `spec`."""
+    shape, dtype = getattr(w, "shape", None), getattr(w, "dtype", None)
+    if shape is None or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{path}: only floating-point arrays can be quantized, found {type(w).__name__} with dtype {dtype}. "
+            f"Narrow QuantSpec.targets or add this path to QuantSpec.exclude.")
+    if len(shape) < 2:
+        raise ValueError(
+            f"{path}: quantized weights need at least 2 dims (in, out), found shape {tuple(shape)} (a bias or "
+            f"norm scale?). Narrow QuantSpec.targets, e.g. end it with '/kernel', or add this path to exclude.")
+    axis = spec.axis_for(path)
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"{path}: QuantSpec.block_axis {axis} is out of range for shape {tuple(shape)}.")
+    axis %= len(shape)
+    n, bs = shape[axis], spec.block_size
+    if n % bs:
+        ok = [b for b in (256, 128, 64, 32, 16, 8, 4, 2) if n % b == 0]
+        raise ValueError(
+            f"{path}: its block axis {axis} has size {n}, not divisible by QuantSpec.block_size={bs} (shape "
+            f"{tuple(shape)}). Use a block size that divides {n} (e.g. {ok[:3]}), quantize along another input "
+            f"axis with QuantSpec(block_axis={{{path!r}: <axis>}}), or exclude this path.")
+    sharding = getattr(w, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        entry = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+        names = entry[axis]
+        names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+        parts = 1
+        for name in names:
+            parts *= sharding.mesh.shape[name]
+        if parts > 1 and (n // parts) % bs:
+            raise ValueError(
+                f"{path}: its block axis {axis} (size {n}) is sharded over mesh axis {names} ({parts} shards of "
+                f"{n // parts}), so blocks of {bs} would cross a shard boundary. Use a block size dividing "
+                f"{n // parts}, or shard this axis over fewer devices.")
+    return axis
+
+
+def _part_shardings(sharding, ndim: int, axis: int, double_quant: bool):
+    """Shardings of (codes, scales, scale_scales, scale_offset): like W, the small ones on W's lead axes."""
+    if not isinstance(sharding, NamedSharding):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    like = NamedSharding(sharding.mesh, PartitionSpec(*spec))
+    if not double_quant:
+        return like, like, None, None
+    lead = spec[:axis]
+    return (like, like, NamedSharding(sharding.mesh, PartitionSpec(*lead, None)),
+            NamedSharding(sharding.mesh, PartitionSpec(*lead)))
+
+
+@functools.lru_cache(maxsize=None)
+def _quantize_jit(fmt, block_size, axis, double_quant, shardings):
+    def f(w):
+        return QuantizedArray.quantize(w, fmt, block_size, axis, double_quant=double_quant).arrays
+
+    return jax.jit(f, out_shardings=shardings)
+
+
+def quantize(params: Any, spec: QuantSpec) -> Any:
+    """`params` with each leaf `spec` targets replaced by a `QuantizedArray`.
+
+    Leaves already quantized are left as they are. Eagerly, each leaf is quantized by its own jitted
+    function and its parts keep W's sharding (codes and scales sharded like W); inside ``jax.jit`` it is
+    plain array code.
+
+    Args:
+        params: any pytree of arrays (Linen variables, a dict, ...).
+        spec: the `QuantSpec`.
+
+    Returns:
+        A tree with params' structure, `QuantizedArray` at the targets.
+
+    Raises:
+        ValueError: nothing matches; a targeted leaf is 1-D, has a block axis not divisible by the block
+            size, or is sharded so that a block would cross a shard boundary.
+        TypeError: a targeted leaf is not a floating-point array.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
+    paths = [path_str(p) for p, _ in leaves]
+    chosen = set(spec.select(paths))
+    out = []
+    for path, (_, w) in zip(paths, leaves, strict=True):
+        if path not in chosen or is_quantized(w):
+            out.append(w)
+            continue
+        axis = _check_leaf(path, w, spec)
+        if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
+            out.append(QuantizedArray.quantize(jnp.asarray(w), spec.format, spec.block_size, axis,
+                                               double_quant=spec.double_quant))
+            continue
+        shardings = _part_shardings(w.sharding, w.ndim, axis, spec.double_quant)
+        parts = _quantize_jit(spec.format, spec.block_size, axis, spec.double_quant, shardings)(w)
+        meta = QuantMeta(tuple(int(s) for s in w.shape), jnp.dtype(w.dtype).name, spec.format, spec.block_size,
+                         axis)
+        out.append(QuantizedArray(*parts, meta))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def dequantize(params: Any, dtype: Any = None) -> Any:
+    """`params` with every `QuantizedArray` replaced by its dense weight (original dtype unless `dtype`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = quantize({"w": jnp.full((64, 2), 0.5)}, QuantSpec(targets="w"))
+        >>> dequantize(q)["w"][0].tolist()
+        [0.5, 0.5]
+    """
+    return jax.tree_util.tree_map(lambda x: x.dequantize(dtype) if is_quantized(x) else x, params,
+                                  is_leaf=is_quantized)

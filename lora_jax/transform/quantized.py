@@ -1,0 +1,272 @@
+"""`QuantValue`: a quantized base weight (QLoRA) as a value the `wrap` interpreter carries.
+
+A `QuantizedArray` leaf enters the interpreter as its arrays (codes, scales) plus the view-like ops met
+on the way to its use, and optionally its LoRA factors kept aligned to the view (as in `LoraValue`).
+Nothing dense is built until a use:
+
+- ``dot_general``: ``x·view(dequant(Wq)) + s·((x·a)·b)``. The base product has a custom VJP whose
+  backward pass decodes W again instead of keeping a dense copy alive from forward to backward; the
+  codes and scales get a zero cotangent (the base is frozen: no W-shaped gradient is ever formed);
+- ``gather`` of rows (an embedding lookup): the rows of the codes and scales are gathered first and only
+  they are decoded (when the block axis is not the gathered one), plus the low-rank rows;
+- view-like ops (casts, transposes, reshapes, slices, ...): recorded, to be replayed on the decoded W at
+  the use; the factors go through the `LoraValue` rule of the same op (run on a zero stand-in for W,
+  which the compiler drops), so every view `LoraValue` supports works here too.
+
+Any other use decodes W (plus ``s·a·b``) for that use alone, with a `FallbackWarning`. Control flow
+(``jit``, ``scan`` over stacked quantized layers, ``checkpoint``, ``while``, ``cond``) only needs the
+`TrackedValue` interface below.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> p = lj.quantize({"w": jnp.ones((64, 3))}, lj.QuantSpec(targets="w"))
+    >>> d = lj.init(jax.random.key(0), p, lj.LoraSpec(rank=2, targets="w"))
+    >>> y = lj.wrap(lambda p, x: x @ p["w"])(p, d, jnp.ones((5, 64)))
+    >>> y.shape, float(y[0, 0])
+    ((5, 3), 64.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.delta import LoraDelta
+from lora_jax.quant.array import QuantizedArray, QuantMeta, dequantize_arrays
+from lora_jax.transform.interpreter import bind, fallback, materialize
+from lora_jax.transform.plan import plan_dot_general
+from lora_jax.transform.value import LoraValue, TrackedValue, aligned_factors, dense_delta, own_axes, squeeze_to
+
+__all__ = ["QuantValue", "view", "dot_general", "gather"]
+
+
+@dataclasses.dataclass
+class QuantValue(TrackedValue):
+    """A view of a quantized kernel: ``ops(dequant(q)) + Σ_r a·b`` (a, b aligned to the view, or None).
+
+    Attributes:
+        q: the quantized arrays ``(codes, scales, scale_scales, scale_offset)`` (see `QuantizedArray`).
+        meta: their `QuantMeta` (the dense weight's shape, dtype, format, block size and axis).
+        ops: the view-like equations met since the input, each ``(eqn, invals, i)`` with this value at
+            ``invals[i]``; replayed on the decoded weight at a use.
+        shape: the current view's shape ``S``.
+        dtype: the current view's dtype.
+        a: ``(*S, r)`` with size 1 along the output axes (scale folded into b), or None (no LoRA).
+        b: ``(*S, r)`` with size 1 along the input axes, or None.
+        origin: see `TrackedValue`.
+        path: see `TrackedValue`.
+        dropout: LoRA dropout rate on the input of the low-rank path.
+    """
+
+    q: tuple
+    meta: QuantMeta
+    ops: tuple
+    shape: tuple
+    dtype: Any
+    a: Any
+    b: Any
+    origin: tuple
+    path: str
+    dropout: float = 0.0
+
+    @classmethod
+    def of(cls, q: QuantizedArray, d: LoraDelta | None, path: str) -> QuantValue:
+        """The untouched quantized kernel `q` with its delta `d` (or None)."""
+        a = b = None
+        if d is not None:
+            a, b = aligned_factors(jax.ShapeDtypeStruct(q.shape, q.dtype), d)
+        return cls(q.arrays, q.meta, (), q.shape, q.dtype, a, b, own_axes(len(q.shape)), path,
+                   0.0 if d is None else d.dropout)
+
+    def base(self, q=None):
+        """The decoded base weight's current view (no low-rank part), from `q` (default: ``self.q``)."""
+        q = self.q if q is None else q
+        w = dequantize_arrays(tuple(None if x is None else jax.lax.stop_gradient(x) for x in q), self.meta)
+        for eqn, invals, i in self.ops:
+            w = bind(eqn, [*invals[:i], w, *invals[i + 1:]])[0]
+        return w
+
+    def dense(self):
+        w = self.base()
+        if self.a is None:
+            return w
+        return w + dense_delta(self.a, self.b, w.shape, w.dtype)
+
+    def arrays(self) -> tuple:
+        return (*self.q, self.a, self.b)
+
+    def with_arrays(self, arrays: tuple, origin: tuple | None = None) -> QuantValue:
+        q, (a, b) = tuple(arrays[:4]), arrays[4:]
+        kw = {}
+        if q[0].ndim == len(self.meta.shape) - 1:  # a slice of a stack (the body of a scan over layers)
+            m = self.meta
+            kw = dict(meta=dataclasses.replace(m, shape=m.shape[1:], axis=m.axis - 1), shape=self.shape[1:])
+        return dataclasses.replace(self, q=q, a=a, b=b, origin=self.origin if origin is None else origin, **kw)
+
+    def stacked_arrays(self, length: int) -> tuple:
+        if self.ops or self.meta.axis == 0 or self.meta.shape[0] != length:
+            raise ValueError(
+                f"lora_jax.wrap: {self.path} is scanned over its axis 0, which must be a leading axis of every "
+                f"quantized array: quantize it with a block axis after the stacked axis (QuantSpec(block_axis="
+                f"{{{self.path!r}: 1}}) for a (layers, in, out) kernel), and pass it to the scan untouched.")
+        if self.a is None:
+            return (*self.q, None, None)
+        grow = lambda f: jnp.broadcast_to(f, (length,) + f.shape[1:]) if f.shape[0] == 1 else f  # noqa: E731
+        return (*self.q, grow(self.a), grow(self.b))
+
+    def standin(self) -> LoraValue:
+        """A `LoraValue` with a zero W of this view's shape and the same factors (for the factor rules)."""
+        return LoraValue(jnp.zeros(self.shape, self.dtype), self.a, self.b, self.origin, self.path, self.dropout)
+
+
+def view(ctx, eqn, invals):
+    """A view-like op: recorded for the base, the factors go through the `LoraValue` rule of the op."""
+    where = [i for i, x in enumerate(invals) if isinstance(x, TrackedValue)]
+    if len(where) != 1:
+        return fallback(ctx, eqn, invals)
+    i = where[0]
+    v = invals[i]
+    sub = [*invals[:i], v.standin(), *invals[i + 1:]]
+    rule = ctx.rule_for(eqn.primitive.name, sub)
+    out = rule(ctx, eqn, sub) if rule is not None else None
+    if out is None or len(out) != 1 or not isinstance(out[0], LoraValue):
+        return fallback(ctx, eqn, invals)
+    o = out[0]
+    return [dataclasses.replace(v, ops=v.ops + ((eqn, tuple(invals), i),), shape=tuple(o.w.shape), dtype=o.w.dtype,
+                                a=o.a, b=o.b, origin=o.origin)]
+
+
+def _dropout(ctx, v: QuantValue, x):
+    if ctx.key is None or v.dropout == 0.0:
+        return x
+    keep = 1.0 - v.dropout
+    mask = jax.random.bernoulli(ctx.next_key(), keep, x.shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def _decode_view(v: QuantValue, q, op_args):
+    """The decoded view of `v` from its quantized arrays `q` and the other operands of its view ops."""
+    w = dequantize_arrays(q, v.meta)
+    for (eqn, _, i), args in zip(v.ops, op_args, strict=True):
+        w = bind(eqn, [*args[:i], w, *args[i:]])[0]
+    return w
+
+
+def _zero_cotangent(x):
+    if x is None:
+        return None
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros(x.shape, x.dtype)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _tied(q: tuple, x) -> tuple:
+    """`q` with a zero taken from `x` added to its float32 scales: a decode of it must wait for `x`."""
+    x0 = jax.lax.stop_gradient(jnp.reshape(x, (-1,))[0].astype(jnp.float32))
+    zero = jnp.where(jnp.isfinite(x0), x0, 0.0) * 0.0  # 0 even for an inf or NaN x0
+    codes, scales, scale_scales, offset = q
+    if offset is not None:
+        return codes, scales, scale_scales, offset + zero
+    return codes, scales + zero, None, None
+
+
+def _base_use(eqn, v: QuantValue, operands: list, i: int):
+    """``eqn`` applied with the decoded base at ``operands[i]``; the backward pass decodes it again.
+
+    A custom VJP: the forward keeps no decoded W (its residuals are the other operands and the quantized
+    arrays, already alive), and the backward decodes W after the cotangent arrives (tied to it, so the
+    compiler can neither hoist the decode nor share the forward's). The
+    quantized arrays get a zero cotangent: the base is frozen, no W-shaped gradient is formed.
+    """
+    others = operands[:i] + operands[i + 1:]
+    op_args = tuple(tuple(inv[:j] + inv[j + 1:]) for _, inv, j in v.ops)
+
+    def run(others, op_args, q):
+        return bind(eqn, [*others[:i], _decode_view(v, q, op_args), *others[i:]])[0]
+
+    def primal(others, op_args, q):
+        # Decoded once the other operand exists, not all kernels up front.
+        x = next((o for o in others if jnp.issubdtype(jnp.result_type(o), jnp.inexact)), None)
+        return run(others, op_args, q if x is None else _tied(q, x))
+
+    @jax.custom_vjp
+    def use(others, op_args, q):
+        return primal(others, op_args, q)
+
+    def fwd(others, op_args, q):
+        return primal(others, op_args, q), (others, op_args, q)
+
+    def bwd(res, g):
+        others, op_args, q = res
+        # The decode below depends on g: it is neither merged with the forward's (the CPU compiler drops
+        # optimization barriers before CSE) nor scheduled before g exists.
+        q, g = jax.lax.optimization_barrier((_tied(q, g), g))
+        _, pull = jax.vjp(lambda o, a: run(o, a, q), others, op_args)
+        g_others, g_args = pull(g)
+        return g_others, g_args, jax.tree_util.tree_map(_zero_cotangent, res[2])
+
+    use.defvjp(fwd, bwd)
+    return use(list(others), op_args, tuple(v.q))
+
+
+def dot_general(ctx, eqn, invals):
+    """``x·view(dequant(Wq)) + s·((x·a)·b)``, following `plan_dot_general`."""
+    lhs, rhs = invals
+    if isinstance(lhs, TrackedValue) and isinstance(rhs, TrackedValue):
+        return dot_general(ctx, eqn, [lhs, materialize(ctx, rhs, "dot_general (both operands tracked)")])
+    w_is_rhs = isinstance(rhs, QuantValue)
+    v, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
+    p = eqn.params
+    plan = plan_dot_general(p["dimension_numbers"], x.shape, v.shape, w_is_rhs,
+                            None if v.a is None else v.a.shape, None if v.b is None else v.b.shape)
+    if plan.dense:
+        return fallback(ctx, eqn, invals)
+    base = _base_use(eqn, v, list(invals), 1 if w_is_rhs else 0)
+    if plan.low_rank is None:
+        return [base]
+    path, dt, pet, prec = plan.low_rank, x.dtype, p.get("preferred_element_type"), p.get("precision")
+    first, second = (v.b, v.a) if path.first == "b" else (v.a, v.b)
+    t = jnp.einsum(path.first_spec, _dropout(ctx, v, x), squeeze_to(first, path.first_axes).astype(dt),
+                   precision=prec, preferred_element_type=pet).astype(dt)
+    low = jnp.einsum(path.second_spec, t, squeeze_to(second, path.second_axes).astype(dt), precision=prec,
+                     preferred_element_type=pet)
+    return [base + jnp.broadcast_to(low.reshape(path.low_shape), base.shape).astype(base.dtype)]
+
+
+def _row_lookup(eqn, v: QuantValue, idx) -> Any:
+    """``dequant(Wq)[ids]`` decoding only the gathered rows, for ``jnp.take(W, ids, axis=0)``; else None."""
+    m, p = v.meta, eqn.params
+    dn = p["dimension_numbers"]
+    nb = idx.ndim - 1
+    if (v.ops or m.axis == 0 or idx.shape[-1] != 1 or getattr(dn, "operand_batching_dims", ())
+            or tuple(dn.start_index_map) != (0,) or tuple(dn.collapsed_slice_dims) != (0,)
+            or tuple(dn.offset_dims) != tuple(range(nb, nb + len(m.shape) - 1))
+            or tuple(p["slice_sizes"]) != (1, *m.shape[1:])):
+        return None
+    ids = idx[..., 0]
+    parts = tuple(None if x is None else jnp.take(jax.lax.stop_gradient(x), ids, axis=0, mode="clip")
+                  for x in v.q)
+    rows = dataclasses.replace(m, shape=tuple(ids.shape) + m.shape[1:], axis=m.axis - 1 + ids.ndim)
+    return dequantize_arrays(parts, rows)
+
+
+def gather(ctx, eqn, invals):
+    """``dequant(Wq)[ids] + s·a[ids]·b`` for a gather of slices of W (an embedding lookup)."""
+    v, idx = invals
+    if isinstance(idx, TrackedValue) or not isinstance(v, QuantValue):
+        return fallback(ctx, eqn, invals)
+    base = _row_lookup(eqn, v, idx)
+    if base is None:
+        base = _base_use(eqn, v, [v, idx], 0)
+    if v.a is None:
+        return [base]
+    # The low-rank rows: the LoraValue rule on a zero W (its base term is zero, the compiler drops it).
+    sub = [v.standin(), idx]
+    rule = ctx.rule_for("gather", sub)
+    low = rule(ctx, eqn, sub)[0] if rule is not None else fallback(ctx, eqn, sub)[0]
+    return [base + low.astype(base.dtype)]
