@@ -33,6 +33,32 @@ def _leaf_key(key, path: str):
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
+def _kind(x) -> str:
+  """What a misplaced argument is, for a message: ``a LoraSpec``, ``a PRNG key``, ``a dict``..."""
+  if isinstance(x, LoraSpec):
+    return "a LoraSpec"
+  if isinstance(x, (jax.Array, np.ndarray)) and (jnp.issubdtype(x.dtype, jax.dtypes.prng_key) or
+                                                (x.dtype == jnp.uint32 and x.shape == (2,))):
+    return "a PRNG key"
+  name = type(x).__name__
+  return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _check_init_args(key, params, spec) -> None:
+  """`init`'s arguments in their order: a key, a params tree, a LoraSpec (names what was swapped)."""
+  spec_ok = isinstance(spec, LoraSpec)
+  key_ok = isinstance(key, (jax.Array, np.ndarray)) and not isinstance(params, LoraSpec)
+  if spec_ok and key_ok:
+    return
+  got = f"key is {_kind(key)}, params {_kind(params)}, spec {_kind(spec)}"
+  if any(isinstance(x, LoraSpec) for x in (key, params)) or _kind(params) == "a PRNG key" or _kind(spec) == "a PRNG key":
+    raise TypeError(f"lj.init(key, params, spec): the arguments are in the wrong order ({got}). Call "
+                    f"lj.init(jax.random.key(0), params, lj.LoraSpec(...)).")
+  if not spec_ok:
+    raise TypeError(f"lj.init: spec must be a LoraSpec, found {_kind(spec)}.")
+  raise TypeError(f"lj.init: key must be a PRNG key (jax.random.key(seed)), found {_kind(key)}.")
+
+
 def _check_target(path: str, w) -> None:
   shape, dtype = getattr(w, "shape", None), getattr(w, "dtype", None)
   if shape is None or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
@@ -62,6 +88,10 @@ def init(key: jax.Array, params: Any, spec: LoraSpec, *, fn: Callable | None = N
     A tree with params' structure: `LoraDelta` at targets (b = 0, so ``merge(params, deltas) == params``
     exactly), None elsewhere.
 
+  Raises:
+    TypeError: the arguments are not (key, params, LoraSpec), e.g. ``init(key, spec, params)``; the
+      message says which is which.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> params = {"dense": {"kernel": jnp.ones((16, 32)), "bias": jnp.zeros(32)}}
@@ -69,6 +99,7 @@ def init(key: jax.Array, params: Any, spec: LoraSpec, *, fn: Callable | None = N
     >>> d["dense"]["kernel"].a.shape, d["dense"]["kernel"].b.shape, d["dense"]["bias"]
     ((16, 4), (4, 32), None)
   """
+  _check_init_args(key, params, spec)
   if residual_init(spec.init):
     raise ValueError(
         f"lj.init: LoraSpec(init={spec.init!r}) moves W's principal part into the delta, which changes the "

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -55,6 +56,35 @@ def fit_problem(d: LoraDelta, shape: tuple[int, ...]) -> str | None:
     return None
 
 
+def _short(e: Exception) -> str:
+    """JAX's structure error without the values it prints (whole arrays)."""
+    text = str(e).split(", value:")[0].split("\n")[0]
+    return text[:300] + (" ..." if len(text) > 300 else "")
+
+
+def _container_difference(params: Any, deltas: Any, path: str = "") -> tuple[str, str, str] | None:
+    """``(where, params type, deltas type)`` of the first node where params and deltas hold the same keys
+    in containers of different types (a ``FrozenDict`` against a ``dict``); None if there is none."""
+    where = f"at {path!r}" if path else "at the top"
+    if isinstance(params, Mapping) and isinstance(deltas, Mapping):
+        if set(params) != set(deltas):
+            return None
+        if type(params) is not type(deltas):
+            return where, type(params).__name__, type(deltas).__name__
+        for k in params:
+            found = _container_difference(params[k], deltas[k], f"{path}/{k}" if path else str(k))
+            if found:
+                return found
+    elif isinstance(params, (list, tuple)) and isinstance(deltas, (list, tuple)) and len(params) == len(deltas):
+        if type(params) is not type(deltas):
+            return where, type(params).__name__, type(deltas).__name__
+        for i, (p, d) in enumerate(zip(params, deltas, strict=True)):
+            found = _container_difference(p, d, f"{path}/{i}" if path else str(i))
+            if found:
+                return found
+    return None
+
+
 def paired_leaves(params: Any, deltas: Any, what: str = "deltas"):
     """``(treedef, [(path, w, delta_or_None)])`` for every leaf of params, in params' flattening order.
 
@@ -73,6 +103,15 @@ def paired_leaves(params: Any, deltas: Any, what: str = "deltas"):
     try:
         ds = treedef.flatten_up_to(deltas)
     except (ValueError, TypeError) as e:
+        containers = _container_difference(params, deltas)
+        if containers is not None:
+            where, p_type, d_type = containers
+            raise ValueError(
+                f"{what} do not have the structure of params: they hold the same keys, but {where} params are "
+                f"a {p_type} and {what} a {d_type}. Build the {what} from these very params "
+                f"(lj.init(key, params, spec) keeps their container types), or convert one side, e.g. "
+                f"flax.core.freeze(...) / flax.core.unfreeze(...)."
+            ) from None
         want = {path_str(p) for p, _ in leaves}
         # None marks an untargeted leaf: count it as present, or every untargeted path shows as missing.
         got = {
@@ -84,7 +123,7 @@ def paired_leaves(params: Any, deltas: Any, what: str = "deltas"):
         raise ValueError(
             f"{what} do not have the structure of params: {what} paths missing from params: "
             f"{sorted(got - want)[:8]}; params paths missing from {what}: {sorted(want - got)[:8]}. "
-            f"Create deltas with lj.init(key, params, spec) for these very params.\n(jax: {e})"
+            f"Create deltas with lj.init(key, params, spec) for these very params.\n(jax: {_short(e)})"
         ) from None
     pairs = []
     for (p, w), d in zip(leaves, ds, strict=True):

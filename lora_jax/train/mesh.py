@@ -28,10 +28,15 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def parse_mesh(text: str, num_devices: int) -> dict[str, int]:
+def parse_mesh(text: str, num_devices: int | None) -> dict[str, int]:
   """``"data=-1,fsdp=1,tensor=1"`` -> ``{"data": D, "fsdp": F, "tensor": T}`` with ``D·F·T == num_devices``.
 
-  At most one size may be -1 (all remaining devices). Axes not named get size 1.
+  At most one size may be -1 (all remaining devices). Axes not named get size 1. With
+  ``num_devices=None`` only the syntax is checked and a -1 stays -1 (no JAX backend is touched).
+
+  Raises:
+    ValueError: a malformed mesh, or one that does not fit `num_devices`; the message starts with
+      ``mesh '<text>':``.
   """
   sizes = {a: 1 for a in AXES}
   seen = set()
@@ -39,22 +44,24 @@ def parse_mesh(text: str, num_devices: int) -> dict[str, int]:
     name, _, value = part.partition("=")
     name = name.strip()
     if name not in AXES or not value.strip().lstrip("-").isdigit():
-      raise ValueError(f"--mesh {text!r}: expected comma-separated 'axis=size' with axis in {AXES} and an "
+      raise ValueError(f"mesh {text!r}: expected comma-separated 'axis=size' with axis in {AXES} and an "
                        f"integer size (-1 = the remaining devices), e.g. 'data=-1,fsdp=1,tensor=1'.")
     if name in seen:
-      raise ValueError(f"--mesh {text!r}: axis {name!r} given twice.")
+      raise ValueError(f"mesh {text!r}: axis {name!r} given twice.")
     seen.add(name)
     sizes[name] = int(value)
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
-    raise ValueError(f"--mesh {text!r}: sizes must be positive, with at most one -1.")
+    raise ValueError(f"mesh {text!r}: sizes must be positive, with at most one -1.")
+  if num_devices is None:
+    return sizes
   fixed = int(np.prod([s for s in sizes.values() if s != -1]))
   if free:
     if num_devices % fixed:
-      raise ValueError(f"--mesh {text!r}: {num_devices} devices are not a multiple of {fixed}.")
+      raise ValueError(f"mesh {text!r}: {num_devices} devices are not a multiple of {fixed}.")
     sizes[free[0]] = num_devices // fixed
   if int(np.prod(list(sizes.values()))) != num_devices:
-    raise ValueError(f"--mesh {text!r} has {int(np.prod(list(sizes.values())))} devices but "
+    raise ValueError(f"mesh {text!r}: it has {int(np.prod(list(sizes.values())))} devices but "
                      f"{num_devices} are available; use -1 for one axis to fill the rest.")
   return sizes
 
@@ -161,14 +168,21 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
       or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 or bool(env.get("TPU_WORKER_HOSTNAMES", "").count(","))
   if coordinator is None and not auto:
     if num_processes not in (None, 1):
-      raise ValueError(f"--num-processes {num_processes} needs --coordinator host:port.")
+      raise ValueError(f"num_processes={num_processes} needs a coordinator address 'host:port'.")
     return False
+  if coordinator is not None:
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(f"coordinator {coordinator!r}: expected 'host:port' (process 0's address and a free port), "
+                       f"e.g. '10.0.0.1:8476'.")
+    if num_processes is None or process_id is None:
+      raise ValueError("a coordinator address needs num_processes and process_id too.")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes}).")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator is None:
     jax.distributed.initialize()
   else:
-    if num_processes is None or process_id is None:
-      raise ValueError("--coordinator needs --num-processes and --process-id too.")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
   return True
