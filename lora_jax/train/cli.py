@@ -255,7 +255,8 @@ def _with_adapter(args) -> int:
       raise
     raise ValueError(f"the adapter was trained on the model {cfg.model!r}, which cannot be used here: {e} Give the "
                      f"base model with --model.") from None
-  model, variables, tok, identity = loop.load_model(cfg)
+  # Loaded as in training (sharded onto this process's devices), so the stored identity matches.
+  model, variables, tok, identity = loop.load_model(cfg, mesh_lib.make_mesh("data=-1,fsdp=1,tensor=1"))
   # The architecture must be the one the adapter was trained on (the name may differ with --model, e.g.
   # a local copy of the same checkpoint); shapes are checked leaf by leaf as well.
   deltas = checkpoint.load_adapter(args.adapter, variables, base_model={"config": identity["config"]})

@@ -143,8 +143,12 @@ def check_model(name: str) -> None:
                      f"{family.model_type} models are supported by the library API (lj.init, lj.wrap), not here.")
 
 
-def load_model(cfg: TrainConfig):
-  """``(model, variables, tokenizer, identity)`` for ``cfg.model``; identity is JSON (name + config)."""
+def load_model(cfg: TrainConfig, mesh=None):
+  """``(model, variables, tokenizer, identity)`` for ``cfg.model``; identity is JSON (name + config).
+
+  With `mesh`, a checkpoint's parameters are created directly with their final shardings (the model
+  family's rules), each process reading only its own slices; a bfloat16 checkpoint stays bfloat16.
+  """
   dtype = jnp.dtype(cfg.dtype)
   if cfg.model == "tiny-llama":
     from lora_jax import assets
@@ -157,7 +161,7 @@ def load_model(cfg: TrainConfig):
     from lora_jax import models
 
     model, variables, tok = models.load(cfg.model, scan_layers=cfg.scan_layers, remat=cfg.remat,
-                                        dtype=None if dtype == jnp.float32 else dtype)
+                                        dtype=None if dtype == jnp.float32 else dtype, mesh=mesh)
   mc = model.config
   config = {k: (jnp.dtype(v).name if k in ("dtype", "param_dtype") else v)
             for k, v in dataclasses.asdict(mc).items() if k not in ("remat",)}
@@ -212,7 +216,10 @@ def build(model, variables, spec: lj.LoraSpec, *, mesh, lr: float = 1e-3, steps:
   their codes and scales sharded like the kernel; the deltas and the optimizer stay float32.
   """
   param_sh = mesh_lib.param_shardings(model, variables, mesh)
-  params = mesh_lib.place(variables, param_sh)
+  placed = all(isinstance(x, jax.Array) and x.sharding == s
+               for x, s in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(param_sh), strict=True))
+  # A sharded load (`load_model(cfg, mesh)`) is placed already; `place` would gather it on one host.
+  params = variables if placed else mesh_lib.place(variables, param_sh)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
   init = lambda k: lj.init(k, abstract, spec)
   delta_shapes = jax.eval_shape(init, jax.random.key(seed))
@@ -746,7 +753,7 @@ def _finetune(cfg: TrainConfig, out: pathlib.Path, on_exit: contextlib.ExitStack
   on_exit.callback(ckpt.close)  # pending async saves finish however the run ends
   resuming = check_resume(ckpt, cfg)  # refuse a checkpoint made with other settings before any expensive work
 
-  model, variables, tok, identity = load_model(cfg)
+  model, variables, tok, identity = load_model(cfg, mesh)
   splits = load_task(cfg, tok, mesh, out)
   if splits.train_rows < cfg.batch:
     raise ValueError(f"--batch {cfg.batch} is larger than the training set ({splits.train_rows} "
