@@ -177,6 +177,8 @@ def _main(argv: list[str]) -> int:
   if args.command == "finetune":
     kw = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
     kw["prompt"] = kw["prompt"].replace("\\n", "\n")
+    if not any(a == "--warmup" or a.startswith("--warmup=") for a in argv) and kw["warmup"] >= kw["steps"]:
+      kw["warmup"] = kw["steps"] // 10  # the default warmup is for the default run; a short run warms up 10%
     cfg = config_lib.TrainConfig(**kw)
     # Everything checkable without a model or a device, before JAX starts.
     from lora_jax.train import loop
