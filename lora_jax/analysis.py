@@ -137,8 +137,8 @@ def subspace_similarity_grid(a1, a2) -> jax.Array:
   u1, u2 = left_singular_vectors(a1), left_singular_vectors(a2)
   m = jnp.matmul(u1.T, u2, precision=_HI)
   cum = jnp.cumsum(jnp.cumsum(m * m, axis=0), axis=1)
-  i = jnp.arange(1, u1.shape[1] + 1)[:, None]
-  j = jnp.arange(1, u2.shape[1] + 1)[None, :]
+  i = jnp.arange(1, u1.shape[1] + 1, dtype=cum.dtype)[:, None]
+  j = jnp.arange(1, u2.shape[1] + 1, dtype=cum.dtype)[None, :]
   return cum / jnp.minimum(i, j)
 
 

