@@ -32,16 +32,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from lora_jax.data.errors import DataError
 
 __all__ = ["EXTENSIONS", "SPLITS", "DataError", "Table", "carve", "data_fingerprint", "fingerprint", "parse_data_arg",
            "public_name", "read_table", "share"]
 
 SPLITS = ("train", "validation")
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """Bad data or a bad ``--data`` value; the message is one line naming the file, line/row and field."""
 
 
 def parse_data_arg(text: str) -> dict[str, list[pathlib.Path]]:

@@ -39,7 +39,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lora_jax.data.files import DataError
+from lora_jax.data.errors import DataError
 
 __all__ = ["COLUMNS", "FORMATS", "ROLES", "Encoded", "Encoder", "LabelSet", "answer_field", "check_row",
            "detect_format", "label_set", "special_tokens"]

@@ -432,29 +432,3 @@ def plan(request: PlanRequest, *, timeout: float | None = None) -> dict:
     """
     c = check(request)  # fast errors in this process
     return plan_targets.run_worker({"request": dataclasses.asdict(request)}, c.target, c.num_devices, timeout)
-
-
-def _worker(argv: list[str]) -> None:
-    import json
-    import sys
-
-    job = json.loads(argv[1])
-    try:
-        request = PlanRequest(**job["request"])
-        if "search" in job:
-            s = job["search"]
-            from lora_jax.train import plan_search
-
-            answer = plan_search.search_here(request, s["axis"], s["limit"], s["max_compiles"])
-        else:
-            answer = compile_plan(request)
-    except (ValueError, TypeError, RuntimeError) as e:
-        answer = {"failure": {"type": type(e).__name__, "message": str(e)}}
-    sys.stdout.write(plan_targets._MARK + json.dumps(answer) + "\n")
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] == ["--worker"]:
-        _worker(sys.argv[1:])

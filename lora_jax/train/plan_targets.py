@@ -254,7 +254,7 @@ def run_worker(request: dict, target: Target, num_devices: int, timeout: float |
     Raises:
       ValueError, TypeError, MissingExtra, RuntimeError: re-raised from the child with its message.
     """
-    cmd = [sys.executable, "-m", "lora_jax.train.plan", "--worker", json.dumps(request)]
+    cmd = [sys.executable, "-m", "lora_jax.train.plan_worker", "--worker", json.dumps(request)]
     proc = subprocess.run(
         cmd, env=environment(target, num_devices), capture_output=True, text=True, timeout=timeout
     )
