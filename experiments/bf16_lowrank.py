@@ -55,6 +55,7 @@ def stack(layer):
         for w, d in zip(ws, deltas):
             x = jnp.tanh(layer(x, w, d.a, d.b * d.scale))
         return x
+
     return fn
 
 
@@ -95,8 +96,10 @@ def main(argv=None):
     deltas = [lj.init(k, {"w": w}, spec)["w"] for k, w in zip(keys[:-2], ws32)]
     # A trained-looking delta: b != 0 (a fresh one is exactly zero).
     leaves, tree = jax.tree_util.tree_flatten(deltas)
-    leaves = [x if i % 2 == 0 else jax.random.normal(jax.random.fold_in(keys[-1], i), x.shape) * 0.05
-              for i, x in enumerate(leaves)]
+    leaves = [
+        x if i % 2 == 0 else jax.random.normal(jax.random.fold_in(keys[-1], i), x.shape) * 0.05
+        for i, x in enumerate(leaves)
+    ]
     deltas = jax.tree_util.tree_unflatten(tree, leaves)
     x32 = jax.random.normal(keys[-2], (args.batch, args.d))
     ws16, x16 = [w.astype(BF16) for w in ws32], x32.astype(BF16)
@@ -111,18 +114,36 @@ def main(argv=None):
         loss = lambda d, fn=fn: jnp.mean(jnp.square(fn(ws16, d, x16).astype(F32)))  # noqa: E731
         step = jax.jit(jax.value_and_grad(loss))
         err = float(jnp.max(jnp.abs(fwd(ws16, deltas, x16).astype(F32) - truth))) / effect
-        rows.append({"variant": name, "forward_ms": timeit(fwd, ws16, deltas, x16, reps=args.reps),
-                     "step_ms": timeit(step, deltas, reps=args.reps), "rel_err_of_lora_effect": err})
+        rows.append(
+            {
+                "variant": name,
+                "forward_ms": timeit(fwd, ws16, deltas, x16, reps=args.reps),
+                "step_ms": timeit(step, deltas, reps=args.reps),
+                "rel_err_of_lora_effect": err,
+            }
+        )
 
-    print(f"bf16, d={args.d}, {args.layers} layers, {args.batch} tokens, rank {args.rank}, "
-          f"{jax.devices()[0].platform}, median of {args.reps}")
+    print(
+        f"bf16, d={args.d}, {args.layers} layers, {args.batch} tokens, rank {args.rank}, "
+        f"{jax.devices()[0].platform}, median of {args.reps}"
+    )
     print(f"{'variant':<16}{'forward ms':>12}{'step ms':>12}{'err / effect':>15}")
     for r in rows:
-        print(f"{r['variant']:<16}{r['forward_ms']:>12.2f}{r['step_ms']:>12.2f}{r['rel_err_of_lora_effect']:>15.2e}")
+        print(
+            f"{r['variant']:<16}{r['forward_ms']:>12.2f}{r['step_ms']:>12.2f}{r['rel_err_of_lora_effect']:>15.2e}"
+        )
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "out"} | {"platform": jax.devices()[0].platform,
-                                                       "jax": jax.__version__}, "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "config": {k: v for k, v in vars(args).items() if k != "out"}
+                | {"platform": jax.devices()[0].platform, "jax": jax.__version__},
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

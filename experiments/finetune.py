@@ -15,4 +15,4 @@ import sys
 from lora_jax.train.cli import main
 
 if __name__ == "__main__":
-  sys.exit(main(["finetune", *sys.argv[1:]]))
+    sys.exit(main(["finetune", *sys.argv[1:]]))

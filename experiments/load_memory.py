@@ -43,10 +43,22 @@ import time
 
 import numpy as np
 
-BIG = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 8,
-       "head_dim": 128, "vocab_size": 32000}
-SMALL = {"hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "head_dim": 64, "vocab_size": 4096}
+BIG = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 32000,
+}
+SMALL = {
+    "hidden_size": 256,
+    "intermediate_size": 704,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "vocab_size": 4096,
+}
 MESH = "data=1,fsdp=4,tensor=2"
 DEVICES = 8
 GB = 1e9
@@ -60,10 +72,17 @@ def llama_shapes(config: dict, layer: int | None) -> dict[str, tuple[int, ...]]:
     if layer is None:
         return {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
     p = f"model.layers.{layer}."
-    return {p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f),
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)}
+    return {
+        p + "self_attn.q_proj.weight": (q, d),
+        p + "self_attn.k_proj.weight": (kv, d),
+        p + "self_attn.v_proj.weight": (kv, d),
+        p + "self_attn.o_proj.weight": (d, q),
+        p + "mlp.gate_proj.weight": (f, d),
+        p + "mlp.up_proj.weight": (f, d),
+        p + "mlp.down_proj.weight": (d, f),
+        p + "input_layernorm.weight": (d,),
+        p + "post_attention_layernorm.weight": (d,),
+    }
 
 
 def _bytes(shapes: dict) -> int:
@@ -88,9 +107,17 @@ def write_checkpoint(folder: pathlib.Path, config: dict, target_bytes: float, se
 
     per_layer, top = _bytes(llama_shapes(config, 0)), _bytes(llama_shapes(config, None))
     layers = max(1, math.ceil((target_bytes - top) / per_layer))
-    config = {"model_type": "llama", "num_hidden_layers": layers, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "max_position_embeddings": 4096, "tie_word_embeddings": False, "hidden_act": "silu",
-              "torch_dtype": "bfloat16", **config}
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        **config,
+    }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     rng = np.random.default_rng(seed)
@@ -102,9 +129,12 @@ def write_checkpoint(folder: pathlib.Path, config: dict, target_bytes: float, se
         save_file(tensors, str(folder / name))
         weight_map.update(dict.fromkeys(tensors, name))
         del tensors
-    total = sum(2 * math.prod(s) for layer in [None, *range(layers)] for s in llama_shapes(config, layer).values())
+    total = sum(
+        2 * math.prod(s) for layer in [None, *range(layers)] for s in llama_shapes(config, layer).values()
+    )
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     return config
 
 
@@ -151,11 +181,20 @@ def child(method: str, folder: str, process: int | None = None, port: int | None
     leaves = jax.tree_util.tree_leaves(params)
     held = sum(s.data.nbytes for x in leaves for s in x.addressable_shards)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"method": method, "peak_rss": max(peak, _status("VmHWM")), "rss_before": before,
-            "rss_after": _status("VmRSS"), "held": held, "seconds": seconds, "read": read_bytes,
-            "process": jax.process_index(), "processes": jax.process_count(),
-            "param_dtypes": sorted({str(x.dtype) for x in leaves}),
-            "specs": sorted({str(tuple(x.sharding.spec)) for x in leaves}), "devices": jax.device_count()}
+    return {
+        "method": method,
+        "peak_rss": max(peak, _status("VmHWM")),
+        "rss_before": before,
+        "rss_after": _status("VmRSS"),
+        "held": held,
+        "seconds": seconds,
+        "read": read_bytes,
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
+        "param_dtypes": sorted({str(x.dtype) for x in leaves}),
+        "specs": sorted({str(tuple(x.sharding.spec)) for x in leaves}),
+        "devices": jax.device_count(),
+    }
 
 
 def _free_port() -> int:
@@ -169,15 +208,20 @@ def _free_port() -> int:
 def _run_child(method: str, folder: pathlib.Path) -> list[dict]:
     """One row per process: one fresh process, or two (4 devices each) for ``sharded_2proc``."""
     processes = 2 if method == "sharded_2proc" else 1
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // processes}",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // processes}",
+        JAX_PLATFORMS="cpu",
+    )
     cmd = [sys.executable, __file__, "--child", method, "--folder", str(folder)]
     if processes > 1:
         port = _free_port()
         cmds = [cmd + ["--process-id", str(i), "--port", str(port)] for i in range(processes)]
     else:
         cmds = [cmd]
-    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    procs = [
+        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds
+    ]
     rows = []
     try:
         for proc in procs:
@@ -185,7 +229,7 @@ def _run_child(method: str, folder: pathlib.Path) -> list[dict]:
             if proc.returncode != 0:
                 raise RuntimeError(f"{method} load failed:\n{err[-4000:]}")
             line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
-            rows.append(json.loads(line[len("RESULT "):]))
+            rows.append(json.loads(line[len("RESULT ") :]))
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -203,9 +247,15 @@ def _available() -> int:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gb", type=float, default=2.2, help="checkpoint size to generate, in GB (1e9 bytes)")
-    ap.add_argument("--small", action="store_true", help="a few-MB checkpoint with small layers (quick check)")
-    ap.add_argument("--skip-whole", action="store_true", help="skip the whole-model load (needs ~4.5x the checkpoint)")
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"), help="folder for the JSON")
+    ap.add_argument(
+        "--small", action="store_true", help="a few-MB checkpoint with small layers (quick check)"
+    )
+    ap.add_argument(
+        "--skip-whole", action="store_true", help="skip the whole-model load (needs ~4.5x the checkpoint)"
+    )
+    ap.add_argument(
+        "--out", default=str(pathlib.Path(__file__).parent / "results"), help="folder for the JSON"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
@@ -221,11 +271,16 @@ def main(argv=None) -> dict:
         target = 0.01 * GB if args.small else args.gb * GB
         config = write_checkpoint(tmp / "llama", SMALL if args.small else BIG, target)
         checkpoint = sum(p.stat().st_size for p in (tmp / "llama").glob("*.safetensors"))
-        generation = {"seconds": time.perf_counter() - t0,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-        print(f"checkpoint: {checkpoint / GB:.3f} GB bfloat16, {config['num_hidden_layers']} layers, "
-              f"{config['num_hidden_layers'] + 1} files (generated in {generation['seconds']:.0f} s, "
-              f"generator peak RSS {generation['peak_rss'] / GB:.2f} GB)", flush=True)
+        generation = {
+            "seconds": time.perf_counter() - t0,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+        print(
+            f"checkpoint: {checkpoint / GB:.3f} GB bfloat16, {config['num_hidden_layers']} layers, "
+            f"{config['num_hidden_layers'] + 1} files (generated in {generation['seconds']:.0f} s, "
+            f"generator peak RSS {generation['peak_rss'] / GB:.2f} GB)",
+            flush=True,
+        )
         rows, skipped = [], None
         for method in ("sharded", "sharded_scan", "sharded_2proc", "whole"):
             if method == "whole":
@@ -245,30 +300,45 @@ def main(argv=None) -> dict:
         r["overhead"] = r["peak_rss"] - r["rss_before"] - r["held"]
         r["peak_over_checkpoint"] = r["peak_rss"] / checkpoint
         r["overhead_over_checkpoint"] = r["overhead"] / checkpoint
-    head = (f"{'method':<18}{'peak RSS':>10}{'before':>9}{'held':>9}{'overhead':>10}{'overhead/ckpt':>15}"
-            f"{'peak/ckpt':>11}{'read':>8}{'dtype':>10}{'time':>8}")
-    print(f"\nLoading a {checkpoint / GB:.2f} GB bfloat16 Llama checkpoint onto {DEVICES} simulated CPU devices "
-          f"({MESH}); GB = 1e9 bytes")
+    head = (
+        f"{'method':<18}{'peak RSS':>10}{'before':>9}{'held':>9}{'overhead':>10}{'overhead/ckpt':>15}"
+        f"{'peak/ckpt':>11}{'read':>8}{'dtype':>10}{'time':>8}"
+    )
+    print(
+        f"\nLoading a {checkpoint / GB:.2f} GB bfloat16 Llama checkpoint onto {DEVICES} simulated CPU devices "
+        f"({MESH}); GB = 1e9 bytes"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         label = r["method"] + (f" #{r['process']}" if r["processes"] > 1 else "")
         read = "all" if r["read"] is None else f"{r['read'] / GB:.2f}"
-        print(f"{label:<18}{r['peak_rss'] / GB:>10.2f}{r['rss_before'] / GB:>9.2f}{r['held'] / GB:>9.2f}"
-              f"{r['overhead'] / GB:>10.2f}{r['overhead_over_checkpoint']:>15.1%}{r['peak_over_checkpoint']:>11.2f}"
-              f"{read:>8}"
-              f"{','.join(r['param_dtypes']):>10}{r['seconds']:>7.0f}s")
+        print(
+            f"{label:<18}{r['peak_rss'] / GB:>10.2f}{r['rss_before'] / GB:>9.2f}{r['held'] / GB:>9.2f}"
+            f"{r['overhead'] / GB:>10.2f}{r['overhead_over_checkpoint']:>15.1%}{r['peak_over_checkpoint']:>11.2f}"
+            f"{read:>8}"
+            f"{','.join(r['param_dtypes']):>10}{r['seconds']:>7.0f}s"
+        )
     if skipped:
         print(f"whole: skipped ({skipped})")
-    print("\npeak RSS: the loading process's peak resident set; before: Python + JAX + mesh, before loading; "
-          "held: bytes of the\ndevice buffers this process holds at the end (on a CPU-only host the devices are "
-          "host memory, so they are part\nof the RSS); overhead = peak - before - held: the host memory loading "
-          "needs beyond its result (on an\naccelerator host the arrays live in device memory and the host peak is "
-          "before + overhead); read: tensor\nbytes this process read from the checkpoint files (whole: all of them).")
+    print(
+        "\npeak RSS: the loading process's peak resident set; before: Python + JAX + mesh, before loading; "
+        "held: bytes of the\ndevice buffers this process holds at the end (on a CPU-only host the devices are "
+        "host memory, so they are part\nof the RSS); overhead = peak - before - held: the host memory loading "
+        "needs beyond its result (on an\naccelerator host the arrays live in device memory and the host peak is "
+        "before + overhead); read: tensor\nbytes this process read from the checkpoint files (whole: all of them)."
+    )
 
-    result = {"checkpoint_bytes": checkpoint, "config": config, "mesh": MESH, "devices": DEVICES,
-              "generation": generation, "rows": rows, "whole_skipped": skipped,
-              "note": "CPU-only host: device arrays are host memory; overhead = peak_rss - rss_before - held."}
+    result = {
+        "checkpoint_bytes": checkpoint,
+        "config": config,
+        "mesh": MESH,
+        "devices": DEVICES,
+        "generation": generation,
+        "rows": rows,
+        "whole_skipped": skipped,
+        "note": "CPU-only host: device arrays are host memory; overhead = peak_rss - rss_before - held.",
+    }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "load_memory_small.json" if args.small else "load_memory.json"

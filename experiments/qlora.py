@@ -40,7 +40,11 @@ VARIANTS = {  # name -> (param dtype, QuantSpec or None)
 
 def kernel_ratio(dense, params) -> float:
     """Bytes of the quantized leaves over the same leaves' float32 bytes."""
-    q = [x for x in jax.tree_util.tree_leaves(params, is_leaf=lj.quant.is_quantized) if lj.quant.is_quantized(x)]
+    q = [
+        x
+        for x in jax.tree_util.tree_leaves(params, is_leaf=lj.quant.is_quantized)
+        if lj.quant.is_quantized(x)
+    ]
     return sum(x.nbytes for x in q) / sum(4 * int(np.prod(x.shape)) for x in q) if q else 1.0
 
 
@@ -49,8 +53,8 @@ def perplexity(model, params, deltas, rows: dict) -> float:
     f = jax.jit(lj.wrap(model.apply))
     nll, count = 0.0, 0.0
     for i in range(0, len(rows["input_ids"]), 16):
-        ids = jnp.asarray(rows["input_ids"][i:i + 16])
-        mask = jnp.asarray(rows["attention_mask"][i:i + 16])
+        ids = jnp.asarray(rows["input_ids"][i : i + 16])
+        mask = jnp.asarray(rows["attention_mask"][i : i + 16])
         logp = jax.nn.log_softmax(f(params, deltas, ids, mask).astype(jnp.float32), axis=-1)
         tok = jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
         w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
@@ -65,9 +69,13 @@ def run(name: str, args, model, variables, tok, splits) -> dict:
     base = jax.tree_util.tree_map(lambda x: x.astype(dtype), variables)
     spec = loop.lora_spec(cfg, base)
     mesh = mesh_lib.make_mesh("data=-1,fsdp=1,tensor=1")
-    setup = loop.build(model, base, spec, mesh=mesh, steps=100, candidate_ids=loop.candidate_token_ids(tok),
-                       quantize=qspec)
-    out = {"base_bytes": lj.quant.base_bytes(setup.params), "kernel_ratio_vs_f32": kernel_ratio(variables, setup.params)}
+    setup = loop.build(
+        model, base, spec, mesh=mesh, steps=100, candidate_ids=loop.candidate_token_ids(tok), quantize=qspec
+    )
+    out = {
+        "base_bytes": lj.quant.base_bytes(setup.params),
+        "kernel_ratio_vs_f32": kernel_ratio(variables, setup.params),
+    }
     t = time.time()
     out["zero_shot_accuracy"] = loop.evaluate(setup, setup.deltas, splits["test"], 32)
     out["eval_seconds"] = time.time() - t
@@ -75,7 +83,9 @@ def run(name: str, args, model, variables, tok, splits) -> dict:
     tr = splits["train"]
     b = {k: tr[k][None, :8] for k in ("input_ids", "attention_mask", "loss_mask")}
     gb = mesh_lib.global_batch(b, setup.shardings["batch"], axis=1)
-    compiled = setup.train_step.lower(setup.deltas, setup.opt_state, setup.params, gb, jax.random.key(0)).compile()
+    compiled = setup.train_step.lower(
+        setup.deltas, setup.opt_state, setup.params, gb, jax.random.key(0)
+    ).compile()
     mem = compiled.memory_analysis()
     out["step_argument_bytes"] = int(mem.argument_size_in_bytes)
     out["step_temp_bytes"] = int(mem.temp_size_in_bytes)
@@ -104,12 +114,18 @@ def main():
     variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), variables)
     cfg = config_lib.TrainConfig(max_len=48)
     sets = data.load_sentiment()
-    splits = {"test": loop.encode_split(sets["test"], tok, cfg, args.eval_size),
-              "train": loop.encode_split(sets["train"], tok, cfg, 64),
-              "text": data.encode_lm(data.subset(sets["test"], args.ppl_rows), tok, cfg.max_len, prompt="{text}")}
-    results = {"eval_size": len(splits["test"]["labels"]), "ppl_rows": args.ppl_rows,
-               "float32_base_bytes": lj.quant.base_bytes(variables), "devices": str(jax.devices()[0].platform),
-               "variants": {}}
+    splits = {
+        "test": loop.encode_split(sets["test"], tok, cfg, args.eval_size),
+        "train": loop.encode_split(sets["train"], tok, cfg, 64),
+        "text": data.encode_lm(data.subset(sets["test"], args.ppl_rows), tok, cfg.max_len, prompt="{text}"),
+    }
+    results = {
+        "eval_size": len(splits["test"]["labels"]),
+        "ppl_rows": args.ppl_rows,
+        "float32_base_bytes": lj.quant.base_bytes(variables),
+        "devices": str(jax.devices()[0].platform),
+        "variants": {},
+    }
     for name in args.variants.split(","):
         results["variants"][name] = run(name, args, model, variables, tok, splits)
     if args.out:

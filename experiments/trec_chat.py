@@ -34,10 +34,18 @@ import numpy as np
 
 from lora_jax import assets
 
-LABELS = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location",
-          "NUM": "number"}
-SYSTEM = ("Classify the question by the type of its answer: abbreviation, description, entity, human, "
-          "location or number. Reply with one word.")
+LABELS = {
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "human",
+    "LOC": "location",
+    "NUM": "number",
+}
+SYSTEM = (
+    "Classify the question by the type of its answer: abbreviation, description, entity, human, "
+    "location or number. Reply with one word."
+)
 VALIDATION = 500
 
 
@@ -59,7 +67,9 @@ def read_questions(path: pathlib.Path) -> list[tuple[str, str]]:
         label, _, question = line.partition(" ")
         coarse = label.split(":")[0]
         if coarse not in LABELS or not question:
-            raise ValueError(f"{path.name} line {number}: expected 'COARSE:fine question', found {line[:60]!r}")
+            raise ValueError(
+                f"{path.name} line {number}: expected 'COARSE:fine question', found {line[:60]!r}"
+            )
         question = detokenize(question)
         if question not in seen:
             seen.add(question)
@@ -68,8 +78,13 @@ def read_questions(path: pathlib.Path) -> list[tuple[str, str]]:
 
 
 def chat(label: str, question: str) -> dict:
-    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
-                         {"role": "assistant", "content": label}]}
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": label},
+        ]
+    }
 
 
 def main(argv=None) -> None:

@@ -112,7 +112,9 @@ def checksums(leaves: list) -> list:
         crcs = [int(value[owner[j], j]) for j in range(len(crcs))]
         k = 0
         for i, blocks, _ in sharded:
-            records[i] = {"blocks": [[[list(b) for b in block], crcs[k + j]] for j, block in enumerate(blocks)]}
+            records[i] = {
+                "blocks": [[[list(b) for b in block], crcs[k + j]] for j, block in enumerate(blocks)]
+            }
             k += len(blocks)
     return records
 
@@ -171,8 +173,13 @@ def valid_records(records, shapes: list) -> bool:
         if isinstance(r, dict):
             blocks = r.get("blocks")
             if not isinstance(blocks, list) or not all(
-                    isinstance(b, list) and len(b) == 2 and isinstance(b[1], int) and isinstance(b[0], list)
-                    and len(b[0]) == len(shape) for b in blocks):
+                isinstance(b, list)
+                and len(b) == 2
+                and isinstance(b[1], int)
+                and isinstance(b[0], list)
+                and len(b[0]) == len(shape)
+                for b in blocks
+            ):
                 return False
         elif not isinstance(r, int) or isinstance(r, bool):
             return False

@@ -18,8 +18,9 @@ __all__ = ["closest"]
 _REGEX_SYNTAX = re.compile(r"[\\^$.*+?()\[\]{}|]")
 
 
-def closest(queries: str | Iterable[str], candidates: Iterable[str], n: int = 5, *,
-            regex: bool = False) -> list[str]:
+def closest(
+    queries: str | Iterable[str], candidates: Iterable[str], n: int = 5, *, regex: bool = False
+) -> list[str]:
     """The `n` candidates most similar to any of `queries`, most similar first.
 
     Args:

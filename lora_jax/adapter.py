@@ -52,8 +52,14 @@ from lora_jax.dora import DoraDelta, is_dora
 from lora_jax.spec import LoraAxes, LoraSpec, path_str
 
 __all__ = [
-    "ADAPTER_FILE", "ADAPTER_FORMAT", "adapter_info", "load_adapter", "save_adapter", "save_merged",
-    "spec_from_json", "spec_to_json",
+    "ADAPTER_FILE",
+    "ADAPTER_FORMAT",
+    "adapter_info",
+    "load_adapter",
+    "save_adapter",
+    "save_merged",
+    "spec_from_json",
+    "spec_to_json",
 ]
 
 ADAPTER_FORMAT = "lora_jax.adapter/2"
@@ -66,8 +72,19 @@ _HEADER_CRC = "header_crc32"
 # The fields every header holds (format /2 also `_HEADER_CRC`), each delta record, and the stored spec.
 _HEADER_FIELDS = ("format", "spec", "base_model", "deltas", "extra")
 _DELTA_FIELDS = ("scale", "axes", "dropout", "rank", "weight_shape", "crc32_a", "crc32_b")
-_SPEC_FIELDS = ("rank", "alpha", "targets", "exclude", "rank_pattern", "alpha_pattern", "rslora", "init",
-                "dropout", "dtype", "axes")
+_SPEC_FIELDS = (
+    "rank",
+    "alpha",
+    "targets",
+    "exclude",
+    "rank_pattern",
+    "alpha_pattern",
+    "rslora",
+    "init",
+    "dropout",
+    "dtype",
+    "axes",
+)
 # LoraSpec fields written only when they differ from their defaults (older headers lack them).
 _SPEC_OPTIONAL = {"dora": False, "dora_detach_norm": True}
 
@@ -85,13 +102,22 @@ def spec_to_json(spec: LoraSpec) -> dict:
         (4, ['.*/query/kernel'], None)
     """
     return {
-        "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "exclude": list(spec.exclude),
-        "rank_pattern": dict(spec.rank_pattern), "alpha_pattern": dict(spec.alpha_pattern),
-        "rslora": spec.rslora, "init": spec.init, "dropout": spec.dropout,
+        "rank": spec.rank,
+        "alpha": spec.alpha,
+        "targets": list(spec.targets),
+        "exclude": list(spec.exclude),
+        "rank_pattern": dict(spec.rank_pattern),
+        "alpha_pattern": dict(spec.alpha_pattern),
+        "rslora": spec.rslora,
+        "init": spec.init,
+        "dropout": spec.dropout,
         "dtype": None if spec.dtype is None else jnp.dtype(spec.dtype).name,
         "axes": {k: dataclasses.asdict(v) for k, v in dict(spec.axes).items()},
-        **{k: v for k, v in (("dora", spec.dora), ("dora_detach_norm", spec.dora_detach_norm))
-           if v != _SPEC_OPTIONAL[k]},
+        **{
+            k: v
+            for k, v in (("dora", spec.dora), ("dora_detach_norm", spec.dora_detach_norm))
+            if v != _SPEC_OPTIONAL[k]
+        },
     }
 
 
@@ -106,7 +132,9 @@ def spec_from_json(d: dict) -> LoraSpec:
     d = dict(d)
     unknown = sorted(set(d) - set(_SPEC_FIELDS) - set(_SPEC_OPTIONAL))
     if unknown:
-        raise ValueError(f"spec_from_json: unknown LoraSpec field(s) {unknown}; the fields are {list(_SPEC_FIELDS)}.")
+        raise ValueError(
+            f"spec_from_json: unknown LoraSpec field(s) {unknown}; the fields are {list(_SPEC_FIELDS)}."
+        )
     if "targets" not in d:
         raise ValueError("spec_from_json: the spec has no 'targets' field (which parameters it adapts).")
     d["axes"] = {k: LoraAxes(**v) for k, v in d.get("axes", {}).items()}
@@ -143,8 +171,15 @@ def _missing_fields(header: dict) -> list[str]:
     return missing
 
 
-def save_adapter(path, deltas: Any, spec: LoraSpec, *, base_model: dict | None = None,
-                 extra: dict | None = None, verbose: bool = True) -> pathlib.Path:
+def save_adapter(
+    path,
+    deltas: Any,
+    spec: LoraSpec,
+    *,
+    base_model: dict | None = None,
+    extra: dict | None = None,
+    verbose: bool = True,
+) -> pathlib.Path:
     """Writes the deltas alone as safetensors with a JSON header; returns the file written.
 
     Args:
@@ -177,22 +212,35 @@ def save_adapter(path, deltas: Any, spec: LoraSpec, *, base_model: dict | None =
         if d is None:
             continue
         if not is_delta(d):
-            raise TypeError(f"{path_str(p)}: expected a LoraDelta or None in deltas, found {type(d).__name__}")
+            raise TypeError(
+                f"{path_str(p)}: expected a LoraDelta or None in deltas, found {type(d).__name__}"
+            )
         name = path_str(p)
         a = np.asarray(jax.device_get(d.a))
         b = np.asarray(jax.device_get(d.b))
         tensors[f"{name}/a"], tensors[f"{name}/b"] = a, b
-        record[name] = {"scale": d.scale, "axes": dataclasses.asdict(d.axes), "dropout": d.dropout,
-                        "rank": d.rank, "weight_shape": list(d.weight_shape()),
-                        "crc32_a": crc32(a), "crc32_b": crc32(b)}
+        record[name] = {
+            "scale": d.scale,
+            "axes": dataclasses.asdict(d.axes),
+            "dropout": d.dropout,
+            "rank": d.rank,
+            "weight_shape": list(d.weight_shape()),
+            "crc32_a": crc32(a),
+            "crc32_b": crc32(b),
+        }
         if is_dora(d):  # DoRA magnitude: tensor {name}/m
             m = np.asarray(jax.device_get(d.m))
             tensors[f"{name}/m"] = m
             record[name]["dora"] = {"detach_norm": d.detach_norm, "crc32_m": crc32(m)}
     if not record:
         raise ValueError("save_adapter: deltas hold no LoraDelta (nothing to save).")
-    header = {"format": ADAPTER_FORMAT, "spec": spec_to_json(spec), "base_model": base_model or {},
-              "deltas": record, "extra": extra or {}}
+    header = {
+        "format": ADAPTER_FORMAT,
+        "spec": spec_to_json(spec),
+        "base_model": base_model or {},
+        "deltas": record,
+        "extra": extra or {},
+    }
     try:  # the round trip normalizes what JSON changes (tuples, int keys), as a reader will see it
         header = json.loads(json.dumps(header))
     except (TypeError, ValueError) as e:
@@ -203,8 +251,10 @@ def save_adapter(path, deltas: Any, spec: LoraSpec, *, base_model: dict | None =
     os.replace(tmp, file)  # a reader never sees a half-written adapter
     if verbose:
         size = file.stat().st_size
-        print(f"adapter: {file} ({size / 2**20:.2f} MiB, {len(record)} deltas, "
-              f"{sum(t.size for t in tensors.values()):,} parameters)")
+        print(
+            f"adapter: {file} ({size / 2**20:.2f} MiB, {len(record)} deltas, "
+            f"{sum(t.size for t in tensors.values()):,} parameters)"
+        )
     return file
 
 
@@ -227,45 +277,61 @@ def adapter_info(path) -> dict:
 
     file = _adapter_file(path)
     if not file.is_file():
-        raise ValueError(f"adapter file not found: {str(file)!r} (give the file or the folder holding "
-                         f"{ADAPTER_FILE}).")
+        raise ValueError(
+            f"adapter file not found: {str(file)!r} (give the file or the folder holding {ADAPTER_FILE})."
+        )
     try:
         with safe_open(str(file), "np") as f:
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for a bad header
-        raise ValueError(f"{str(file)!r} is not a readable safetensors adapter (corrupted or truncated?): "
-                         f"{e}") from None
+        raise ValueError(
+            f"{str(file)!r} is not a readable safetensors adapter (corrupted or truncated?): {e}"
+        ) from None
     if "lora_jax" not in meta:
-        raise ValueError(f"{str(file)!r} has no lora_jax header: it is not an adapter written by "
-                         f"lora_jax.adapter.save_adapter.")
+        raise ValueError(
+            f"{str(file)!r} has no lora_jax header: it is not an adapter written by "
+            f"lora_jax.adapter.save_adapter."
+        )
     try:
         header = json.loads(meta["lora_jax"])
     except json.JSONDecodeError as e:
         raise ValueError(f"{str(file)!r}: the lora_jax header is not valid JSON (corrupted?): {e}") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{str(file)!r}: the lora_jax header is a JSON {type(header).__name__}, not an object "  # noqa: TRY004
-                         f"(corrupted?).")
+        raise ValueError(
+            f"{str(file)!r}: the lora_jax header is a JSON {type(header).__name__}, not an object "  # noqa: TRY004
+            f"(corrupted?)."
+        )
     if "format" in header and header["format"] not in _FORMATS_READ:
-        raise ValueError(f"{str(file)!r}: unknown adapter format {header.get('format')!r}, expected "
-                         f"{ADAPTER_FORMAT!r}.")
+        raise ValueError(
+            f"{str(file)!r}: unknown adapter format {header.get('format')!r}, expected {ADAPTER_FORMAT!r}."
+        )
     missing = _missing_fields(header)
     if missing:
-        raise ValueError(f"{str(file)!r}: the adapter header lacks the field(s) {missing[:10]}"
-                         f"{' ...' if len(missing) > 10 else ''} (corrupted, or edited by hand?); nothing was "
-                         f"loaded. Save the adapter again with save_adapter.")
+        raise ValueError(
+            f"{str(file)!r}: the adapter header lacks the field(s) {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} (corrupted, or edited by hand?); nothing was "
+            f"loaded. Save the adapter again with save_adapter."
+        )
     for name in ("spec", "deltas", "base_model", "extra"):
         if not isinstance(header[name], dict):
-            raise ValueError(f"{str(file)!r}: the adapter header field {name!r} is a JSON "  # noqa: TRY004
-                             f"{type(header[name]).__name__}, not an object (corrupted?).")
+            raise ValueError(
+                f"{str(file)!r}: the adapter header field {name!r} is a JSON "  # noqa: TRY004
+                f"{type(header[name]).__name__}, not an object (corrupted?)."
+            )
     if header["format"] != ADAPTER_FORMAT:
-        warnings.warn(f"{str(file)!r} is a {header['format']!r} adapter: its arrays are checksummed but its "
-                      f"header (scales, axes, targets, dropout, the list of deltas) is not. Load it and save it "
-                      f"again with save_adapter to upgrade it to {ADAPTER_FORMAT!r}.", stacklevel=2)
+        warnings.warn(
+            f"{str(file)!r} is a {header['format']!r} adapter: its arrays are checksummed but its "
+            f"header (scales, axes, targets, dropout, the list of deltas) is not. Load it and save it "
+            f"again with save_adapter to upgrade it to {ADAPTER_FORMAT!r}.",
+            stacklevel=2,
+        )
     elif header[_HEADER_CRC] != _header_crc(header):
-        raise ValueError(f"{str(file)!r}: the adapter header does not match its checksum {_HEADER_CRC}: it was "
-                         f"edited or corrupted after save_adapter wrote it (a scale, axes, targets, dropout, "
-                         f"the list of deltas, or the metadata). Nothing was loaded. To change an adapter, load "
-                         f"it, change the deltas and save it again with save_adapter.")
+        raise ValueError(
+            f"{str(file)!r}: the adapter header does not match its checksum {_HEADER_CRC}: it was "
+            f"edited or corrupted after save_adapter wrote it (a scale, axes, targets, dropout, "
+            f"the list of deltas, or the metadata). Nothing was loaded. To change an adapter, load "
+            f"it, change the deltas and save it again with save_adapter."
+        )
     return header
 
 
@@ -299,7 +365,9 @@ def load_adapter(path, params: Any, *, base_model: dict | None = None, allow_par
         stored = header.get("base_model", {})
         for k, v in base_model.items():
             if stored.get(k) != v:
-                problems.append(f"base model {k!r}: the adapter was made for {stored.get(k)!r}, this model is {v!r}")
+                problems.append(
+                    f"base model {k!r}: the adapter was made for {stored.get(k)!r}, this model is {v!r}"
+                )
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     by_path = {path_str(p): i for i, (p, _) in enumerate(leaves)}
     out: list = [None] * len(leaves)
@@ -308,25 +376,43 @@ def load_adapter(path, params: Any, *, base_model: dict | None = None, allow_par
             names = set(f.keys())
             for name, rec in header["deltas"].items():
                 if name not in by_path:
-                    problems.append(f"{name}: not a parameter of this model (closest: {closest(name, by_path, n=3)})")
+                    problems.append(
+                        f"{name}: not a parameter of this model (closest: {closest(name, by_path, n=3)})"
+                    )
                     continue
                 if f"{name}/a" not in names or f"{name}/b" not in names:
-                    problems.append(f"{name}: tensors {name}/a or {name}/b missing from the file (corrupted?)")
+                    problems.append(
+                        f"{name}: tensors {name}/a or {name}/b missing from the file (corrupted?)"
+                    )
                     continue
                 a, b = f.get_tensor(f"{name}/a"), f.get_tensor(f"{name}/b")
                 if crc32(a) != rec["crc32_a"] or crc32(b) != rec["crc32_b"]:
                     problems.append(f"{name}: checksum mismatch, the file is corrupted")
                     continue
                 try:
-                    d = LoraDelta(jnp.asarray(a), jnp.asarray(b), scale=float(rec["scale"]),
-                                  axes=LoraAxes(**rec["axes"]), dropout=float(rec["dropout"]))
+                    d = LoraDelta(
+                        jnp.asarray(a),
+                        jnp.asarray(b),
+                        scale=float(rec["scale"]),
+                        axes=LoraAxes(**rec["axes"]),
+                        dropout=float(rec["dropout"]),
+                    )
                     if "dora" in rec:
                         m = f.get_tensor(f"{name}/m")
                         if crc32(m) != rec["dora"]["crc32_m"]:
-                            problems.append(f"{name}: checksum mismatch of the DoRA magnitude, the file is corrupted")
+                            problems.append(
+                                f"{name}: checksum mismatch of the DoRA magnitude, the file is corrupted"
+                            )
                             continue
-                        d = DoraDelta(d.a, d.b, scale=d.scale, axes=d.axes, dropout=d.dropout, m=jnp.asarray(m),
-                                      detach_norm=bool(rec["dora"]["detach_norm"]))
+                        d = DoraDelta(
+                            d.a,
+                            d.b,
+                            scale=d.scale,
+                            axes=d.axes,
+                            dropout=d.dropout,
+                            m=jnp.asarray(m),
+                            detach_norm=bool(rec["dora"]["detach_norm"]),
+                        )
                 except (TypeError, ValueError, KeyError) as e:
                     problems.append(f"{name}: malformed delta record {rec} ({e})")
                     continue
@@ -341,14 +427,18 @@ def load_adapter(path, params: Any, *, base_model: dict | None = None, allow_par
     except Exception as e:
         raise ValueError(f"{str(file)!r} could not be read (corrupted or truncated?): {e}") from None
     if problems:
-        raise ValueError(f"adapter {str(file)!r} does not fit this model ({len(problems)} problem(s)); nothing "
-                         f"was loaded:\n  " + "\n  ".join(problems))
+        raise ValueError(
+            f"adapter {str(file)!r} does not fit this model ({len(problems)} problem(s)); nothing "
+            f"was loaded:\n  " + "\n  ".join(problems)
+        )
     deltas = jax.tree_util.tree_unflatten(treedef, out)
     try:
         spec = spec_from_json(header["spec"])
     except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"adapter {str(file)!r}: its stored spec is malformed ({type(e).__name__}: {e}); "
-                         f"nothing was loaded.") from None
+        raise ValueError(
+            f"adapter {str(file)!r}: its stored spec is malformed ({type(e).__name__}: {e}); "
+            f"nothing was loaded."
+        ) from None
     check_coverage(params, deltas, spec, allow_partial=allow_partial, source=f"adapter {str(file)!r}")
     return deltas
 
@@ -376,8 +466,9 @@ def save_merged(path, params: Any, deltas: Any, *, metadata: dict | None = None)
         file = file / "merged.safetensors"
     file.parent.mkdir(parents=True, exist_ok=True)
     merged = merge(params, deltas)
-    tensors = {path_str(p): np.asarray(jax.device_get(x))
-               for p, x in jax.tree_util.tree_flatten_with_path(merged)[0]}
+    tensors = {
+        path_str(p): np.asarray(jax.device_get(x)) for p, x in jax.tree_util.tree_flatten_with_path(merged)[0]
+    }
     tmp = file.with_name(file.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"lora_jax_merged": json.dumps(metadata or {})})
     os.replace(tmp, file)

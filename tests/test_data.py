@@ -13,8 +13,8 @@ HEADER = "id\tsentiment\ttext\r\n"
 ROWS = [
     "1\t2.5\tA gorgeous, witty film.",
     "2\t-1.25\tA dull mess.",
-    "3\t0.0\tIt is a film.",             # zero score: dropped
-    "4\t1.0\tA gorgeous, witty film.",   # repeated sentence: dropped
+    "3\t0.0\tIt is a film.",  # zero score: dropped
+    "4\t1.0\tA gorgeous, witty film.",  # repeated sentence: dropped
     "5\t-0.1\tToo long \u2028 by half.",  # odd whitespace inside the text survives
 ]
 
@@ -30,8 +30,11 @@ def _examples(n):
 
 def test_read_snippets(tmp_path):
     examples = data.read_snippets(_write(tmp_path / "reviews.txt"))
-    assert examples == [Example(1, "A gorgeous, witty film.", 2.5, 1), Example(2, "A dull mess.", -1.25, 0),
-                        Example(5, "Too long \u2028 by half.", -0.1, 0)]
+    assert examples == [
+        Example(1, "A gorgeous, witty film.", 2.5, 1),
+        Example(2, "A dull mess.", -1.25, 0),
+        Example(5, "Too long \u2028 by half.", -0.1, 0),
+    ]
 
 
 def test_read_errors(tmp_path):
@@ -40,16 +43,25 @@ def test_read_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="movie-review file not found"):
         data.load_sentiment(tmp_path / "nope.txt")
     bad = _write(tmp_path / "bad.txt", ROWS[:2] + ["7\tgreat\tA film."])
-    with pytest.raises(ValueError, match=r"line 4: expected 'id<TAB>score<TAB>text', found '7\\tgreat\\tA film.'"):
+    with pytest.raises(
+        ValueError, match=r"line 4: expected 'id<TAB>score<TAB>text', found '7\\tgreat\\tA film.'"
+    ):
         data.read_snippets(bad)
 
 
 @pytest.mark.assets
 def test_real_split(movie_reviews):
     splits = movie_reviews
-    assert {k: len(v) for k, v in splits.items()} == data.SPLIT_SIZES == {"train": 8454, "validation": 1056,
-                                                                        "test": 1056}
-    assert {k: sum(e.label for e in v) for k, v in splits.items()} == {"train": 4181, "validation": 529, "test": 531}
+    assert (
+        {k: len(v) for k, v in splits.items()}
+        == data.SPLIT_SIZES
+        == {"train": 8454, "validation": 1056, "test": 1056}
+    )
+    assert {k: sum(e.label for e in v) for k, v in splits.items()} == {
+        "train": 4181,
+        "validation": 529,
+        "test": 531,
+    }
     for a, b in itertools.combinations(splits.values(), 2):
         assert not {e.id for e in a} & {e.id for e in b}
         assert not {e.text for e in a} & {e.text for e in b}
@@ -72,12 +84,13 @@ def test_split_is_seeded():
 
 # --- batching and resumption ---
 
+
 def test_subset_is_a_fixed_random_sample_in_order():
     examples = _examples(50)
     sample = data.subset(examples, 10)
     assert sample == data.subset(examples, 10) and len(sample) == 10
     assert [e.id for e in sample] == sorted(e.id for e in sample)  # original order kept
-    assert [e.id for e in sample] != list(range(10))                # not a prefix
+    assert [e.id for e in sample] != list(range(10))  # not a prefix
     assert {e.label for e in sample} == {0, 1}
     assert data.subset(examples, 10, seed=1) != sample
     assert data.subset(examples, 0) == data.subset(examples, 50) == data.subset(examples, 99) == examples
@@ -97,7 +110,9 @@ def test_batches_resume_exactly():
     assert sum(full[3:6], []) == data.epoch_order(10, 1, seed=3)[:9].tolist()
     assert full[0:3] != full[3:6]
     assert data.data_position(7, 10, 3, drop_remainder=True) == (2, 1)
-    assert _ids(itertools.islice(data.batches(arrays, 3, seed=4, shuffle=True, num_epochs=None), 1)) != full[:1]
+    assert (
+        _ids(itertools.islice(data.batches(arrays, 3, seed=4, shuffle=True, num_epochs=None), 1)) != full[:1]
+    )
 
 
 def test_batches_padding_and_epochs():
@@ -152,8 +167,10 @@ def test_lm_loss_mask_is_exactly_the_completion(bpe_tokenizer):
         prompt = tok.encode(data.DEFAULT_PROMPT.format(text=e.text)).ids
         completion = tok.encode(data.DEFAULT_COMPLETIONS[e.label]).ids + [eos]
         row = prompt + completion
-        assert enc["input_ids"][i, :len(row)].tolist() == row  # prompt tokenized as one string
-        assert enc["loss_mask"][i].tolist() == [0] * len(prompt) + [1] * len(completion) + [0] * (32 - len(row))
+        assert enc["input_ids"][i, : len(row)].tolist() == row  # prompt tokenized as one string
+        assert enc["loss_mask"][i].tolist() == [0] * len(prompt) + [1] * len(completion) + [0] * (
+            32 - len(row)
+        )
         assert enc["attention_mask"][i].sum() == len(row) and enc["prompt_len"][i] == len(prompt)
     assert tok.decode(enc["input_ids"][0][enc["loss_mask"][0] == 1][:-1].tolist()) == " positive"
     assert tok.decode(enc["input_ids"][1][enc["loss_mask"][1] == 1][:-1].tolist()) == " negative"
@@ -165,7 +182,9 @@ def test_lm_truncates_review_keeps_prompt_and_completion(bpe_tokenizer):
     enc = data.encode_lm([long], tok, max_len=24, prompt=lambda t: f"Review: {t}\nSentiment:")
     text = tok.decode(enc["input_ids"][0].tolist())
     assert text.startswith("Review: the movie") and text.endswith("\nSentiment: positive")
-    assert enc["attention_mask"][0].sum() <= 24 and enc["loss_mask"][0].sum() == len(tok.encode(" positive").ids)
+    assert enc["attention_mask"][0].sum() <= 24 and enc["loss_mask"][0].sum() == len(
+        tok.encode(" positive").ids
+    )
     batches = list(data.lm_batches([long] * 3, tok, 2, 24, shuffle=True, seed=1))
     assert [b["valid"].tolist() for b in batches] == [[1, 1], [1, 0]]
     assert batches[0]["loss_mask"].shape == (2, 24)
@@ -173,7 +192,9 @@ def test_lm_truncates_review_keeps_prompt_and_completion(bpe_tokenizer):
 
 def test_lm_errors(bpe_tokenizer):
     ex = [Example(0, "a film", 1.0, 1)]
-    with pytest.raises(ValueError, match=r"max_len=4 is too small: the prompt without review text takes \d+ tokens"):
+    with pytest.raises(
+        ValueError, match=r"max_len=4 is too small: the prompt without review text takes \d+ tokens"
+    ):
         data.encode_lm(ex, bpe_tokenizer, max_len=4)
     with pytest.raises(ValueError, match="prompt template must contain '{text}'"):
         data.encode_lm(ex, bpe_tokenizer, max_len=16, prompt="Review:")
@@ -182,8 +203,17 @@ def test_lm_errors(bpe_tokenizer):
 @pytest.mark.assets
 def test_real_batches(movie_reviews, minilm_dir):
     tok = wordpiece.load_wordpiece(minilm_dir)
-    it = data.classification_batches(movie_reviews["train"], tok, 32, 64, seed=0, shuffle=True, num_epochs=None,
-                                     drop_remainder=True, start_step=300)
+    it = data.classification_batches(
+        movie_reviews["train"],
+        tok,
+        32,
+        64,
+        seed=0,
+        shuffle=True,
+        num_epochs=None,
+        drop_remainder=True,
+        start_step=300,
+    )
     batch = next(it)
     assert batch["input_ids"].shape == (32, 64) and batch["valid"].all()
     assert (batch["input_ids"][:, 0] == tok.token_to_id("[CLS]")).all()

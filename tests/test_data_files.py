@@ -39,9 +39,17 @@ def _one_line(e):
 
 
 PC = [{"prompt": f"Q{i}: is {i} even?", "completion": " yes" if i % 2 == 0 else " no"} for i in range(12)]
-CHAT = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "How are you?"},
-                      {"role": "assistant", "content": "Fine, thanks."}]}]
+CHAT = [
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "How are you?"},
+            {"role": "assistant", "content": "Fine, thanks."},
+        ]
+    }
+]
 
 
 # ----------------------------------------------------------------------------------------------- --data
@@ -61,7 +69,9 @@ def test_parse_data_arg(tmp_path):
     _one_line(e)
     with pytest.raises(DataError, match=r"unknown split 'test'.*'PATH:train' or 'PATH:validation'"):
         files.parse_data_arg(f"{a}:test")
-    with pytest.raises(DataError, match=r"'notes\.txt' is not a data file; use \.jsonl, \.json, \.csv, \.parquet"):
+    with pytest.raises(
+        DataError, match=r"'notes\.txt' is not a data file; use \.jsonl, \.json, \.csv, \.parquet"
+    ):
         files.parse_data_arg(str(tmp_path / "notes.txt"))
     with pytest.raises(DataError, match="the train split is given twice"):
         files.parse_data_arg(f"{a},{b}")
@@ -86,8 +96,14 @@ def test_read_every_file_type_and_locate_rows(tmp_path):
     assert len(t) == 3 + 2 + 1 + 2 and t.columns == ["prompt", "completion"]
     assert t.dataset[4] == {"prompt": "07", "completion": "y"} and t.dataset[3]["prompt"] == "two\nlines"
     assert [t.where(i) for i in (0, 1, 2, 3, 4, 5, 6)] == [
-        "a.jsonl line 1", "a.jsonl line 3", "a.jsonl line 4", "b.csv row 1 (line 2)", "b.csv row 2 (line 4)",
-        "c.parquet row 1", "d.json row 1"]
+        "a.jsonl line 1",
+        "a.jsonl line 3",
+        "a.jsonl line 4",
+        "b.csv row 1 (line 2)",
+        "b.csv row 2 (line 4)",
+        "c.parquet row 1",
+        "d.json row 1",
+    ]
 
 
 def test_carve_and_shares():
@@ -127,8 +143,11 @@ def _tok():
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         corpus = [json.dumps(r) for r in PC + CHAT] * 10
-        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(corpus, trainer)
         _TOKENIZER.append(tok)
     return _TOKENIZER[0]
@@ -151,8 +170,11 @@ def _no_model_files(monkeypatch):
 
 def test_unknown_columns(tmp_path):
     f = _jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"^qa\.jsonl: unknown columns \['answer', 'question'\]: expected 'prompt' \+ "
-                                        r"'completion', 'messages' or 'text'") as e:
+    with pytest.raises(
+        DataError,
+        match=r"^qa\.jsonl: unknown columns \['answer', 'question'\]: expected 'prompt' \+ "
+        r"'completion', 'messages' or 'text'",
+    ) as e:
         _load(tmp_path, str(f))
     _one_line(e)
     with pytest.raises(DataError, match=r"qa\.jsonl: --format text needs the column\(s\) \['text'\]"):
@@ -162,13 +184,25 @@ def test_unknown_columns(tmp_path):
         _load(tmp_path, str(both))
 
 
-@pytest.mark.parametrize("message, pattern", [
-    ({"role": "bot", "content": "x"}, r"field 'messages\[1\]\.role': 'bot' is not one of 'system', 'user', 'assistant'"),
-    ({"role": "assistant", "content": 5}, r"field 'messages\[1\]\.content': expected a string, found int"),
-    ({"role": "assistant", "content": None}, r"field 'messages\[1\]\.content': expected a string, found null"),
-    ({"role": "assistant"}, r"field 'messages\[1\]\.content': expected a string, found null"),
-    ({"content": "x"}, r"field 'messages\[1\]\.role': missing or not a string \(null\)"),
-])
+@pytest.mark.parametrize(
+    "message, pattern",
+    [
+        (
+            {"role": "bot", "content": "x"},
+            r"field 'messages\[1\]\.role': 'bot' is not one of 'system', 'user', 'assistant'",
+        ),
+        (
+            {"role": "assistant", "content": 5},
+            r"field 'messages\[1\]\.content': expected a string, found int",
+        ),
+        (
+            {"role": "assistant", "content": None},
+            r"field 'messages\[1\]\.content': expected a string, found null",
+        ),
+        ({"role": "assistant"}, r"field 'messages\[1\]\.content': expected a string, found null"),
+        ({"content": "x"}, r"field 'messages\[1\]\.role': missing or not a string \(null\)"),
+    ],
+)
 def test_bad_messages_row(tmp_path, message, pattern):
     good = CHAT[0]
     bad = {"messages": [{"role": "user", "content": "Hi"}, message]}
@@ -180,7 +214,9 @@ def test_bad_messages_row(tmp_path, message, pattern):
 
 def test_bad_rows_named_by_file_line_and_field(tmp_path):
     f = _jsonl(tmp_path / "pc.jsonl", PC[:5] + [{"prompt": "p", "completion": 3}])
-    with pytest.raises(DataError, match=r"^pc\.jsonl line 6: field 'completion': expected a string, found int"):
+    with pytest.raises(
+        DataError, match=r"^pc\.jsonl line 6: field 'completion': expected a string, found int"
+    ):
         _load(tmp_path, str(f))
     f = _jsonl(tmp_path / "text.jsonl", [{"text": "a"}, {"text": ""}])
     data = _load(tmp_path, str(f))
@@ -192,7 +228,9 @@ def test_bad_rows_named_by_file_line_and_field(tmp_path):
     _one_line(e)
     f = _jsonl(tmp_path / "noanswer.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}] * 3)
     data = _load(tmp_path, str(f))
-    with pytest.raises(DataError, match=r"^noanswer\.jsonl line 1: field 'messages': has no assistant message"):
+    with pytest.raises(
+        DataError, match=r"^noanswer\.jsonl line 1: field 'messages': has no assistant message"
+    ):
         data.tokenize("train", [0])
     assert _load(tmp_path, str(f), train_on_prompt=True).tokenize("train", [0]).mask.sum() > 0
 
@@ -213,12 +251,17 @@ def test_labels_given_for_free_text(tmp_path):
     free = [{"prompt": f"Q{i}", "completion": f" answer number {i}"} for i in range(8)]
     f = _jsonl(tmp_path / "free.jsonl", free)
     assert _load(tmp_path, str(f)).labels is None  # not detected: every completion differs
-    with pytest.raises(DataError, match=r"^free\.jsonl line 1: field 'completion': ' answer number 0' is not one of "
-                                        r"--labels 'yes', 'no'; label accuracy needs every answer to be a label") as e:
+    with pytest.raises(
+        DataError,
+        match=r"^free\.jsonl line 1: field 'completion': ' answer number 0' is not one of "
+        r"--labels 'yes', 'no'; label accuracy needs every answer to be a label",
+    ) as e:
         _load(tmp_path, str(f), labels="yes,no")
     _one_line(e)
     chat = _jsonl(tmp_path / "c.jsonl", CHAT * 3)
-    with pytest.raises(DataError, match=r"c\.jsonl line 1: field 'messages\[4\]\.content': 'Fine, thanks\.' is not one"):
+    with pytest.raises(
+        DataError, match=r"c\.jsonl line 1: field 'messages\[4\]\.content': 'Fine, thanks\.' is not one"
+    ):
         _load(tmp_path, str(chat), labels="yes,no")
     text = _jsonl(tmp_path / "t.jsonl", [{"text": "x"}] * 4)
     with pytest.raises(DataError, match="text rows have no completions to be labels"):
@@ -243,8 +286,17 @@ def test_examples_longer_than_max_len_are_cut_or_dropped(tmp_path):
 
 
 def _tiny_llama(vocab=300, scan=True):
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=8, max_position_embeddings=128, scan_layers=scan)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        scan_layers=scan,
+    )
     model = Llama(cfg)
     import flax.linen as nn
 
@@ -257,15 +309,26 @@ def _deltas(variables, scan=True):
     deltas = lj.init(jax.random.key(1), variables, spec)
     # b = 0 at init; random b so that every delta's gradient is non-zero.
     keys = iter(jax.random.split(jax.random.key(2), 16))
-    return jax.tree_util.tree_map(lambda d: dataclasses.replace(d, b=0.1 * jax.random.normal(next(keys), d.b.shape))
-                                  if lj.delta.is_delta(d) else d, deltas, is_leaf=lj.delta.is_delta)
+    return jax.tree_util.tree_map(
+        lambda d: (
+            dataclasses.replace(d, b=0.1 * jax.random.normal(next(keys), d.b.shape))
+            if lj.delta.is_delta(d)
+            else d
+        ),
+        deltas,
+        is_leaf=lj.delta.is_delta,
+    )
 
 
 def test_prompt_completion_mask_and_per_token_mean_under_grad_accum():
     tok = _tok()
     enc = formats.Encoder(tok, "prompt-completion", eos_id=tok.token_to_id("<|im_end|>"))
-    rows = [{"prompt": "Q: one", "completion": " yes"}, {"prompt": "Q: a longer one", "completion": " no, never ever"},
-            {"prompt": "Q", "completion": " maybe"}, {"prompt": "Q: x y z", "completion": " yes indeed"}]
+    rows = [
+        {"prompt": "Q: one", "completion": " yes"},
+        {"prompt": "Q: a longer one", "completion": " no, never ever"},
+        {"prompt": "Q", "completion": " maybe"},
+        {"prompt": "Q: x y z", "completion": " yes indeed"},
+    ]
     examples = [enc(r, "x") for r in rows]
     for r, e in zip(rows, examples):  # the mask is exactly the completion + EOS
         p = tok.encode(r["prompt"]).ids
@@ -277,14 +340,23 @@ def test_prompt_completion_mask_and_per_token_mean_under_grad_accum():
     model, variables = _tiny_llama()
     arrays = packing.pad_rows([(e.ids, e.mask) for e in examples], 24)
     # By hand: mean over every completion token of -log p(token | everything before it), one row at a time.
-    logp = jax.nn.log_softmax(model.apply(variables, jnp.asarray(arrays["input_ids"]),
-                                          attention_mask=jnp.asarray(arrays["attention_mask"])), axis=-1)
+    logp = jax.nn.log_softmax(
+        model.apply(
+            variables, jnp.asarray(arrays["input_ids"]), attention_mask=jnp.asarray(arrays["attention_mask"])
+        ),
+        axis=-1,
+    )
     nll = []
     for r, e in enumerate(examples):  # right padding: a causal model's logits at real positions are unchanged
         nll += [-float(logp[r, t - 1, e.ids[t]]) for t in range(1, len(e.ids)) if e.mask[t]]
     hand = np.mean(nll)
-    deltas = lj.init(jax.random.key(0), variables, lj.LoraSpec(
-        rank=2, targets=r".*/attn/query/kernel", axes={r"params/layers/.*": lj.LoraAxes((0,), (1,), (2,))}))
+    deltas = lj.init(
+        jax.random.key(0),
+        variables,
+        lj.LoraSpec(
+            rank=2, targets=r".*/attn/query/kernel", axes={r"params/layers/.*": lj.LoraAxes((0,), (1,), (2,))}
+        ),
+    )
     num_targets = int(arrays["loss_mask"][:, 1:].sum(1).max())
     for accum in (1, 2):  # 1 micro-batch of 4 rows, 2 of 2 (rows of 3 and 10 loss tokens): the same mean
         step = step_lib.make_train_step(model.apply, optax.sgd(0.0), num_targets=num_targets)
@@ -297,8 +369,9 @@ def test_prompt_completion_mask_and_per_token_mean_under_grad_accum():
     from lora_jax.train.filetask import make_loss_step
 
     for chunk in (128, 2):
-        out = make_loss_step(model.apply, num_targets, chunk=chunk)(deltas, variables,
-                                                                    {k: jnp.asarray(v) for k, v in arrays.items()})
+        out = make_loss_step(model.apply, num_targets, chunk=chunk)(
+            deltas, variables, {k: jnp.asarray(v) for k, v in arrays.items()}
+        )
         np.testing.assert_allclose(float(out["loss"]) / float(out["tokens"]), hand, rtol=1e-5)
         assert float(out["tokens"]) == len(nll)
 
@@ -307,7 +380,11 @@ def test_prompt_completion_mask_and_per_token_mean_under_grad_accum():
 
 
 def test_pack_is_deterministic_best_fit():
-    assert packing.pack([5, 3, 4, 2, 1], 6) == [[0, 4], [1], [2, 3]]  # 5+1, 3, 4+2 (best fit: the fullest row)
+    assert packing.pack([5, 3, 4, 2, 1], 6) == [
+        [0, 4],
+        [1],
+        [2, 3],
+    ]  # 5+1, 3, 4+2 (best fit: the fullest row)
     assert packing.pack([], 4) == []
     with pytest.raises(ValueError, match="does not fit in max_len=4"):
         packing.pack([5], 4)
@@ -357,13 +434,18 @@ def test_packed_equals_unpacked_loss_gradients_and_logits(scan):
         for i in members:
             ids = examples[i][0]
             alone = apply(variables, jnp.asarray([ids]))[0]
-            got = logits[r, at:at + len(ids)]
+            got = logits[r, at : at + len(ids)]
             assert float(jnp.max(jnp.abs(got - alone))) <= 1e-5 * float(jnp.max(jnp.abs(alone)))
             at += len(ids)
     with pytest.raises(ValueError, match="segment_ids .* cannot be combined with a KV cache"):
         from lora_jax.models.llama import KVCache
-        model.apply(variables, jnp.ones((1, 2), jnp.int32), segment_ids=jnp.ones((1, 2), jnp.int32),
-                    cache=KVCache.empty(1, 4))
+
+        model.apply(
+            variables,
+            jnp.ones((1, 2), jnp.int32),
+            segment_ids=jnp.ones((1, 2), jnp.int32),
+            cache=KVCache.empty(1, 4),
+        )
 
 
 def test_choice_step_picks_the_answer_with_the_least_loss():
@@ -381,14 +463,31 @@ def test_choice_step_picks_the_answer_with_the_least_loss():
             examples.append((p + a, [0] * len(p) + [1] * len(a)))
     rows = packing.pad_rows(examples, 12)
     wrapped = lj.wrap(model.apply)
-    logp = jax.nn.log_softmax(wrapped(variables, deltas, jnp.asarray(rows["input_ids"]),
-                                      attention_mask=jnp.asarray(rows["attention_mask"])), axis=-1)
-    nll = [-sum(float(logp[r, t - 1, ids[t]]) for t in range(1, len(ids)) if m[t]) for r, (ids, m) in enumerate(examples)]
+    logp = jax.nn.log_softmax(
+        wrapped(
+            variables,
+            deltas,
+            jnp.asarray(rows["input_ids"]),
+            attention_mask=jnp.asarray(rows["attention_mask"]),
+        ),
+        axis=-1,
+    )
+    nll = [
+        -sum(float(logp[r, t - 1, ids[t]]) for t in range(1, len(ids)) if m[t])
+        for r, (ids, m) in enumerate(examples)
+    ]
     hand = np.argmin(np.reshape(nll, (3, 2)), axis=1)
     step = make_choice_step(model.apply, 3, 2)
     for labels, valid in ((hand, [1, 1, 1]), (1 - hand, [1, 1, 1]), (hand, [1, 0, 1])):
-        out = step(deltas, variables, {**{k: jnp.asarray(v) for k, v in rows.items()},
-                                       "labels": jnp.asarray(labels, jnp.int32), "valid": jnp.asarray(valid, jnp.int32)})
+        out = step(
+            deltas,
+            variables,
+            {
+                **{k: jnp.asarray(v) for k, v in rows.items()},
+                "labels": jnp.asarray(labels, jnp.int32),
+                "valid": jnp.asarray(valid, jnp.int32),
+            },
+        )
         assert float(out["correct"]) == float(np.sum((hand == labels) * np.asarray(valid)))
         assert float(out["count"]) == sum(valid)
 
@@ -409,30 +508,39 @@ def test_chat_rendering_equals_the_templates_own_output(template):
 
     tok = _tok()
     messages = CHAT[0]["messages"]
-    enc = formats.Encoder(tok, "messages", template=template, template_vars={"bos_token": "<|begin_of_text|>"})
+    enc = formats.Encoder(
+        tok, "messages", template=template, template_vars={"bos_token": "<|begin_of_text|>"}
+    )
     e = enc(CHAT[0], "chat.jsonl line 1")
-    own = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
-        template or tokenizers.SMOLLM2_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=False,
-                                                               bos_token="<|begin_of_text|>")
+    own = (
+        jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        .from_string(template or tokenizers.SMOLLM2_CHAT_TEMPLATE)
+        .render(messages=messages, add_generation_prompt=False, bos_token="<|begin_of_text|>")
+    )
     assert tok.decode(e.ids, skip_special_tokens=False) == own
     # The loss tokens are exactly the two assistant turns, with the template's end-of-turn marker.
     counted = tok.decode([i for i, m in zip(e.ids, e.mask) if m], skip_special_tokens=False)
     end = "<|im_end|>\n" if template is None else "<|eot_id|>"
     assert counted == "Hello" + end + "Fine, thanks." + end
     # The prompt is the conversation up to the last answer, generation prompt included.
-    prompt = tok.decode(e.ids[:e.prompt_len], skip_special_tokens=False)
+    prompt = tok.decode(e.ids[: e.prompt_len], skip_special_tokens=False)
     assert prompt == enc.render(messages[:4], True) and own.startswith(prompt)
 
 
 def test_chat_template_that_rewrites_history_is_an_error():
     tok = _tok()
     # Drops earlier assistant turns when there is a later one: the prefix of the whole conversation is not kept.
-    rewrites = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
-                "{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}assistant: {% endif %}")
+    rewrites = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     enc = formats.Encoder(tok, "messages", template=rewrites)
-    with pytest.raises(DataError, match=r"^chat\.jsonl line 1: field 'messages\[2\]': the chat template does not "
-                                        r"render the conversation up to this turn as a prefix of the whole"):
+    with pytest.raises(
+        DataError,
+        match=r"^chat\.jsonl line 1: field 'messages\[2\]': the chat template does not "
+        r"render the conversation up to this turn as a prefix of the whole",
+    ):
         enc(CHAT[0], "chat.jsonl line 1")
 
 
@@ -443,8 +551,10 @@ def test_two_shares_are_disjoint_and_cover_the_data(tmp_path):
     rows = [{"prompt": f"Q{i}", "completion": f" {i % 3}"} for i in range(23)]
     data = _load(tmp_path, str(_jsonl(tmp_path / "d.jsonl", rows)), val_fraction=0.2)
     assert len(data.val_rows) == 5 and len(data.train_rows) == 18
-    parts = [data.tokenize("train", files.share(data.train_rows, i, 2), tmp_path / "cache", f"{i}of2")
-             for i in range(2)]
+    parts = [
+        data.tokenize("train", files.share(data.train_rows, i, 2), tmp_path / "cache", f"{i}of2")
+        for i in range(2)
+    ]
     assert not set(parts[0].rows) & set(parts[1].rows)
     assert sorted(np.concatenate([p.rows for p in parts]).tolist()) == data.train_rows.tolist()
     whole = data.tokenize("train", data.train_rows)
@@ -455,7 +565,9 @@ def test_two_shares_are_disjoint_and_cover_the_data(tmp_path):
     cached = sorted((tmp_path / "cache").glob("tokens-train-0of2-*.npz"))
     assert len(cached) == 1
     again = data.tokenize("train", files.share(data.train_rows, 0, 2), tmp_path / "cache", "0of2")
-    assert all(np.array_equal(getattr(again, f), getattr(parts[0], f)) for f in ("rows", "ids", "mask", "offsets"))
+    assert all(
+        np.array_equal(getattr(again, f), getattr(parts[0], f)) for f in ("rows", "ids", "mask", "offsets")
+    )
 
 
 @pytest.mark.assets
@@ -472,8 +584,14 @@ def test_a_restarted_run_takes_the_same_next_batch(tmp_path, pack):
 
     tok = tokenizers.bpe_from_gguf(gguf.read_gguf(assets.fetch("smollm2-135m")))
     rows = [{"prompt": f"Q{i}: " + "word " * (i % 7), "completion": f" a{i % 3}"} for i in range(40)]
-    cfg = TrainConfig(model="tiny-llama", data=str(_jsonl(tmp_path / "d.jsonl", rows)), batch=4, grad_accum=2,
-                      max_len=24, pack=pack)
+    cfg = TrainConfig(
+        model="tiny-llama",
+        data=str(_jsonl(tmp_path / "d.jsonl", rows)),
+        batch=4,
+        grad_accum=2,
+        max_len=24,
+        pack=pack,
+    )
     mesh = mesh_lib.make_mesh("data=-1,fsdp=1,tensor=1")
 
     class Setup:
@@ -482,7 +600,10 @@ def test_a_restarted_run_takes_the_same_next_batch(tmp_path, pack):
     task = FileTask(cfg, tok, mesh, tmp_path / "run")
     per_epoch = task.train_rows // cfg.batch
     assert per_epoch >= 2 and task.stats["packed"] == pack
-    run = [{k: np.asarray(b[k]) for k in KEYS} for b in itertools.islice(task.train_batches(cfg, Setup, 0), 2 * per_epoch)]
+    run = [
+        {k: np.asarray(b[k]) for k in KEYS}
+        for b in itertools.islice(task.train_batches(cfg, Setup, 0), 2 * per_epoch)
+    ]
     assert all(b["input_ids"].shape == (2, 2, 24) for b in run)
     cached = sorted(p.name for p in (tmp_path / "run" / "data_cache").glob("tokens-*.npz"))
     assert len(cached) == 2  # the train and validation tokens of this process's share (0 of 1)
@@ -503,7 +624,11 @@ def test_smollm2_special_tokens_are_the_gguf_ones():
     tok = tokenizers.bpe_from_gguf(reader)
     ids = tokenizers.special_ids(reader)
     got = formats.special_tokens("smollm2-135m", tok)
-    assert (got["eos_id"], got["pad_id"], tok.token_to_id(got["bos_token"])) == (ids["eos"], ids["pad"], ids["bos"])
+    assert (got["eos_id"], got["pad_id"], tok.token_to_id(got["bos_token"])) == (
+        ids["eos"],
+        ids["pad"],
+        ids["bos"],
+    )
 
 
 def test_resume_refuses_changed_data_files(tmp_path):
@@ -518,16 +643,23 @@ def test_resume_refuses_changed_data_files(tmp_path):
         # A checkpoint saved before the data-file settings existed: their defaults, and no fingerprint.
         old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in loop.DATA_FIELDS}
         ckpt.save(1, {"w": jnp.zeros(3)}, {"config": old})
-        ckpt.save(2, {"w": jnp.zeros(3)}, {"config": dataclasses.asdict(cfg),
-                                           "data_fingerprint": files.data_fingerprint(str(data))}, force=True)
+        ckpt.save(
+            2,
+            {"w": jnp.zeros(3)},
+            {"config": dataclasses.asdict(cfg), "data_fingerprint": files.data_fingerprint(str(data))},
+            force=True,
+        )
         ckpt.wait()
         assert loop.check_resume(ckpt, dataclasses.replace(cfg, resume_from=1)) is True  # old: the defaults
         assert loop.check_resume(ckpt, cfg) is True
         with pytest.raises(ValueError, match=r"'pack': \(False, True\)"):
             loop.check_resume(ckpt, dataclasses.replace(cfg, pack=True))
         _jsonl(data, PC[:-1])  # the file changed since
-        with pytest.raises(ValueError, match=r"holds a run on other data: the files of --data .* changed since it was "
-                                             r"saved; nothing was restored or deleted"):
+        with pytest.raises(
+            ValueError,
+            match=r"holds a run on other data: the files of --data .* changed since it was "
+            r"saved; nothing was restored or deleted",
+        ):
             loop.check_resume(ckpt, cfg)
     finally:
         ckpt.close()

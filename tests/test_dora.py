@@ -15,14 +15,18 @@ from lora_jax.dora import DoraDelta, column_norm
 
 
 def rel_err(a, b):
-    return float(jnp.linalg.norm((jnp.asarray(a) - jnp.asarray(b)).ravel()) /
-                 (jnp.linalg.norm(jnp.asarray(b).ravel()) + 1e-30))
+    return float(
+        jnp.linalg.norm((jnp.asarray(a) - jnp.asarray(b)).ravel())
+        / (jnp.linalg.norm(jnp.asarray(b).ravel()) + 1e-30)
+    )
 
 
 def perturb(d, seed=3, size=0.3):
     leaves, tree = jax.tree_util.tree_flatten(d)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [x + size * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    return jax.tree_util.tree_unflatten(
+        tree, [x + size * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    )
 
 
 class Mlp(nn.Module):
@@ -46,16 +50,22 @@ class Stack(nn.Module):
         return scanned(name="layers")(x, None)[0]
 
 
-MLP_SPEC = dict(targets=r".*/(up|heads|down)/kernel", axes={r".*/heads/kernel": lj.LoraAxes((), (0,), (1, 2))})
+MLP_SPEC = dict(
+    targets=r".*/(up|heads|down)/kernel", axes={r".*/heads/kernel": lj.LoraAxes((), (0,), (1, 2))}
+)
 STACK_SPEC = dict(targets=r".*/kernel", axes={r".*/kernel": lj.LoraAxes((0,), (1,), (2,))})
 
 
 def setup(kind, detach=True, seed=0):
-    model, x = (Mlp(), jax.random.normal(jax.random.key(1), (4, 16))) if kind == "mlp" else (
-        Stack(), jax.random.normal(jax.random.key(1), (2, 5, 12)))
+    model, x = (
+        (Mlp(), jax.random.normal(jax.random.key(1), (4, 16)))
+        if kind == "mlp"
+        else (Stack(), jax.random.normal(jax.random.key(1), (2, 5, 12)))
+    )
     v = model.init(jax.random.key(seed), x)
-    spec = lj.LoraSpec(rank=3, alpha=6.0, dora=True, dora_detach_norm=detach,
-                       **(MLP_SPEC if kind == "mlp" else STACK_SPEC))
+    spec = lj.LoraSpec(
+        rank=3, alpha=6.0, dora=True, dora_detach_norm=detach, **(MLP_SPEC if kind == "mlp" else STACK_SPEC)
+    )
     return model, v, x, spec
 
 
@@ -64,10 +74,13 @@ def test_fresh_dora_changes_nothing_bit_for_bit(kind):
     model, v, x, spec = setup(kind)
     d = lj.init(jax.random.key(0), v, spec)
     leaves = [x for x in jax.tree_util.tree_leaves(d, is_leaf=lj.is_delta) if isinstance(x, DoraDelta)]
-    assert leaves and all(x.m.shape == x.b.shape[:len(x.axes.stack)] + x.b.shape[len(x.axes.stack) + 1:]
-                          for x in leaves)
+    assert leaves and all(
+        x.m.shape == x.b.shape[: len(x.axes.stack)] + x.b.shape[len(x.axes.stack) + 1 :] for x in leaves
+    )
     merged = lj.merge(v, d)
-    assert all(bool((a == b).all()) for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(v)))
+    assert all(
+        bool((a == b).all()) for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(v))
+    )
     np.testing.assert_array_equal(lj.wrap(model.apply)(v, d, x), model.apply(v, x))
 
 
@@ -93,8 +106,12 @@ def test_detach_norm_changes_only_the_gradient():
     model, v, x, spec = setup("mlp", True)
     d = perturb(lj.init(jax.random.key(0), v, spec))
     d_full = jax.tree_util.tree_map(
-        lambda t: DoraDelta(t.a, t.b, t.scale, t.axes, t.dropout, t.m, detach_norm=False) if t is not None else None,
-        d, is_leaf=lambda t: t is None or lj.is_delta(t))
+        lambda t: (
+            DoraDelta(t.a, t.b, t.scale, t.axes, t.dropout, t.m, detach_norm=False) if t is not None else None
+        ),
+        d,
+        is_leaf=lambda t: t is None or lj.is_delta(t),
+    )
     loss = lambda d: jnp.sum(jnp.sin(lj.wrap(model.apply)(v, d, x)))
     assert loss(d) == loss(d_full)
     ga, gb = jax.grad(loss)(d), jax.grad(loss)(d_full)
@@ -123,11 +140,19 @@ def test_train_step_builds_nothing_in_by_out(detach):
     step = jax.value_and_grad(lambda d: jnp.mean(jnp.square(lj.wrap(model.apply)(v, d, x))))
     w_shapes = {(3, 12, 12), (12, 12)}
     jaxpr = jax.make_jaxpr(step)(d).jaxpr
-    bad = [(e.primitive.name, o.aval.shape) for e in _all_eqns(jaxpr) for o in e.outvars
-           if tuple(getattr(o.aval, "shape", ())) in w_shapes]
+    bad = [
+        (e.primitive.name, o.aval.shape)
+        for e in _all_eqns(jaxpr)
+        for o in e.outvars
+        if tuple(getattr(o.aval, "shape", ())) in w_shapes
+    ]
     assert not bad, bad
-    ref = jax.make_jaxpr(jax.value_and_grad(lambda d: jnp.mean(jnp.square(model.apply(lj.merge(v, d), x)))))(d)
-    assert any(tuple(getattr(o.aval, "shape", ())) in w_shapes for e in _all_eqns(ref.jaxpr) for o in e.outvars)
+    ref = jax.make_jaxpr(jax.value_and_grad(lambda d: jnp.mean(jnp.square(model.apply(lj.merge(v, d), x)))))(
+        d
+    )
+    assert any(
+        tuple(getattr(o.aval, "shape", ())) in w_shapes for e in _all_eqns(ref.jaxpr) for o in e.outvars
+    )
 
 
 def test_optimizer_and_count_include_the_magnitude():
@@ -150,8 +175,11 @@ def test_errors():
         lj.wrap(emb.apply)(v, d, jnp.array([1, 2]))
     conv = nn.Conv(4, (3, 3))
     cv = conv.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))
-    cd = lj.init(jax.random.key(0), cv, lj.LoraSpec(rank=2, targets=".*/kernel", dora=True,
-                                                     axes={".*": lj.LoraAxes((), (0, 1, 2), (3,))}))
+    cd = lj.init(
+        jax.random.key(0),
+        cv,
+        lj.LoraSpec(rank=2, targets=".*/kernel", dora=True, axes={".*": lj.LoraAxes((), (0, 1, 2), (3,))}),
+    )
     with pytest.raises(ValueError, match=r"params/kernel: DoRA is not supported for convolution kernels"):
         lj.wrap(conv.apply)(cv, cd, jnp.ones((1, 5, 5, 2)))
     p = {"w": jnp.ones((4, 3))}
@@ -173,8 +201,15 @@ def tiny_llama(tmp_path_factory):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     folder = tmp_path_factory.mktemp("llama")
     transformers.LlamaForCausalLM(cfg).eval().save_pretrained(folder)
     return folder
@@ -182,6 +217,7 @@ def tiny_llama(tmp_path_factory):
 
 def hf_logits(model, ids):
     import torch
+
     with torch.no_grad():
         return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
 
@@ -193,13 +229,18 @@ def test_dora_export_loads_in_peft_with_same_logits(tiny_llama, tmp_path, scan):
     peft = pytest.importorskip("peft")
     from lora_jax import peft as lpeft
     from lora_jax.models import hf as lhf
+
     model, variables, _ = lhf.load_hf(tiny_llama, scan_layers=scan)
     axes = {".*": lj.LoraAxes((0,), (1,), (2,))} if scan else {}
-    spec = lj.LoraSpec(rank=4, alpha=8.0, targets=r".*/(attn/(query|value)|mlp/down)/kernel", axes=axes, dora=True)
+    spec = lj.LoraSpec(
+        rank=4, alpha=8.0, targets=r".*/(attn/(query|value)|mlp/down)/kernel", axes=axes, dora=True
+    )
     deltas = perturb(lj.init(jax.random.key(2), variables, spec), size=0.2)
     lpeft.save_peft(tmp_path, deltas, "llama")
     assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
-    hf = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(tiny_llama), tmp_path).eval()
+    hf = peft.PeftModel.from_pretrained(
+        transformers.LlamaForCausalLM.from_pretrained(tiny_llama), tmp_path
+    ).eval()
     ids = jax.random.randint(jax.random.key(0), (2, 7), 0, 64)
     ours = np.asarray(jax.jit(lj.wrap(model.apply))(variables, deltas, ids))
     theirs = hf_logits(hf, ids)
@@ -207,7 +248,10 @@ def test_dora_export_loads_in_peft_with_same_logits(tiny_llama, tmp_path, scan):
     assert np.abs(theirs - base).max() > 1e-2
     assert np.abs(ours - theirs).max() < 1e-4
     merged = hf.merge_and_unload()
-    assert np.abs(hf_logits(merged, ids) - np.asarray(model.apply(lj.merge(variables, deltas), ids))).max() < 1e-4
+    assert (
+        np.abs(hf_logits(merged, ids) - np.asarray(model.apply(lj.merge(variables, deltas), ids))).max()
+        < 1e-4
+    )
     back = lpeft.load_peft(tmp_path, variables, "llama")
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(deltas), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -220,10 +264,13 @@ def test_peft_dora_adapter_loads_into_lora_jax(tiny_llama, tmp_path):
     peft = pytest.importorskip("peft")
     from lora_jax import peft as lpeft
     from lora_jax.models import hf as lhf
+
     torch.manual_seed(1)
     base = transformers.LlamaForCausalLM.from_pretrained(tiny_llama)
-    hf = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
-                                                   use_dora=True))
+    hf = peft.get_peft_model(
+        base,
+        peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True),
+    )
     with torch.no_grad():
         for n, p in hf.named_parameters():
             if "lora_B" in n:
@@ -242,6 +289,7 @@ def test_peft_dora_adapter_loads_into_lora_jax(tiny_llama, tmp_path):
 
 def test_adapter_file_round_trip(tmp_path):
     from lora_jax import adapter
+
     model, v, x, spec = setup("mlp", detach=False)
     d = perturb(lj.init(jax.random.key(0), v, spec))
     adapter.save_adapter(tmp_path / "a.safetensors", d, spec, verbose=False)
@@ -250,7 +298,18 @@ def test_adapter_file_round_trip(tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(d), strict=True):
         np.testing.assert_array_equal(a, b)
     assert adapter.spec_from_json(adapter.spec_to_json(spec)) == spec
-    bad = {"params": {**d["params"], "up": {**d["params"]["up"], "kernel": DoraDelta(
-        d["params"]["up"]["kernel"].a, d["params"]["up"]["kernel"].b, m=jnp.ones(3))}}}
-    with pytest.raises(ValueError, match=r"params/up/kernel: delta does not fit .*DoRA magnitude m needs shape \(24,\)"):
+    bad = {
+        "params": {
+            **d["params"],
+            "up": {
+                **d["params"]["up"],
+                "kernel": DoraDelta(
+                    d["params"]["up"]["kernel"].a, d["params"]["up"]["kernel"].b, m=jnp.ones(3)
+                ),
+            },
+        }
+    }
+    with pytest.raises(
+        ValueError, match=r"params/up/kernel: delta does not fit .*DoRA magnitude m needs shape \(24,\)"
+    ):
         lj.merge(v, bad)

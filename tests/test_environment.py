@@ -10,4 +10,4 @@ import pytest
 @pytest.mark.skipif(os.environ.get("CI", "").lower() not in ("1", "true"), reason="only enforced in CI")
 @pytest.mark.parametrize("name", ["torch", "transformers", "peft", "nbclient", "gguf", "tokenizers"])
 def test_reference_packages_import_in_ci(name):
-  importlib.import_module(name)
+    importlib.import_module(name)

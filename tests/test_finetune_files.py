@@ -14,11 +14,26 @@ import numpy as np
 import pytest
 
 CLI = [sys.executable, "-m", "lora_jax.train.cli"]
-TINY = ["finetune", "--model", "tiny-llama", "--warmup", "1", "--batch", "4", "--max-len", "40", "--samples", "2",
-        "--no-progress"]
+TINY = [
+    "finetune",
+    "--model",
+    "tiny-llama",
+    "--warmup",
+    "1",
+    "--batch",
+    "4",
+    "--max-len",
+    "40",
+    "--samples",
+    "2",
+    "--no-progress",
+]
 
 # A run that sleeps one second after each checkpoint save (patched in from outside), so the test can kill it.
-SLOW_CLI = [sys.executable, "-c", """
+SLOW_CLI = [
+    sys.executable,
+    "-c",
+    """
 import sys, time
 from lora_jax import checkpoint
 from lora_jax.train import cli
@@ -32,19 +47,34 @@ def slow_save(self, *args, **kwargs):
 
 checkpoint.TrainCheckpointer.save = slow_save
 sys.exit(cli.main(sys.argv[1:]))
-"""]
+""",
+]
 
-PC = [{"prompt": f"Question {i}: is {i} even?\nAnswer:", "completion": " yes" if i % 2 == 0 else " no"}
-      for i in range(30)]
-CHAT = [{"messages": [{"role": "system", "content": "Answer yes or no."}, {"role": "user", "content": f"Is {i} even?"},
-                      {"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}]} for i in range(30)]
+PC = [
+    {"prompt": f"Question {i}: is {i} even?\nAnswer:", "completion": " yes" if i % 2 == 0 else " no"}
+    for i in range(30)
+]
+CHAT = [
+    {
+        "messages": [
+            {"role": "system", "content": "Answer yes or no."},
+            {"role": "user", "content": f"Is {i} even?"},
+            {"role": "assistant", "content": "yes" if i % 2 == 0 else "no"},
+        ]
+    }
+    for i in range(30)
+]
 TEXT = [{"text": f"Line {i}: " + "the quick brown fox " * (1 + i % 4)} for i in range(30)]
 # Labels that share their first token (" very"): accuracy by each label's whole likelihood.
-SHARED = [{"prompt": f"Review {i}: it was", "completion": " very good" if i % 2 else " very bad"} for i in range(30)]
+SHARED = [
+    {"prompt": f"Review {i}: it was", "completion": " very good" if i % 2 else " very bad"} for i in range(30)
+]
 
 
 def _env(devices=1):
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+    )
 
 
 def _run(args, timeout=600):
@@ -71,13 +101,16 @@ def _records(path):
 
 @pytest.mark.slow
 @pytest.mark.assets
-@pytest.mark.parametrize("name, rows, fmt, extra", [
-    ("pc.jsonl", PC, "prompt-completion", []),
-    ("chat.json", CHAT, "messages", ["--pack", "--max-len", "64"]),
-    ("text.parquet", TEXT, "text", ["--pack"]),
-    ("pc.csv", PC, "prompt-completion", ["--eval-every", "2"]),
-    ("shared.jsonl", SHARED, "prompt-completion", []),
-])
+@pytest.mark.parametrize(
+    "name, rows, fmt, extra",
+    [
+        ("pc.jsonl", PC, "prompt-completion", []),
+        ("chat.json", CHAT, "messages", ["--pack", "--max-len", "64"]),
+        ("text.parquet", TEXT, "text", ["--pack"]),
+        ("pc.csv", PC, "prompt-completion", ["--eval-every", "2"]),
+        ("shared.jsonl", SHARED, "prompt-completion", []),
+    ],
+)
 def test_finetune_on_a_data_file(tmp_path, name, rows, fmt, extra):
     from lora_jax import checkpoint
 
@@ -88,9 +121,13 @@ def test_finetune_on_a_data_file(tmp_path, name, rows, fmt, extra):
     evals = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "eval"]
     steps = [2, 4] if "--eval-every" in extra else []
     assert [r["step"] for r in evals] == steps + [0, 5]  # periodic, then base (step 0) and adapter
-    assert all(r["val_loss"] > 0 and r["val_perplexity"] == pytest.approx(np.exp(r["val_loss"])) for r in evals)
+    assert all(
+        r["val_loss"] > 0 and r["val_perplexity"] == pytest.approx(np.exp(r["val_loss"])) for r in evals
+    )
     assert ("val_accuracy" in evals[-1]) == (fmt != "text")  # yes/no completions: a detected label set
-    scoring = {"text": None, "shared.jsonl": "whole answer"}.get(fmt if fmt == "text" else name, "first token")
+    scoring = {"text": None, "shared.jsonl": "whole answer"}.get(
+        fmt if fmt == "text" else name, "first token"
+    )
     samples = _records(out / "samples.jsonl")
     assert [(s["model"], s["index"]) for s in samples] == [("base", 0), ("base", 1), ("lora", 0), ("lora", 1)]
     res = json.loads((out / "results.json").read_text())
@@ -115,8 +152,10 @@ def test_bad_data_is_a_one_line_error(tmp_path):
     ft = _run(TINY + ["--data", str(data), "--steps", "5", "--out", str(tmp_path / "run")])
     assert ft.returncode == 2
     line = ft.stderr.strip().splitlines()[-1]
-    assert line == ("lora-jax: error: bad.jsonl line 4: field 'messages[0].role': 'robot' is not one of 'system', "
-                    "'user', 'assistant'.")
+    assert line == (
+        "lora-jax: error: bad.jsonl line 4: field 'messages[0].role': 'robot' is not one of 'system', "
+        "'user', 'assistant'."
+    )
     missing = _run(TINY + ["--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "run2")])
     assert missing.returncode == 2 and "nope.jsonl' does not exist" in missing.stderr.strip().splitlines()[-1]
 
@@ -127,11 +166,21 @@ def test_sigkill_mid_epoch_resumes_with_the_same_batches(tmp_path):
     # 15 rows: 2 held out, 13 train -> 3 batches of 4 per epoch; killed after step 4 = mid-epoch 2.
     data = _write(tmp_path / "d.jsonl", PC[:15])
     args = TINY + ["--data", str(data), "--steps", "8", "--checkpoint-every", "1", "--lr", "1e-2"]
-    ref = subprocess.Popen(CLI + args + ["--out", str(tmp_path / "ref")], env=_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    ref = subprocess.Popen(
+        CLI + args + ["--out", str(tmp_path / "ref")],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out = tmp_path / "killed"
-    victim = subprocess.Popen(SLOW_CLI + args + ["--out", str(out)], env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(
+        SLOW_CLI + args + ["--out", str(out)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 400
     while time.time() < deadline and victim.poll() is None:
         if any(p.name.isdigit() and int(p.name) >= 4 for p in (out / "checkpoints").glob("*")):
@@ -147,7 +196,9 @@ def test_sigkill_mid_epoch_resumes_with_the_same_batches(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from step {killed_at}" in again.stdout
     assert ref.wait(timeout=600) == 0, ref.stderr.read()[-3000:]
-    steps = lambda run: {r["step"]: r for r in _records(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"}
+    steps = lambda run: {
+        r["step"]: r for r in _records(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"
+    }
     a, b = steps("ref"), steps("killed")
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for k in range(killed_at + 1, 9):  # the same batches (token counts) and the same losses after the restart
@@ -171,17 +222,35 @@ def test_two_processes_read_disjoint_shares(tmp_path):
     from lora_jax.data import files
 
     data, out, port = _write(tmp_path / "d.jsonl", PC), tmp_path / "run", _free_port()
-    args = TINY + ["--data", str(data), "--steps", "3", "--out", str(out), "--coordinator", f"127.0.0.1:{port}",
-                   "--num-processes", "2"]
-    procs = [subprocess.Popen(CLI + args + ["--process-id", str(i)], env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    args = TINY + [
+        "--data",
+        str(data),
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+    ]
+    procs = [
+        subprocess.Popen(
+            CLI + args + ["--process-id", str(i)],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         results = [p.communicate(timeout=600) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (stdout, stderr) in zip(procs, results):
+    for p, (_stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-3000:]
     assert "/ 2 processes" in results[0][0] and "processes_reading" in (out / "results.json").read_text()
     train, _ = files.carve(len(PC), 0.1)

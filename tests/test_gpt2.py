@@ -10,8 +10,15 @@ import pytest
 from lora_jax.models import gpt2
 
 SMALL = gpt2.GPT2Config(vocab_size=61, max_position_embeddings=16, hidden_size=32, num_layers=2, num_heads=4)
-HF_SMALL = {"vocab_size": 61, "n_positions": 16, "n_embd": 32, "n_layer": 2, "n_head": 4,
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
+HF_SMALL = {
+    "vocab_size": 61,
+    "n_positions": 16,
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 4,
+    "activation_function": "gelu_new",
+    "layer_norm_epsilon": 1e-5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +29,21 @@ def small():
 def _to_hf(variables, prefix="transformer."):
     """Flax params -> HF GPT-2 state-dict names (fused c_attn), numpy."""
     p = jax.tree_util.tree_map(np.asarray, variables["params"])
-    out = {"wte.weight": p["wte"]["embedding"], "wpe.weight": p["wpe"]["embedding"],
-           "ln_f.weight": p["ln_f"]["scale"], "ln_f.bias": p["ln_f"]["bias"]}
+    out = {
+        "wte.weight": p["wte"]["embedding"],
+        "wpe.weight": p["wpe"]["embedding"],
+        "ln_f.weight": p["ln_f"]["scale"],
+        "ln_f.bias": p["ln_f"]["bias"],
+    }
     for i in range(SMALL.num_layers):
         layer, hf = p[f"layers_{i}"], f"h.{i}."
         for ln in ("ln_1", "ln_2"):
             out[hf + ln + ".weight"], out[hf + ln + ".bias"] = layer[ln]["scale"], layer[ln]["bias"]
         for kind, leaf in (("weight", "kernel"), ("bias", "bias")):
             attn = layer["attn"]
-            out[hf + "attn.c_attn." + kind] = np.concatenate([attn[n][leaf] for n in ("query", "key", "value")], -1)
+            out[hf + "attn.c_attn." + kind] = np.concatenate(
+                [attn[n][leaf] for n in ("query", "key", "value")], -1
+            )
             out[hf + "attn.c_proj." + kind] = attn["out"][leaf]
             out[hf + "mlp.c_fc." + kind] = layer["mlp"]["up"][leaf]
             out[hf + "mlp.c_proj." + kind] = layer["mlp"]["down"][leaf]
@@ -39,8 +52,10 @@ def _to_hf(variables, prefix="transformer."):
 
 def test_param_paths_and_logical_axes(small):
     model, variables = small
-    paths = {jax.tree_util.keystr(p, simple=True, separator="/"): x.shape
-             for p, x in jax.tree_util.tree_leaves_with_path(variables)}
+    paths = {
+        jax.tree_util.keystr(p, simple=True, separator="/"): x.shape
+        for p, x in jax.tree_util.tree_leaves_with_path(variables)
+    }
     assert paths["params/wte/embedding"] == (61, 32)
     assert paths["params/wpe/embedding"] == (16, 32)
     assert paths["params/ln_f/scale"] == (32,)
@@ -93,13 +108,17 @@ def test_from_hf_errors_name_tensor_and_shapes(small):
     _, variables = small
     tensors = _to_hf(variables)
     bad = {**tensors, "transformer.h.1.attn.c_attn.weight": np.zeros((32, 95), np.float32)}
-    with pytest.raises(ValueError, match=r"tensor 'h\.1\.attn\.c_attn\.weight' "
-                       r"\(for params/layers_1/attn/query/kernel, "
-                       r".*\): expected shape \(32, 96\), found \(32, 95\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'h\.1\.attn\.c_attn\.weight' "
+        r"\(for params/layers_1/attn/query/kernel, "
+        r".*\): expected shape \(32, 96\), found \(32, 95\)",
+    ):
         gpt2.from_hf(HF_SMALL, bad)
     missing = {k: v for k, v in tensors.items() if k != "transformer.wpe.weight"}
-    with pytest.raises(ValueError,
-                       match=r"missing tensor 'wpe\.weight' \(for params/wpe/embedding, shape \(16, 32\)\)"):
+    with pytest.raises(
+        ValueError, match=r"missing tensor 'wpe\.weight' \(for params/wpe/embedding, shape \(16, 32\)\)"
+    ):
         gpt2.from_hf(HF_SMALL, missing)
     extra = {**tensors, "transformer.h.2.mlp.c_fc.weight": np.zeros((32, 128), np.float32)}
     with pytest.raises(ValueError, match=r"unexpected tensors \['h\.2\.mlp\.c_fc\.weight'\]"):
@@ -126,19 +145,30 @@ def test_matches_transformers(tmp_path):
 
     torch.manual_seed(0)
     # initializer_range=0.2 (not 0.02) so that logits are O(1) and the comparison means something.
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=97,
-                                     initializer_range=0.2, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_positions=32,
+        vocab_size=97,
+        initializer_range=0.2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     ref_model = transformers.GPT2LMHeadModel(config).eval()
     ref_model.save_pretrained(tmp_path)
-    model, variables = gpt2.from_hf(json.loads((tmp_path / "config.json").read_text()),
-                                    load_file(str(tmp_path / "model.safetensors")))
+    model, variables = gpt2.from_hf(
+        json.loads((tmp_path / "config.json").read_text()), load_file(str(tmp_path / "model.safetensors"))
+    )
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 97, (3, 20)).astype(np.int32)
     mask = np.ones((3, 20), np.int32)
     mask[1, 13:] = 0
     ours = np.asarray(jax.jit(model.apply)(variables, ids, mask))
     with torch.no_grad():
-        ref = ref_model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits
+        ref = ref_model(
+            input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()
+        ).logits
     ref = ref.numpy()
     assert np.abs(ref).max() > 1.0
     # fp32; measured max abs diff 4.6e-6 on logits of magnitude up to 6.2.

@@ -42,8 +42,9 @@ MODULES = _module_files()
 def _run(*args, timeout=300):
     # Importing touches no device; the CPU platform keeps a subprocess from probing accelerators.
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -66,7 +67,7 @@ def _imported_modules(name: str, file: pathlib.Path) -> set[str]:
             targets |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module
@@ -131,8 +132,11 @@ def test_import_lora_jax_leaves_heavy_submodules_lazy():
     """``import lora_jax`` (read with ``-X importtime``) loads none of the submodules it defers."""
     proc = _run("-X", "importtime", "-c", "import lora_jax")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    loaded = {line.rpartition("|")[2].strip() for line in proc.stderr.splitlines()
-              if line.startswith("import time:")}
+    loaded = {
+        line.rpartition("|")[2].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert "lora_jax.transform" in loaded and "lora_jax.core" in loaded
     lazy = {f"lora_jax.{name}" for name in lora_jax._SUBMODULES}
     assert not loaded & lazy, sorted(loaded & lazy)

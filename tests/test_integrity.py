@@ -50,8 +50,14 @@ SPEC = lj.LoraSpec(rank=8, alpha=16.0, targets=r".*/kernel")
 
 
 def _params():
-    return {"params": {f"layers_{i}": {"attn": {"query": {"kernel": jnp.zeros((64, 64))},
-                                                "value": {"kernel": jnp.zeros((64, 8))}}} for i in range(2)}}
+    return {
+        "params": {
+            f"layers_{i}": {
+                "attn": {"query": {"kernel": jnp.zeros((64, 64))}, "value": {"kernel": jnp.zeros((64, 8))}}
+            }
+            for i in range(2)
+        }
+    }
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +70,13 @@ def train_state():
     tx = lj.optimizer(optax.adam(1e-3))
     opt_state = tx.init(deltas)
     opt_state = jax.tree_util.tree_map(
-        lambda x: jax.random.uniform(next(keys), x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x + 7,
-        opt_state)
+        lambda x: (
+            jax.random.uniform(next(keys), x.shape, x.dtype)
+            if jnp.issubdtype(x.dtype, jnp.floating)
+            else x + 7
+        ),
+        opt_state,
+    )
     return {"deltas": deltas, "opt_state": opt_state, "ema": jnp.arange(300, dtype=jnp.bfloat16)}
 
 
@@ -130,8 +141,9 @@ def test_bit_flips_in_every_file_of_a_train_checkpoint_raise_or_change_nothing(t
 
 def test_bit_flips_anywhere_in_an_adapter_file_raise(train_state, tmp_path):
     deltas, params = train_state["deltas"], _params()
-    file = adapter.save_adapter(tmp_path, deltas, SPEC, base_model={"name": "toy"}, extra={"acc": 0.5},
-                                verbose=False)
+    file = adapter.save_adapter(
+        tmp_path, deltas, SPEC, base_model={"name": "toy"}, extra={"acc": 0.5}, verbose=False
+    )
     info = adapter.adapter_info(file)
     raw = file.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
@@ -149,7 +161,9 @@ def test_bit_flips_anywhere_in_an_adapter_file_raise(train_state, tmp_path):
             outcome["identical"] += 1
         finally:
             file.write_bytes(raw)
-    print(f"\n{len(offsets)} flips in a {len(raw)}-byte adapter ({8 + header_len} header bytes): {dict(outcome)}")
+    print(
+        f"\n{len(offsets)} flips in a {len(raw)}-byte adapter ({8 + header_len} header bytes): {dict(outcome)}"
+    )
     assert outcome["raised"] >= 0.95 * len(offsets)
     assert _same(adapter.load_adapter(file, params), deltas)  # the restored file reads fine
 
@@ -213,8 +227,16 @@ def test_checksums_of_arrays_sharded_across_two_processes(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), str(port), str(i)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path), str(port), str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         outs = [p.communicate(timeout=600) for p in procs]
     finally:

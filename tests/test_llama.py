@@ -17,9 +17,18 @@ from lora_jax.models import gguf as lgguf
 from lora_jax.models import hf as lhf
 from lora_jax.models import llama, tokenizers
 
-TINY = llama.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=16, rope_theta=500.0, rms_norm_eps=2.0**-16,
-                         tie_word_embeddings=False)
+TINY = llama.LlamaConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=500.0,
+    rms_norm_eps=2.0**-16,
+    tie_word_embeddings=False,
+)
 
 
 @functools.cache
@@ -33,8 +42,10 @@ def _init(cfg=TINY, seed=0):
         # Norm scales are ones at init; perturb them so layout mistakes show up.
         leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
         keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-        leaves = [x + 0.1 * jax.random.normal(k, x.shape) if "scale" in jax.tree_util.keystr(p) else x
-                  for (p, x), k in zip(leaves, keys)]
+        leaves = [
+            x + 0.1 * jax.random.normal(k, x.shape) if "scale" in jax.tree_util.keystr(p) else x
+            for (p, x), k in zip(leaves, keys)
+        ]
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
     return model, init(jax.random.key(seed))
@@ -61,8 +72,10 @@ def _ids(b, t, seed=0, vocab=TINY.vocab_size):
 def test_parameter_paths_shapes_and_logical_axes():
     model = llama.Llama(TINY)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-    shapes = {jax.tree_util.keystr(p, simple=True, separator="/"): x.shape
-              for p, x in jax.tree_util.tree_leaves_with_path(nn_unbox(abstract))}
+    shapes = {
+        jax.tree_util.keystr(p, simple=True, separator="/"): x.shape
+        for p, x in jax.tree_util.tree_leaves_with_path(nn_unbox(abstract))
+    }
     assert shapes["params/embed/embedding"] == (97, 32)
     assert shapes["params/layers_0/attn/query/kernel"] == (32, 64)
     assert shapes["params/layers_1/attn/key/kernel"] == (32, 32)
@@ -81,12 +94,16 @@ def test_parameter_paths_shapes_and_logical_axes():
     assert tuple(specs["layers_0"]["mlp"]["down"]["kernel"]) == ("mlp", "embed")
     assert tuple(specs["embed"]["embedding"]) == ("vocab", "embed")
     assert tuple(specs["final_norm"]["scale"]) == ("norm",)
-    used = {a for s in jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-            for a in s}
+    used = {
+        a
+        for s in jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        for a in s
+    }
     assert used <= {name for name, _ in llama.LOGICAL_AXIS_RULES_DEFAULT}
 
-    tied = llama.Llama(llama.LlamaConfig(**{**TINY.__dict__, "tie_word_embeddings": True,
-                                           "scan_layers": True}))
+    tied = llama.Llama(
+        llama.LlamaConfig(**{**TINY.__dict__, "tie_word_embeddings": True, "scan_layers": True})
+    )
     specs = llama.logical_partition_specs(tied)["params"]
     assert "lm_head" not in specs
     assert tuple(specs["layers"]["attn"]["query"]["kernel"]) == ("layers", "embed", "heads")
@@ -102,8 +119,9 @@ def test_scan_and_remat_match_plain_model(scan, remat):
     ref = _fwd(model, variables, ids, attention_mask=mask)
 
     cfg = llama.LlamaConfig(**{**TINY.__dict__, "scan_layers": scan, "remat": remat})
-    other = {"params": llama.stack_layers(variables["params"], TINY.num_layers) if scan
-             else variables["params"]}
+    other = {
+        "params": llama.stack_layers(variables["params"], TINY.num_layers) if scan else variables["params"]
+    }
     out = _fwd(llama.Llama(cfg), other, ids, attention_mask=mask)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -194,7 +212,8 @@ def test_generate_sampling_and_eos():
     assert not np.array_equal(s1, s3)
     np.testing.assert_array_equal(  # tiny temperature -> greedy
         llama.generate(model.apply, variables, ids, 8, key=k, temperature=1e-6),
-        llama.generate(model.apply, variables, ids, 8))
+        llama.generate(model.apply, variables, ids, 8),
+    )
 
     greedy = np.asarray(llama.generate(model.apply, variables, ids, 8))
     eos = int(greedy[0, 2])
@@ -240,9 +259,12 @@ def test_from_hf_to_hf_roundtrip_and_errors():
     bad["model.layers.1.self_attn.k_proj.weight"] = np.zeros((16, 32), np.float32)
     del bad["model.norm.weight"]
     bad["model.layers.9.mlp.up_proj.weight"] = np.zeros((2, 2), np.float32)
-    with pytest.raises(ValueError, match=r"(?s)missing tensor 'model.norm.weight'.*"
-                                         r"'model.layers.1.self_attn.k_proj.weight' has shape \(16, 32\), "
-                                         r"expected \(32, 32\).*unexpected tensor 'model.layers.9.mlp.up_proj.weight'"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)missing tensor 'model.norm.weight'.*"
+        r"'model.layers.1.self_attn.k_proj.weight' has shape \(16, 32\), "
+        r"expected \(32, 32\).*unexpected tensor 'model.layers.9.mlp.up_proj.weight'",
+    ):
         llama.from_hf(config, bad)
     with pytest.raises(ValueError, match="rope_scaling=.*not supported"):
         llama.from_hf({**config, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, tensors)
@@ -318,9 +340,18 @@ def test_tiny_transformers_llama_gqa_untied_matches(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, rope_theta=500.0, rms_norm_eps=2.0**-16,
-        tie_word_embeddings=False, max_position_embeddings=64)
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=500.0,
+        rms_norm_eps=2.0**-16,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+    )
     ref_model = transformers.LlamaForCausalLM(hf_cfg).eval()
     with torch.no_grad():
         for name, p in ref_model.named_parameters():
@@ -444,8 +475,12 @@ def test_gguf_tiny_roundtrip_and_errors(tmp_path):
 
 def test_chat_template():
     text = tokenizers.apply_chat_template(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
-    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    )
+    assert (
+        text
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     with pytest.raises(ValueError, match=r"messages\[0\] must have 'role' and 'content'"):
         tokenizers.apply_chat_template([{"role": "user"}])
 
@@ -463,8 +498,11 @@ _TEMPLATE = """{% for message in messages %}
 
 
 def test_chat_template_is_rendered_with_jinja():
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello"}]
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     text = tokenizers.apply_chat_template(msgs, template=_TEMPLATE, eos_token="</s>")
     assert text == "[user] Hi</s>\n[assistant] Hello</s>\n[assistant] "
     with pytest.raises(ValueError, match="chat template: unknown role tool"):
@@ -475,22 +513,28 @@ def test_chat_template_is_rendered_with_jinja():
     custom = tokenizers.apply_chat_template([{"role": "user", "content": "Hi"}], system_prompt="Be brief.")
     assert custom.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
     hi = [{"role": "user", "content": "Hi"}]
-    assert tokenizers.apply_chat_template(hi, system_prompt=tokenizers.SMOLLM2_SYSTEM_PROMPT) == \
-        tokenizers.apply_chat_template(hi)
+    assert tokenizers.apply_chat_template(
+        hi, system_prompt=tokenizers.SMOLLM2_SYSTEM_PROMPT
+    ) == tokenizers.apply_chat_template(hi)
 
 
 @pytest.mark.torch
 def test_chat_template_renders_like_transformers(bpe_tokenizer, tmp_path):
     transformers = pytest.importorskip("transformers")
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
     for template in (_TEMPLATE, tokenizers.SMOLLM2_CHAT_TEMPLATE):
         tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe_tokenizer, eos_token="<|endoftext|>")
         tok.chat_template = template
         for gen in (True, False):
             ref = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-            ours = tokenizers.apply_chat_template(msgs, template=template, add_generation_prompt=gen,
-                                                  eos_token="<|endoftext|>")
+            ours = tokenizers.apply_chat_template(
+                msgs, template=template, add_generation_prompt=gen, eos_token="<|endoftext|>"
+            )
             assert ours == ref
     # A Hugging Face folder's own template is found in tokenizer_config.json.
     tok.save_pretrained(tmp_path)
@@ -513,7 +557,13 @@ GETTYSBURG = (
 @pytest.mark.assets
 def test_smollm2_config_and_paths(smollm2):
     cfg = smollm2["model"].config
-    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 576, 9, 3, 64)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        30,
+        576,
+        9,
+        3,
+        64,
+    )
     assert cfg.tie_word_embeddings and cfg.vocab_size == 49152
     p = smollm2["variables"]["params"]
     assert "lm_head" not in p and p["embed"]["embedding"].shape == (49152, 576)
@@ -523,8 +573,12 @@ def test_smollm2_config_and_paths(smollm2):
 @pytest.mark.assets
 def test_smollm2_tokenizer_roundtrip(smollm2):
     tok = smollm2["tokenizer"]
-    for text in [GETTYSBURG, "  two  spaces, tabs\tand\nnewlines 12345 3.14", "naïve café — 東京 🙂",
-                 tokenizers.apply_chat_template([{"role": "user", "content": "Hello!"}])]:
+    for text in [
+        GETTYSBURG,
+        "  two  spaces, tabs\tand\nnewlines 12345 3.14",
+        "naïve café — 東京 🙂",
+        tokenizers.apply_chat_template([{"role": "user", "content": "Hello!"}]),
+    ]:
         assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
     ids = tok.encode("<|im_start|>user\nHi<|im_end|>").ids
     assert ids[0] == 1 and ids[-1] == smollm2["special"]["eos"] == 2
@@ -535,8 +589,11 @@ def test_smollm2_tokenizer_roundtrip(smollm2):
 def test_smollm2_chat_template_matches_gguf_jinja(smollm2):
     jinja2 = pytest.importorskip("jinja2")
     template = smollm2["reader"].fields["tokenizer.chat_template"].contents()
-    msgs = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
-            {"role": "user", "content": "Thanks"}]
+    msgs = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "Thanks"},
+    ]
     ref = jinja2.Template(template).render(messages=msgs, add_generation_prompt=True)
     assert tokenizers.apply_chat_template(msgs) == ref
     assert template == tokenizers.SMOLLM2_CHAT_TEMPLATE == tokenizers.chat_template("smollm2-135m")
@@ -576,8 +633,12 @@ def test_smollm2_scan_remat_and_cache_match(smollm2):
     tok = smollm2["tokenizer"]
     prompt = tok.encode("Water boils at a temperature of").ids
     ids = jnp.asarray([prompt])
-    np.testing.assert_allclose(scan_model.apply(stacked, ids), smollm2["model"].apply(smollm2["variables"], ids),
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        scan_model.apply(stacked, ids),
+        smollm2["model"].apply(smollm2["variables"], ids),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
     n_new, width = 6, len(prompt) + 6
     step = jax.jit(scan_model.apply)  # fixed width: right padding never affects earlier positions (causal)
@@ -586,7 +647,7 @@ def test_smollm2_scan_remat_and_cache_match(smollm2):
         buf = jnp.asarray([seq + [0] * (width - len(seq))])
         seq.append(int(jnp.argmax(step(stacked, buf)[0, len(seq) - 1])))
     out = llama.generate(scan_model.apply, stacked, ids, n_new)
-    assert np.asarray(out[0]).tolist() == seq[len(prompt):]
+    assert np.asarray(out[0]).tolist() == seq[len(prompt) :]
 
 
 @pytest.mark.assets
@@ -611,15 +672,23 @@ def test_smollm2_logits_match_transformers(smollm2):
         ref = ref_model(torch.from_numpy(ids)).logits.numpy()
     out = np.asarray(smollm2["model"].apply(smollm2["variables"], jnp.asarray(ids)))
     diff = np.abs(out - ref).max()
-    print(f"SmolLM2 vs transformers LlamaForCausalLM (fp32): max abs diff {diff:.2e} "
-          f"(logits up to {np.abs(ref).max():.1f})")
+    print(
+        f"SmolLM2 vs transformers LlamaForCausalLM (fp32): max abs diff {diff:.2e} "
+        f"(logits up to {np.abs(ref).max():.1f})"
+    )
     assert diff <= 1e-3
 
 
 @pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
 def test_rope_scaling_in_either_config_key_is_rejected(key):
-    cfg = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
-           "num_attention_heads": 2, key: {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}
+    cfg = {
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        key: {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5},
+    }
     with pytest.raises(ValueError, match=f"{key}=.*not supported"):
         llama.config_from_hf(cfg)
     cfg[key] = {"rope_type": "default", "rope_theta": 5e5}

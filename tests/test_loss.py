@@ -116,7 +116,9 @@ def test_wrapped_chunked_lm_loss_equals_full_logits(jit, tied):
 def test_chunked_lm_loss_at_positions_equals_at_positions():
     model, variables, deltas, ids = lora_setup(tied=False)
     mask = jnp.ones_like(ids)
-    pos, tgt, w = step_lib.completion_targets(ids, (jnp.arange(13) >= 4).astype(jnp.int32)[None].repeat(2, 0), 9)
+    pos, tgt, w = step_lib.completion_targets(
+        ids, (jnp.arange(13) >= 4).astype(jnp.int32)[None].repeat(2, 0), 9
+    )
     got = lj.wrap(step_lib.chunked_lm_loss(model.apply, chunk=2))(variables, deltas, ids, mask, tgt, w, pos)
     want = token_loss(lj.wrap(step_lib.at_positions(model.apply))(variables, deltas, ids, mask, pos), tgt, w)
     assert rel_err(got[0], want[0]) < 1e-5 and float(got[1]) == float(want[1]) == 18.0
@@ -155,7 +157,9 @@ def test_chunked_step_never_holds_full_logits():
     hlo = {}
     for chunk in (8, None):
         step = step_lib.make_train_step(model.apply, tx, num_targets=None, loss_chunk=chunk)
-        hlo[chunk] = step.lower(deltas, tx.init(deltas), variables, batch, jax.random.key(0)).compile().as_text()
+        hlo[chunk] = (
+            step.lower(deltas, tx.init(deltas), variables, batch, jax.random.key(0)).compile().as_text()
+        )
     assert f"f32[{b},{t - 1},{vocab}]" in hlo[None]  # the check can see logits when they are there
     assert f"f32[{b},{t - 1},{vocab}]" not in hlo[8] and f"f32[{b},{t},{vocab}]" not in hlo[8]
     assert f"f32[{b},8,{vocab}]" in hlo[8]
@@ -184,7 +188,9 @@ def test_model_without_a_known_head_is_an_error():
     ids = jnp.zeros((1, 4), jnp.int32)
     variables = model.init(jax.random.key(0), ids)
     f = step_lib.chunked_lm_loss(model.apply, chunk=2)
-    with pytest.raises(ValueError, match="neither a module named 'lm_head' nor an 'attend' call; pass loss_chunk=None"):
+    with pytest.raises(
+        ValueError, match="neither a module named 'lm_head' nor an 'attend' call; pass loss_chunk=None"
+    ):
         f(variables, ids, jnp.ones_like(ids), ids, jnp.ones((1, 4)))
 
 
@@ -192,7 +198,8 @@ def test_model_without_a_known_head_is_an_error():
 def test_step_on_a_mesh_without_the_standard_axes(axis_type):
     """A mesh without ``data``/``fsdp``/``tensor``: the rules' missing axes are left to the compiler (or,
     with ``Explicit`` axes, to the shardings in the types)."""
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     model, variables, deltas, _ = lora_setup(tied=True)
     mesh = jax.make_mesh((1,), ("x",), axis_types=(getattr(AxisType, axis_type),), devices=jax.devices()[:1])
@@ -202,8 +209,13 @@ def test_step_on_a_mesh_without_the_standard_axes(axis_type):
     opt_state = tx.init(deltas)
     ids = jnp.ones((1, 2, 13), jnp.int32)
     batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
-    shardings = {"deltas": shard(deltas), "opt_state": shard(opt_state), "params": shard(variables),
-                 "batch": NamedSharding(mesh, P(None, "x")), "replicated": repl}
+    shardings = {
+        "deltas": shard(deltas),
+        "opt_state": shard(opt_state),
+        "params": shard(variables),
+        "batch": NamedSharding(mesh, P(None, "x")),
+        "replicated": repl,
+    }
     step = step_lib.make_train_step(model.apply, tx, shardings=shardings, loss_chunk=4)
     _, _, m = step(deltas, opt_state, variables, batch, jax.random.key(0))
     assert float(m["loss_tokens"]) == 24.0 and np.isfinite(float(m["loss"]))

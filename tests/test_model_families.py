@@ -16,18 +16,32 @@ from lora_jax.models import bert, gpt2, llama, registry
 from lora_jax.train import config as config_lib
 
 TINY = {
-    "llama": lambda: llama.Llama(llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                                   num_layers=2, num_heads=4, num_kv_heads=2)),
-    "bert": lambda: bert.BertModel(bert.BertConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=4,
-                                                   intermediate_size=32, max_position_embeddings=8)),
-    "gpt2": lambda: gpt2.GPT2LMHeadModel(gpt2.GPT2Config(vocab_size=61, max_position_embeddings=8,
-                                                         hidden_size=16, num_layers=2, num_heads=4)),
+    "llama": lambda: llama.Llama(
+        llama.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2
+        )
+    ),
+    "bert": lambda: bert.BertModel(
+        bert.BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=32,
+            max_position_embeddings=8,
+        )
+    ),
+    "gpt2": lambda: gpt2.GPT2LMHeadModel(
+        gpt2.GPT2Config(vocab_size=61, max_position_embeddings=8, hidden_size=16, num_layers=2, num_heads=4)
+    ),
 }
 
 
 def _param_paths(model) -> set[str]:
     specs = registry.family_of(model).logical_partition_specs(model)
-    leaves = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    leaves = jax.tree_util.tree_leaves_with_path(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
     return {jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in leaves}
 
 
@@ -45,11 +59,14 @@ def test_registry_lookups(tmp_path):
     for name, make in TINY.items():
         family = registry.get(name)
         assert family.model_type == name and registry.family_of(make()) is family
-    clf = bert.BertClassifier(bert.BertConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2,
-                                              intermediate_size=16))
+    clf = bert.BertClassifier(
+        bert.BertConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16)
+    )
     assert registry.family_of(clf) is bert.FAMILY
     assert registry.family_of(object()) is None
-    assert registry.family_for("smollm2-135m") is llama.FAMILY and registry.family_for("minilm") is bert.FAMILY
+    assert (
+        registry.family_for("smollm2-135m") is llama.FAMILY and registry.family_for("minilm") is bert.FAMILY
+    )
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert registry.family_for(tmp_path) is gpt2.FAMILY
     assert registry.family_for(tmp_path / "missing") is None
@@ -69,10 +86,17 @@ def test_family_tables_name_real_parameters(name):
             assert family.hf_module(projection, i) + ".weight" in hf_names
     # The default targets hit the attention query and value kernels of every layer, and nothing else.
     targeted = {p for p in paths if re.fullmatch(family.default_targets, p)}
-    assert targeted == {f"params/{family.layers}_{i}/attn/{m}/kernel" for i in range(2) for m in ("query", "value")}
-    used = {a for spec in jax.tree_util.tree_leaves(family.logical_partition_specs(model),
-                                                     is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-            for a in spec if a is not None}
+    assert targeted == {
+        f"params/{family.layers}_{i}/attn/{m}/kernel" for i in range(2) for m in ("query", "value")
+    }
+    used = {
+        a
+        for spec in jax.tree_util.tree_leaves(
+            family.logical_partition_specs(model), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+        )
+        for a in spec
+        if a is not None
+    }
     assert used <= {axis for axis, _ in family.logical_axis_rules}  # every logical axis has a rule
 
 
@@ -89,12 +113,19 @@ def test_train_config_default_targets_come_from_the_family(tmp_path):
 def test_peft_files_only_for_families_with_a_task_type(tmp_path):
     _, variables = gpt2.init(jax.random.key(0), TINY["gpt2"]().config)
     deltas = lj.init(jax.random.key(1), variables, lj.LoraSpec(rank=2, targets=gpt2.DEFAULT_TARGETS))
-    with pytest.raises(ValueError, match=r"model_type='gpt2' is not supported for PEFT files; use one of "
-                                         r"\['bert', 'llama'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"model_type='gpt2' is not supported for PEFT files; use one of "
+        r"\['bert', 'llama'\]",
+    ):
         peft.save_peft(tmp_path, deltas, model_type="gpt2")
-    assert peft.module_name("params/encoder/layers_1/attn/value/kernel", "bert") == \
-        "encoder.layer.1.attention.self.value"
-    assert peft.module_name("params/layers/mlp/down/kernel", "llama", layer=3) == "model.layers.3.mlp.down_proj"
+    assert (
+        peft.module_name("params/encoder/layers_1/attn/value/kernel", "bert")
+        == "encoder.layer.1.attention.self.value"
+    )
+    assert (
+        peft.module_name("params/layers/mlp/down/kernel", "llama", layer=3) == "model.layers.3.mlp.down_proj"
+    )
 
 
 WORKER = r"""
@@ -131,11 +162,12 @@ print("RESULT " + json.dumps(out))
 @pytest.fixture(scope="module")
 def sharded():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_bert_params_follow_berts_own_rules(sharded):
@@ -143,13 +175,16 @@ def test_bert_params_follow_berts_own_rules(sharded):
     out = sharded["bert"]
     assert not [w for w in out["warnings"] if "logical-axis" in w]
     specs = out["specs"]
-    assert specs["params/encoder/layers_0/attn/query/kernel"] == ["fsdp", "tensor"]   # (embed, heads)
-    assert specs["params/encoder/layers_0/attn/out/kernel"] == ["tensor", "fsdp"]     # (heads, embed)
-    assert specs["params/encoder/layers_0/mlp/up/bias"] == ["tensor"]                 # (mlp,)
-    assert specs["params/encoder/layers_0/attn_ln/scale"] == ["fsdp"]                 # (embed,)
-    assert specs["params/embeddings/word/embedding"] == [None, "fsdp"]                # (vocab, embed)
+    assert specs["params/encoder/layers_0/attn/query/kernel"] == ["fsdp", "tensor"]  # (embed, heads)
+    assert specs["params/encoder/layers_0/attn/out/kernel"] == ["tensor", "fsdp"]  # (heads, embed)
+    assert specs["params/encoder/layers_0/mlp/up/bias"] == ["tensor"]  # (mlp,)
+    assert specs["params/encoder/layers_0/attn_ln/scale"] == ["fsdp"]  # (embed,)
+    assert specs["params/embeddings/word/embedding"] == [None, "fsdp"]  # (vocab, embed)
     # Llama's rules (what every model got before) would have split the vocabulary over "tensor".
-    assert tuple(nn.logical_to_mesh_axes(("vocab", "embed"), llama.LOGICAL_AXIS_RULES_DEFAULT)) == ("tensor", "fsdp")
+    assert tuple(nn.logical_to_mesh_axes(("vocab", "embed"), llama.LOGICAL_AXIS_RULES_DEFAULT)) == (
+        "tensor",
+        "fsdp",
+    )
     assert out["diff"] <= 1e-5  # the sharded forward pass equals the unsharded one (float32)
 
 

@@ -28,41 +28,46 @@ if jax.process_index() == 0:
 
 
 def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _spawn(tmp_path, devices, port, pid):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  return subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), str(port), pid], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(tmp_path), str(port), pid],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _result(proc):
-  out, err = proc.communicate(timeout=600)
-  assert proc.returncode == 0, err[-4000:]
-  lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
-  return json.loads(lines[-1][len("RESULT "):]) if lines else None
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT ") :]) if lines else None
 
 
 def test_two_processes_match_one_process(tmp_path):
-  port = _free_port()
-  procs = [_spawn(tmp_path, 4, port, str(i)) for i in range(2)]
-  try:
-    multi = [_result(p) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  single = _result(_spawn(tmp_path, 8, 0, "single"))
-  assert multi[1] is None  # only process 0 reports
-  multi = multi[0]
-  assert multi["processes"] == 2 and multi["devices"] == 8
-  assert single["processes"] == 1 and single["devices"] == 8
-  np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5, atol=1e-6)
-  a, b = np.load(tmp_path / "0.npz"), np.load(tmp_path / "single.npz")
-  assert sorted(a.files) == sorted(b.files) and len(b.files) > 0
-  for k in b.files:
-    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
-  assert multi["specs"] == single["specs"]
+    port = _free_port()
+    procs = [_spawn(tmp_path, 4, port, str(i)) for i in range(2)]
+    try:
+        multi = [_result(p) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    single = _result(_spawn(tmp_path, 8, 0, "single"))
+    assert multi[1] is None  # only process 0 reports
+    multi = multi[0]
+    assert multi["processes"] == 2 and multi["devices"] == 8
+    assert single["processes"] == 1 and single["devices"] == 8
+    np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5, atol=1e-6)
+    a, b = np.load(tmp_path / "0.npz"), np.load(tmp_path / "single.npz")
+    assert sorted(a.files) == sorted(b.files) and len(b.files) > 0
+    for k in b.files:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert multi["specs"] == single["specs"]

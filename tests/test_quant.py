@@ -22,10 +22,24 @@ from lora_jax import quant
 from lora_jax.models import llama
 
 # The NF4 levels as printed in the QLoRA paper (Dettmers et al. 2023, Appendix E).
-PAPER_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-             0.7229568362236023, 1.0]
+PAPER_NF4 = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +57,9 @@ def nonzero(deltas, key=jax.random.key(7)):
     """Deltas with random b (a fresh delta has b = 0, which would hide errors in the low-rank path)."""
     leaves, tree = jax.tree_util.tree_flatten(deltas)
     keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    return jax.tree_util.tree_unflatten(
+        tree, [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    )
 
 
 # ---- the codes -------------------------------------------------------------------------------------
@@ -57,16 +73,22 @@ def test_nf4_levels_equal_the_papers_table():
 
 # Measured RMS error of the round trip on N(0, 1), (1024, 512), block 64: nf4 0.0920 (0.0920 with double
 # quantization), int8 0.00592 (0.00608).
-@pytest.mark.parametrize("fmt,dq,bound", [("nf4", False, 0.095), ("nf4", True, 0.095), ("int8", False, 0.0062),
-                                          ("int8", True, 0.0063)])
+@pytest.mark.parametrize(
+    "fmt,dq,bound",
+    [("nf4", False, 0.095), ("nf4", True, 0.095), ("int8", False, 0.0062), ("int8", True, 0.0063)],
+)
 def test_round_trip_error_on_normal_data(fmt, dq, bound):
     w = jax.random.normal(jax.random.key(0), (1024, 512))
     q = lj.quantize({"w": w}, lj.QuantSpec(format=fmt, double_quant=dq, targets="w"))["w"]
     rms = float(jnp.sqrt(jnp.mean(jnp.square(q.dequantize() - w))))
     assert rms < bound, rms
     assert q.dequantize().dtype == jnp.float32
-    bits = {("nf4", False): 4.5, ("nf4", True): 4 + 8 / 64 + 32 / 64 / 256, ("int8", False): 8.5,
-            ("int8", True): 8 + 8 / 64 + 32 / 64 / 256}[fmt, dq]
+    bits = {
+        ("nf4", False): 4.5,
+        ("nf4", True): 4 + 8 / 64 + 32 / 64 / 256,
+        ("int8", False): 8.5,
+        ("int8", True): 8 + 8 / 64 + 32 / 64 / 256,
+    }[fmt, dq]
     assert q.nbytes * 8 / w.size == pytest.approx(bits, abs=2e-3)
 
 
@@ -81,7 +103,9 @@ def test_exact_values_survive():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_quantize_under_jit_is_bit_identical_and_keeps_dtype(dtype):
-    params = {"a": {"kernel": jax.random.normal(jax.random.key(1), (3, 128, 32), dtype), "bias": jnp.zeros(32)}}
+    params = {
+        "a": {"kernel": jax.random.normal(jax.random.key(1), (3, 128, 32), dtype), "bias": jnp.zeros(32)}
+    }
     spec = lj.QuantSpec(targets=".*/kernel")
     eager = lj.quantize(params, spec)
     jitted = jax.jit(lambda p: lj.quantize(p, spec))(params)
@@ -94,23 +118,32 @@ def test_quantize_under_jit_is_bit_identical_and_keeps_dtype(dtype):
     d = jax.jit(lj.dequantize)(eager)
     assert d["a"]["kernel"].dtype == dtype
     # (decoding may fuse into FMAs under jit: equal to a float rounding, not bit for bit)
-    np.testing.assert_allclose(d["a"]["kernel"].astype(jnp.float32), lj.dequantize(eager)["a"]["kernel"].astype(jnp.float32),
-                               rtol=1e-6 if dtype == jnp.float32 else 1e-2)
+    np.testing.assert_allclose(
+        d["a"]["kernel"].astype(jnp.float32),
+        lj.dequantize(eager)["a"]["kernel"].astype(jnp.float32),
+        rtol=1e-6 if dtype == jnp.float32 else 1e-2,
+    )
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
 
 
 def test_bad_input_errors():
-    params = {"dense": {"kernel": jnp.ones((100, 8)), "bias": jnp.zeros(8)}, "ids": jnp.zeros((64, 4), jnp.int32)}
+    params = {
+        "dense": {"kernel": jnp.ones((100, 8)), "bias": jnp.zeros(8)},
+        "ids": jnp.zeros((64, 4), jnp.int32),
+    }
     with pytest.raises(TypeError, match=r"ids: only floating-point arrays can be quantized"):
         lj.quantize(params, lj.QuantSpec(targets="ids"))
     with pytest.raises(ValueError, match=r"dense/bias: quantized weights need at least 2 dims.*'/kernel'"):
         lj.quantize(params, lj.QuantSpec(targets="dense/.*"))
     with pytest.raises(ValueError, match=r"match no parameter.*Closest available paths: \['dense/kernel'"):
         lj.quantize(params, lj.QuantSpec(targets=".*/kernal"))
-    with pytest.raises(ValueError, match=r"dense/kernel: its block axis 0 has size 100, not divisible by "
-                                         r"QuantSpec.block_size=64.*divides 100 \(e.g. \[4, 2\]\).*block_axis"):
+    with pytest.raises(
+        ValueError,
+        match=r"dense/kernel: its block axis 0 has size 100, not divisible by "
+        r"QuantSpec.block_size=64.*divides 100 \(e.g. \[4, 2\]\).*block_axis",
+    ):
         lj.quantize(params, lj.QuantSpec(targets=".*/kernel"))
     with pytest.raises(ValueError, match=r"QuantSpec.format='fp4' is not one of"):
         lj.QuantSpec(format="fp4")
@@ -161,14 +194,20 @@ def test_dense(use_jit, fmt):
     m = MLP()
     x = jax.random.normal(jax.random.key(1), (4, 32))
     v = m.init(jax.random.key(0), x)
-    check(m.apply, v, lj.QuantSpec(format=fmt, block_size=16, targets=".*/kernel"),
-          lj.LoraSpec(rank=4, targets=".*/(query|value)/kernel"), (x,), use_jit=use_jit)
+    check(
+        m.apply,
+        v,
+        lj.QuantSpec(format=fmt, block_size=16, targets=".*/kernel"),
+        lj.LoraSpec(rank=4, targets=".*/(query|value)/kernel"),
+        (x,),
+        use_jit=use_jit,
+    )
 
 
 class General(nn.Module):
     @nn.compact
     def __call__(self, x):
-        h = nn.DenseGeneral((4, 8), axis=-1, name="qkv")(x)              # kernel (32, 4, 8)
+        h = nn.DenseGeneral((4, 8), axis=-1, name="qkv")(x)  # kernel (32, 4, 8)
         return nn.DenseGeneral(16, axis=(-2, -1), name="out")(jnp.tanh(h))  # kernel (4, 8, 16)
 
 
@@ -176,7 +215,9 @@ def test_dense_general():
     m = General()
     x = jax.random.normal(jax.random.key(1), (2, 5, 32))
     v = m.init(jax.random.key(0), x)
-    qspec = lj.QuantSpec(block_size=8, targets=".*/kernel", block_axis={".*/qkv/kernel": 0, ".*/out/kernel": 1})
+    qspec = lj.QuantSpec(
+        block_size=8, targets=".*/kernel", block_axis={".*/qkv/kernel": 0, ".*/out/kernel": 1}
+    )
     check(m.apply, v, qspec, lj.LoraSpec(rank=3, targets=".*/kernel"), (x,), init_fn=True)
 
 
@@ -194,8 +235,9 @@ class Stack(nn.Module):
     @nn.compact
     def __call__(self, x):
         block = nn.remat(Block) if self.remat else Block
-        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       length=self.layers)(name="layers")(x, None)
+        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers)(
+            name="layers"
+        )(x, None)
         return x
 
 
@@ -207,8 +249,13 @@ def test_scan_stacked(remat):
     m = Stack(remat=remat)
     x = jax.random.normal(jax.random.key(1), (2, 5, 32))
     v = m.init(jax.random.key(0), x)
-    q, _ = check(m.apply, v, lj.QuantSpec(block_size=16, targets=".*/kernel"),
-                 lj.LoraSpec(rank=3, targets=".*/query/kernel", axes={".*/kernel": STACKED}), (x,))
+    q, _ = check(
+        m.apply,
+        v,
+        lj.QuantSpec(block_size=16, targets=".*/kernel"),
+        lj.LoraSpec(rank=3, targets=".*/query/kernel", axes={".*/kernel": STACKED}),
+        (x,),
+    )
     assert q["params"]["layers"]["query"]["kernel"].codes.shape == (3, 16, 32)
 
 
@@ -225,7 +272,9 @@ def test_tied_embedding(block_axis):
     m = TiedLM()
     ids = jax.random.randint(jax.random.key(1), (3, 7), 0, 64)
     v = m.init(jax.random.key(0), ids)
-    qspec = lj.QuantSpec(block_size=16, targets=".*/(embedding|kernel)", block_axis={".*/embedding": block_axis})
+    qspec = lj.QuantSpec(
+        block_size=16, targets=".*/(embedding|kernel)", block_axis={".*/embedding": block_axis}
+    )
     check(m.apply, v, qspec, lj.LoraSpec(rank=4, targets=".*/(embedding|kernel)"), (ids,))
 
 
@@ -240,7 +289,11 @@ def test_raw_jax_nested_jit_views_and_fallback():
     p = {"w": jax.random.normal(jax.random.key(0), (16, 32))}
     x = jax.random.normal(jax.random.key(1), (3, 32))
     q = lj.quantize(p, lj.QuantSpec(block_size=16, targets="w", block_axis=-1))
-    d = nonzero(lj.init(jax.random.key(2), q, lj.LoraSpec(rank=2, targets="w", axes={"w": lj.LoraAxes((), (1,), (0,))})))
+    d = nonzero(
+        lj.init(
+            jax.random.key(2), q, lj.LoraSpec(rank=2, targets="w", axes={"w": lj.LoraAxes((), (1,), (0,))})
+        )
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", lj.FallbackWarning)
         got = lj.wrap(fn)(q, d, x)
@@ -251,8 +304,16 @@ def test_raw_jax_nested_jit_views_and_fallback():
 
 
 def test_llama_generate_and_scan_remat_on_a_quantized_base():
-    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-               head_dim=8, tie_word_embeddings=True)
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+    )
     targets = r".*/(attn/(query|value)|mlp/(gate|down))/kernel"
     ids = jax.random.randint(jax.random.key(1), (2, 9), 0, 64, jnp.int32)
     for scan in (False, True):
@@ -293,15 +354,20 @@ def test_gradient_step_has_no_weight_shaped_dot_and_no_base_gradient():
     x = jax.random.normal(jax.random.key(1), (2, 5, 32))
     v = m.init(jax.random.key(0), x)
     q = lj.quantize(v, lj.QuantSpec(block_size=16, targets=".*/kernel"))
-    d = nonzero(lj.init(jax.random.key(0), q, lj.LoraSpec(rank=3, targets=".*/kernel", axes={".*/kernel": STACKED})))
+    d = nonzero(
+        lj.init(jax.random.key(0), q, lj.LoraSpec(rank=3, targets=".*/kernel", axes={".*/kernel": STACKED}))
+    )
     loss = lambda d, p, x: jnp.mean(jnp.square(lj.wrap(m.apply)(p, d, x)))  # noqa: E731
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(d, q, x).jaxpr
     w_shapes = {(2, 32, 32), (32, 32)}
     dots = [e for e in _all_eqns(jaxpr) if e.primitive.name == "dot_general"]
     assert dots and not [e for e in dots if tuple(e.outvars[0].aval.shape) in w_shapes]
     ref = jax.value_and_grad(lambda d, p, x: jnp.mean(jnp.square(m.apply(lj.merge(lj.dequantize(p), d), x))))
-    assert [e for e in _all_eqns(jax.make_jaxpr(ref)(d, q, x).jaxpr) if e.primitive.name == "dot_general"
-            and tuple(e.outvars[0].aval.shape) in w_shapes]  # the check can fail
+    assert [
+        e
+        for e in _all_eqns(jax.make_jaxpr(ref)(d, q, x).jaxpr)
+        if e.primitive.name == "dot_general" and tuple(e.outvars[0].aval.shape) in w_shapes
+    ]  # the check can fail
     # Differentiating w.r.t. the quantized base too: codes get no gradient (float0), scales a zero one.
     gq = jax.grad(loss, argnums=1, allow_int=True)(d, q, x)["params"]["layers"]["query"]["kernel"]
     assert gq.codes.dtype == jax.dtypes.float0 and not np.any(np.asarray(gq.scale_scales))
@@ -355,7 +421,9 @@ def test_merge_then_requantize():
     q = lj.quantize(v, lj.QuantSpec(block_size=16))
     d = nonzero(lj.init(jax.random.key(2), q, lj.LoraSpec(rank=4, targets=".*/kernel")))
     merged = lj.merge(q, d)
-    assert not any(isinstance(x, lj.QuantizedArray) for x in jax.tree.leaves(merged, is_leaf=quant.is_quantized))
+    assert not any(
+        isinstance(x, lj.QuantizedArray) for x in jax.tree.leaves(merged, is_leaf=quant.is_quantized)
+    )
     assert lj.merge(q, d, dtype=jnp.bfloat16)["params"]["key"]["kernel"].dtype == jnp.bfloat16
     q2 = lj.quantize(merged, lj.QuantSpec(block_size=16))
     assert rel_err(m.apply(lj.dequantize(q2), x), m.apply(merged, x)) < 0.25  # 4-bit noise through 3 layers
@@ -383,10 +451,16 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     with pytest.raises(ValueError, match=r"holds a quantized base of model 'mlp', not 'smollm2-135m'"):
         quant.load(f, model="smollm2-135m")
     other = {"params": {"query": {"kernel": jnp.ones((32, 48))}}}
-    with pytest.raises(ValueError, match=r"does not fit this model.*params/query/kernel: shape \(32, 64\) in the file"):
+    with pytest.raises(
+        ValueError, match=r"does not fit this model.*params/query/kernel: shape \(32, 64\) in the file"
+    ):
         quant.load(f, like=other)
-    adapter = lj.adapter.save_adapter(tmp_path / "ad", lj.init(jax.random.key(0), v, lj.LoraSpec(rank=2, targets=".*/kernel")),
-                                      lj.LoraSpec(rank=2, targets=".*/kernel"), verbose=False)
+    adapter = lj.adapter.save_adapter(
+        tmp_path / "ad",
+        lj.init(jax.random.key(0), v, lj.LoraSpec(rank=2, targets=".*/kernel")),
+        lj.LoraSpec(rank=2, targets=".*/kernel"),
+        verbose=False,
+    )
     with pytest.raises(ValueError, match=r"is not a quantized base written by lora_jax.quant.save"):
         quant.load(adapter)
 
@@ -431,5 +505,7 @@ _MESH_SCRIPT = textwrap.dedent("""
 
 def test_quantize_on_an_8_device_mesh():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", _MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

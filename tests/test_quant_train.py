@@ -12,7 +12,9 @@ from lora_jax.train import mesh as mesh_lib
 
 
 def test_quantize_setting_is_checked():
-    with pytest.raises(ValueError, match=r"--quantize must be nf4 or int8 \(or left out for a float base\), got 'fp4'"):
+    with pytest.raises(
+        ValueError, match=r"--quantize must be nf4 or int8 \(or left out for a float base\), got 'fp4'"
+    ):
         config_lib.TrainConfig(quantize="fp4")
     cfg = config_lib.TrainConfig(model="tiny-llama", quantize="nf4")
     assert loop.quant_spec(cfg) == lj.QuantSpec(format="nf4", targets=r".*/kernel", block_size=16)
@@ -38,11 +40,22 @@ def test_build_with_a_quantized_base_trains_and_scores(fmt):
     gb = mesh_lib.global_batch({k: np.asarray(v) for k, v in batch.items()}, q.shardings["batch"], axis=1)
     deltas, _, m = q.train_step(q.deltas, q.opt_state, q.params, gb, jax.random.key(0))
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
-    ev = {"input_ids": ids[0], "attention_mask": jnp.ones_like(ids[0]), "labels": jnp.zeros(4, jnp.int32),
-          "prompt_len": jnp.full(4, 12, jnp.int32), "valid": jnp.ones(4, jnp.int32)}
+    ev = {
+        "input_ids": ids[0],
+        "attention_mask": jnp.ones_like(ids[0]),
+        "labels": jnp.zeros(4, jnp.int32),
+        "prompt_len": jnp.full(4, 12, jnp.int32),
+        "valid": jnp.ones(4, jnp.int32),
+    }
     ref = loop.build(model, lj.dequantize(jax.device_get(q.params)), spec, **kw)
-    got = q.score_step(deltas, q.params, mesh_lib.global_batch({k: np.asarray(v) for k, v in ev.items()},
-                                                                  q.shardings["eval_batch"]))
-    want = ref.score_step(deltas, ref.params, mesh_lib.global_batch({k: np.asarray(v) for k, v in ev.items()},
-                                                                       ref.shardings["eval_batch"]))
+    got = q.score_step(
+        deltas,
+        q.params,
+        mesh_lib.global_batch({k: np.asarray(v) for k, v in ev.items()}, q.shardings["eval_batch"]),
+    )
+    want = ref.score_step(
+        deltas,
+        ref.params,
+        mesh_lib.global_batch({k: np.asarray(v) for k, v in ev.items()}, ref.shardings["eval_batch"]),
+    )
     np.testing.assert_allclose(got["logprobs"], want["logprobs"], rtol=1e-5, atol=1e-5)

@@ -11,12 +11,12 @@ BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S
 
 
 def test_readme_has_python_blocks():
-  assert BLOCKS, "README has no runnable python block"
+    assert BLOCKS, "README has no runnable python block"
 
 
 # Users run the README with JAX's default promotion; its optax.adam is not strict-promotion clean.
 @pytest.mark.standard_promotion
 @pytest.mark.parametrize("i", range(len(BLOCKS)))
 def test_readme_block_runs(i, tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  exec(compile(BLOCKS[i], f"README.md block {i}", "exec"), {"__name__": "__readme__"})
+    monkeypatch.chdir(tmp_path)
+    exec(compile(BLOCKS[i], f"README.md block {i}", "exec"), {"__name__": "__readme__"})

@@ -23,7 +23,10 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.assets]
 
 CLI = [sys.executable, "-m", "lora_jax.train.cli"]
-PATCHED_CLI = [sys.executable, "-c", """
+PATCHED_CLI = [
+    sys.executable,
+    "-c",
+    """
 import os, sys, time
 import jax, jax.numpy as jnp
 from lora_jax.train import cli
@@ -50,14 +53,39 @@ def patched(*args, **kwargs):
 
 step_lib.make_train_step = patched
 sys.exit(cli.main(sys.argv[1:]))
-"""]
-TINY = ["finetune", "--model", "tiny-llama", "--steps", "8", "--batch", "4", "--grad-accum", "2", "--max-len", "40",
-        "--eval-size", "8", "--warmup", "2", "--lr", "1e-2", "--keep", "3", "--no-progress"]
+""",
+]
+TINY = [
+    "finetune",
+    "--model",
+    "tiny-llama",
+    "--steps",
+    "8",
+    "--batch",
+    "4",
+    "--grad-accum",
+    "2",
+    "--max-len",
+    "40",
+    "--eval-size",
+    "8",
+    "--warmup",
+    "2",
+    "--lr",
+    "1e-2",
+    "--keep",
+    "3",
+    "--no-progress",
+]
 
 
 def _env(**extra):
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                **{k: str(v) for k, v in extra.items()})
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        **{k: str(v) for k, v in extra.items()},
+    )
 
 
 def _run(args, **extra):
@@ -65,8 +93,9 @@ def _run(args, **extra):
 
 
 def _start(args, **extra):
-    return subprocess.Popen(PATCHED_CLI + args, env=_env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        PATCHED_CLI + args, env=_env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _train_steps(out) -> list[int]:
@@ -108,7 +137,10 @@ def test_divergence_at_step_1_writes_nothing(tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = _one_error_line(proc.stderr)
     assert line.startswith("lora-jax: error: training diverged at step 1: the loss is ")
-    assert "and the gradient norm inf. Stopped before saving step 1: no checkpoint was saved and no adapter " in line
+    assert (
+        "and the gradient norm inf. Stopped before saving step 1: no checkpoint was saved and no adapter "
+        in line
+    )
     assert "Rerun with a lower --lr (now 0.01) or --alpha (now 1e+30)" in line
     assert not (out / "adapter").exists() and not (out / "results.json").exists()
     assert _checkpoints(out) == []
@@ -117,13 +149,20 @@ def test_divergence_at_step_1_writes_nothing(tmp_path):
 
 def test_divergence_mid_run_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    bad = subprocess.run(PATCHED_CLI + TINY + ["--checkpoint-every", "2", "--out", str(out)],
-                         env=_env(TEST_NAN_FROM_STEP=5), capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        PATCHED_CLI + TINY + ["--checkpoint-every", "2", "--out", str(out)],
+        env=_env(TEST_NAN_FROM_STEP=5),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 1, bad.stderr[-3000:]
     line = _one_error_line(bad.stderr)
     assert "training diverged at step 5: the loss is nan" in line
-    assert f"Stopped before saving step 5: the last good checkpoint is step 4 ({out / 'checkpoints'}), and no " \
-           f"adapter was written" in line
+    assert (
+        f"Stopped before saving step 5: the last good checkpoint is step 4 ({out / 'checkpoints'}), and no "
+        f"adapter was written" in line
+    )
     assert max(_checkpoints(out)) == 4 and not (out / "adapter").exists()
     assert _train_steps(out) == [1, 2, 3, 4, 5]
     # The kept checkpoint is good: a run without the fault resumes from it, with no step twice.
@@ -141,9 +180,11 @@ def test_two_runs_on_one_folder(tmp_path):
     go.touch()
     assert second.returncode == 2
     line = _one_error_line(second.stderr)
-    assert line == (f"lora-jax: error: {str(out)!r} is in use by another run (pid {first.pid} on "
-                    f"{socket.gethostname()}, started {json.loads((out / '.lock').read_text())['started']}); wait for "
-                    f"it to finish, or write to another folder.")
+    assert line == (
+        f"lora-jax: error: {str(out)!r} is in use by another run (pid {first.pid} on "
+        f"{socket.gethostname()}, started {json.loads((out / '.lock').read_text())['started']}); wait for "
+        f"it to finish, or write to another folder."
+    )
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
     assert json.loads((out / "results.json").read_text())["steps"] == 8
@@ -152,8 +193,11 @@ def test_two_runs_on_one_folder(tmp_path):
 
 def test_kill_in_the_middle_of_a_metrics_line_then_rerun(tmp_path):
     out = tmp_path / "run"
-    victim = _start(TINY + ["--checkpoint-every", "2", "--out", str(out)], TEST_HOLD_AT_STEP=6,
-                    TEST_HOLD_FILE=tmp_path / "never")
+    victim = _start(
+        TINY + ["--checkpoint-every", "2", "--out", str(out)],
+        TEST_HOLD_AT_STEP=6,
+        TEST_HOLD_FILE=tmp_path / "never",
+    )
     _wait_for(lambda: len(_train_steps(out)) >= 5, victim, "step 5")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
@@ -175,8 +219,13 @@ def test_kill_in_the_middle_of_a_metrics_line_then_rerun(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))  # each step once
     assert (out / "loss.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text())["steps"] == 8
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl",
-                                                     "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter",
+        "checkpoints",
+        "loss.png",
+        "metrics.jsonl",
+        "results.json",
+    ]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -191,13 +240,17 @@ def test_signal_saves_the_step_in_progress(tmp_path, sig):
     _, err = victim.communicate(timeout=300)
     assert victim.returncode == 128 + sig, err[-3000:]
     step = 4
-    assert set(_checkpoints(out)) <= {1, step} and step in _checkpoints(out)  # (orbax keeps the first step too)
+    assert set(_checkpoints(out)) <= {1, step} and step in _checkpoints(
+        out
+    )  # (orbax keeps the first step too)
     assert _train_steps(out) == list(range(1, step + 1))
     name = signal.Signals(sig).name
     assert f"lora-jax: {name}: saving a checkpoint after the step in progress, then stopping" in err
     last = err.strip().splitlines()[-1]
-    assert last == (f"lora-jax: interrupted by {name} after step {step}, its checkpoint saved in "
-                    f"{out / 'checkpoints'}; resume with: lora-jax {shlex.join(args)}")
+    assert last == (
+        f"lora-jax: interrupted by {name} after step {step}, its checkpoint saved in "
+        f"{out / 'checkpoints'}; resume with: lora-jax {shlex.join(args)}"
+    )
     assert not (out / "adapter").exists() and not (out / ".lock").exists()
     if sig == signal.SIGTERM:
         return
@@ -211,7 +264,9 @@ def test_signal_saves_the_step_in_progress(tmp_path, sig):
     assert _checkpoints(out)[-2:] == [step, 8] and _train_steps(out) == list(range(1, 9))
 
     # A flipped bit in the last checkpoint: refused, naming --resume-from; which then goes back.
-    arrays = sorted(p for p in (out / "checkpoints" / "8" / "state").rglob("*") if p.is_file() and "/d/" in str(p))
+    arrays = sorted(
+        p for p in (out / "checkpoints" / "8" / "state").rglob("*") if p.is_file() and "/d/" in str(p)
+    )
     data = bytearray(arrays[0].read_bytes())
     data[len(data) // 2] ^= 0x10
     arrays[0].write_bytes(bytes(data))
@@ -219,9 +274,13 @@ def test_signal_saves_the_step_in_progress(tmp_path, sig):
     bad = _run(args)
     assert bad.returncode == 2
     line = _one_error_line(bad.stderr)
-    assert f"checkpoint '{out / 'checkpoints' / '8'}'" in line and ("is corrupted" in line or "cannot be read" in line)
-    assert (f"to go back to the checkpoint of step {step}, rerun with --resume-from {step} (the newer checkpoints are "
-            f"moved to {out / 'checkpoints' / 'set_aside'}, nothing is deleted)") in line
+    assert f"checkpoint '{out / 'checkpoints' / '8'}'" in line and (
+        "is corrupted" in line or "cannot be read" in line
+    )
+    assert (
+        f"to go back to the checkpoint of step {step}, rerun with --resume-from {step} (the newer checkpoints are "
+        f"moved to {out / 'checkpoints' / 'set_aside'}, nothing is deleted)"
+    ) in line
     assert sorted(str(p) for p in out.rglob("*")) == before  # nothing touched
     back = _run(args + ["--resume-from", str(step)])
     assert back.returncode == 0, back.stderr[-3000:]
@@ -248,14 +307,24 @@ def test_eval_refuses_an_adapter_that_scores_nan(tmp_path):
     assert ft.returncode == 0, ft.stderr[-3000:]
     info = adapter_lib.adapter_info(out / "adapter")
     config = {k: v for k, v in info["base_model"]["config"].items()}
-    model = llama.Llama(llama.LlamaConfig(**{**config, "dtype": jnp.dtype(config["dtype"]),
-                                             "param_dtype": jnp.dtype(config["param_dtype"])}))
+    model = llama.Llama(
+        llama.LlamaConfig(
+            **{**config, "dtype": jnp.dtype(config["dtype"]), "param_dtype": jnp.dtype(config["param_dtype"])}
+        )
+    )
     shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
     deltas = adapter_lib.load_adapter(out / "adapter", shapes)
-    broken = jax.tree_util.tree_map(lambda d: dataclasses.replace(d, b=d.b * np.nan) if is_delta(d) else d, deltas,
-                                    is_leaf=is_delta)
-    adapter_lib.save_adapter(tmp_path / "nan", broken, adapter_lib.spec_from_json(info["spec"]),
-                             base_model=info["base_model"], extra=info["extra"], verbose=False)
+    broken = jax.tree_util.tree_map(
+        lambda d: dataclasses.replace(d, b=d.b * np.nan) if is_delta(d) else d, deltas, is_leaf=is_delta
+    )
+    adapter_lib.save_adapter(
+        tmp_path / "nan",
+        broken,
+        adapter_lib.spec_from_json(info["spec"]),
+        base_model=info["base_model"],
+        extra=info["extra"],
+        verbose=False,
+    )
     ev = _run(["eval", "--adapter", str(tmp_path / "nan"), "--eval-size", "8"])
     assert ev.returncode == 2
     line = _one_error_line(ev.stderr)

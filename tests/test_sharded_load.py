@@ -24,62 +24,124 @@ import pytest
 
 MESH = "data=1,fsdp=4,tensor=2"
 
-LLAMA = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "rms_norm_eps": 1e-5,
-         "rope_theta": 10000.0, "max_position_embeddings": 64, "hidden_act": "silu"}
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 64,
+    "hidden_act": "silu",
+}
 GPT2 = {"model_type": "gpt2", "vocab_size": 61, "n_positions": 16, "n_embd": 32, "n_layer": 2, "n_head": 4}
-BERT = {"model_type": "bert", "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "max_position_embeddings": 16, "type_vocab_size": 2, "hidden_act": "gelu"}
+BERT = {
+    "model_type": "bert",
+    "vocab_size": 50,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 16,
+    "type_vocab_size": 2,
+    "hidden_act": "gelu",
+}
 
 
 def llama_tensors(config):
     """Hugging Face ``LlamaForCausalLM`` names -> shapes (PyTorch layout: ``(out, in)``)."""
     d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    q, kv = (
+        config["num_attention_heads"] * config["head_dim"],
+        config["num_key_value_heads"] * config["head_dim"],
+    )
     shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
     if not config.get("tie_word_embeddings"):
         shapes["lm_head.weight"] = (v, d)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-                       p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-                       p + "mlp.down_proj.weight": (d, f), p + "input_layernorm.weight": (d,),
-                       p + "post_attention_layernorm.weight": (d,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (q, d),
+                p + "self_attn.k_proj.weight": (kv, d),
+                p + "self_attn.v_proj.weight": (kv, d),
+                p + "self_attn.o_proj.weight": (d, q),
+                p + "mlp.gate_proj.weight": (f, d),
+                p + "mlp.up_proj.weight": (f, d),
+                p + "mlp.down_proj.weight": (d, f),
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+            }
+        )
     return shapes
 
 
 def gpt2_tensors(config):
     """Hugging Face ``GPT2LMHeadModel`` names -> shapes (Conv1D: ``(in, out)``; ``c_attn`` fused q/k/v)."""
     d, v, p = config["n_embd"], config["vocab_size"], config["n_positions"]
-    shapes = {"transformer.wte.weight": (v, d), "transformer.wpe.weight": (p, d), "transformer.ln_f.weight": (d,),
-              "transformer.ln_f.bias": (d,), "lm_head.weight": (v, d)}  # lm_head: tied, never read
+    shapes = {
+        "transformer.wte.weight": (v, d),
+        "transformer.wpe.weight": (p, d),
+        "transformer.ln_f.weight": (d,),
+        "transformer.ln_f.bias": (d,),
+        "lm_head.weight": (v, d),
+    }  # lm_head: tied, never read
     for i in range(config["n_layer"]):
         h = f"transformer.h.{i}."
-        shapes.update({h + "ln_1.weight": (d,), h + "ln_1.bias": (d,), h + "ln_2.weight": (d,), h + "ln_2.bias": (d,),
-                       h + "attn.c_attn.weight": (d, 3 * d), h + "attn.c_attn.bias": (3 * d,),
-                       h + "attn.c_proj.weight": (d, d), h + "attn.c_proj.bias": (d,),
-                       h + "mlp.c_fc.weight": (d, 4 * d), h + "mlp.c_fc.bias": (4 * d,),
-                       h + "mlp.c_proj.weight": (4 * d, d), h + "mlp.c_proj.bias": (d,)})
+        shapes.update(
+            {
+                h + "ln_1.weight": (d,),
+                h + "ln_1.bias": (d,),
+                h + "ln_2.weight": (d,),
+                h + "ln_2.bias": (d,),
+                h + "attn.c_attn.weight": (d, 3 * d),
+                h + "attn.c_attn.bias": (3 * d,),
+                h + "attn.c_proj.weight": (d, d),
+                h + "attn.c_proj.bias": (d,),
+                h + "mlp.c_fc.weight": (d, 4 * d),
+                h + "mlp.c_fc.bias": (4 * d,),
+                h + "mlp.c_proj.weight": (4 * d, d),
+                h + "mlp.c_proj.bias": (d,),
+            }
+        )
     return shapes
 
 
 def bert_tensors(config):
     """Hugging Face ``BertModel`` names -> shapes; the pooler is ignored by the loader, never read."""
     d, f = config["hidden_size"], config["intermediate_size"]
-    shapes = {"embeddings.word_embeddings.weight": (config["vocab_size"], d),
-              "embeddings.position_embeddings.weight": (config["max_position_embeddings"], d),
-              "embeddings.token_type_embeddings.weight": (config["type_vocab_size"], d),
-              "embeddings.LayerNorm.weight": (d,), "embeddings.LayerNorm.bias": (d,),
-              "pooler.dense.weight": (d, d), "pooler.dense.bias": (d,)}
+    shapes = {
+        "embeddings.word_embeddings.weight": (config["vocab_size"], d),
+        "embeddings.position_embeddings.weight": (config["max_position_embeddings"], d),
+        "embeddings.token_type_embeddings.weight": (config["type_vocab_size"], d),
+        "embeddings.LayerNorm.weight": (d,),
+        "embeddings.LayerNorm.bias": (d,),
+        "pooler.dense.weight": (d, d),
+        "pooler.dense.bias": (d,),
+    }
     for i in range(config["num_hidden_layers"]):
         p = f"encoder.layer.{i}."
-        for m in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+        for m in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+        ):
             shapes.update({p + m + ".weight": (d, d), p + m + ".bias": (d,)})
         for m in ("attention.output.LayerNorm", "output.LayerNorm"):
             shapes.update({p + m + ".weight": (d,), p + m + ".bias": (d,)})
-        shapes.update({p + "intermediate.dense.weight": (f, d), p + "intermediate.dense.bias": (f,),
-                       p + "output.dense.weight": (d, f), p + "output.dense.bias": (d,)})
+        shapes.update(
+            {
+                p + "intermediate.dense.weight": (f, d),
+                p + "intermediate.dense.bias": (f,),
+                p + "output.dense.weight": (d, f),
+                p + "output.dense.bias": (d,),
+            }
+        )
     return shapes
 
 
@@ -108,14 +170,22 @@ def write_folder(folder, config, dtype="float32", shards=1, seed=0):
         part = names[s::shards]
         save_file({n: tensors[n] for n in part}, str(folder / fname))
         weight_map.update({n: fname for n in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return folder
 
 
 # (name, config, checkpoint dtype, shard files, load kwargs); "dtype" in kwargs is a jnp dtype name.
 CASES = [
     ("llama_f32", {**LLAMA, "tie_word_embeddings": False}, "float32", 1, {}),
-    ("llama_bf16_index_scan_tied", {**LLAMA, "tie_word_embeddings": True}, "bfloat16", 3, {"scan_layers": True}),
+    (
+        "llama_bf16_index_scan_tied",
+        {**LLAMA, "tie_word_embeddings": True},
+        "bfloat16",
+        3,
+        {"scan_layers": True},
+    ),
     ("llama_f32_as_bf16_scan", LLAMA, "float32", 2, {"scan_layers": True, "dtype": "bfloat16"}),
     ("gpt2_f32", GPT2, "float32", 1, {}),
     ("bert_bf16_index", BERT, "bfloat16", 2, {}),
@@ -173,7 +243,9 @@ def _worker(out_dir):
         ref_model, ref, _ = models.load(folder, **kw)  # the whole-model path, one device
 
         family = registry.family_of(model)
-        want = nn.logical_to_mesh_sharding(family.logical_partition_specs(model), mesh, family.logical_axis_rules)
+        want = nn.logical_to_mesh_sharding(
+            family.logical_partition_specs(model), mesh, family.logical_axis_rules
+        )
         want = {key(p): s for p, s in jax.tree_util.tree_leaves_with_path(want)}
         itemsize = np.dtype(jnp.dtype(ckpt_dtype)).itemsize
         arrays = jax.tree_util.tree_leaves_with_path(got)
@@ -183,8 +255,12 @@ def _worker(out_dir):
         for (path, arr), (_, r), leaf in zip(arrays, jax.tree_util.tree_leaves_with_path(ref), leaves):
             r = np.asarray(r)
             a = np.asarray(arr)  # gathers the shards (one process holds all 8 devices)
-            expect = r.astype(a.dtype)  # whole path: float32 from the checkpoint; a bf16 cast is exact to compare
-            bit_equal = a.dtype == expect.dtype and a.shape == expect.shape and a.tobytes() == expect.tobytes()
+            expect = r.astype(
+                a.dtype
+            )  # whole path: float32 from the checkpoint; a bf16 cast is exact to compare
+            bit_equal = (
+                a.dtype == expect.dtype and a.shape == expect.shape and a.tobytes() == expect.tobytes()
+            )
             w = want[key(path)]
             shard_elems = int(np.prod(arr.sharding.shard_shape(arr.shape)))
             source_bytes = arr.size * itemsize
@@ -198,12 +274,21 @@ def _worker(out_dir):
             if arr.sharding.is_fully_replicated:
                 replicated_bytes += source_bytes
             per_param[key(path)] = {
-                "dtype": str(a.dtype), "ref_dtype": str(r.dtype), "bit_equal": bool(bit_equal),
+                "dtype": str(a.dtype),
+                "ref_dtype": str(r.dtype),
+                "bit_equal": bool(bit_equal),
                 "spec": [x if x is None or isinstance(x, str) else list(x) for x in arr.sharding.spec],
-                "sharding_as_rules": bool(arr.sharding.is_equivalent_to(w, arr.ndim) and arr.sharding.mesh == mesh),
-                "read_per_device": sorted({leaf["reads"][tuple(s.indices(n)[:2] for s, n in zip(i, arr.shape))]
-                                           for i in indices.values()}),
-                "shard_source_bytes": shard_elems * itemsize, "source_bytes": source_bytes,
+                "sharding_as_rules": bool(
+                    arr.sharding.is_equivalent_to(w, arr.ndim) and arr.sharding.mesh == mesh
+                ),
+                "read_per_device": sorted(
+                    {
+                        leaf["reads"][tuple(s.indices(n)[:2] for s, n in zip(i, arr.shape))]
+                        for i in indices.values()
+                    }
+                ),
+                "shard_source_bytes": shard_elems * itemsize,
+                "source_bytes": source_bytes,
                 "blocks_read": len(leaf["reads"]),
             }
         ckpt_bytes = sum(os.path.getsize(p) for p in folder.glob("*.safetensors"))
@@ -211,9 +296,13 @@ def _worker(out_dir):
         logits = jax.jit(model.apply)(got, ids)
         ref_logits = jax.jit(ref_model.apply)(ref, ids)
         results[name] = {
-            "params": per_param, "device_bytes": device_bytes, "replicated_bytes": replicated_bytes,
-            "read_total": read_total, "params_source_bytes": sum(p["source_bytes"] for p in per_param.values()),
-            "checkpoint_file_bytes": ckpt_bytes, "param_dtype": str(jnp.dtype(model.config.param_dtype)),
+            "params": per_param,
+            "device_bytes": device_bytes,
+            "replicated_bytes": replicated_bytes,
+            "read_total": read_total,
+            "params_source_bytes": sum(p["source_bytes"] for p in per_param.values()),
+            "checkpoint_file_bytes": ckpt_bytes,
+            "param_dtype": str(jnp.dtype(model.config.param_dtype)),
             "max_logit_diff": float(jnp.max(jnp.abs(logits.astype(jnp.float32) - ref_logits))),
             "max_abs_logit": float(jnp.max(jnp.abs(ref_logits))),
         }
@@ -247,12 +336,26 @@ def _process_worker(folder, process, port):
     for arr, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
         r = np.asarray(r).astype(arr.dtype)
         total += r.nbytes
-        blocks = {tuple(s.indices(n)[:2] for s, n in zip(sh.index, arr.shape)) for sh in arr.addressable_shards}
+        blocks = {
+            tuple(s.indices(n)[:2] for s, n in zip(sh.index, arr.shape)) for sh in arr.addressable_shards
+        }
         expected += sum(int(np.prod([b - a for a, b in blk])) * r.itemsize for blk in blocks)
         equal &= all(np.asarray(sh.data).tobytes() == r[sh.index].tobytes() for sh in arr.addressable_shards)
-    print("RESULT " + json.dumps({"process": jax.process_index(), "local_devices": jax.local_device_count(),
-                                  "devices": jax.device_count(), "read": read[0], "expected": expected,
-                                  "total": total, "equal": bool(equal)}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "process": jax.process_index(),
+                "local_devices": jax.local_device_count(),
+                "devices": jax.device_count(),
+                "read": read[0],
+                "expected": expected,
+                "total": total,
+                "equal": bool(equal),
+            }
+        ),
+        flush=True,
+    )
 
 
 def _assets_worker():
@@ -269,9 +372,12 @@ def _assets_worker():
         _, ref, _ = models.load(name, **kw)
         want = jax.tree_util.tree_leaves(mesh_lib.param_shardings(model, got, mesh))
         pairs = list(zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)))
-        out[name] = {"equal": all(np.asarray(a).tobytes() == np.asarray(r).tobytes() for a, r in pairs),
-                     "shardings": all(a.sharding == w for (a, _), w in zip(pairs, want)),
-                     "split": sum(not a.sharding.is_fully_replicated for a, _ in pairs), "leaves": len(pairs)}
+        out[name] = {
+            "equal": all(np.asarray(a).tobytes() == np.asarray(r).tobytes() for a, r in pairs),
+            "shardings": all(a.sharding == w for (a, _), w in zip(pairs, want)),
+            "split": sum(not a.sharding.is_fully_replicated for a, _ in pairs),
+            "leaves": len(pairs),
+        }
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -283,11 +389,17 @@ def _assets_worker():
 def loaded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharded_load")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__, str(tmp)], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
@@ -309,24 +421,29 @@ def test_sharded_load_equals_single_device_load_bit_for_bit(loaded, case):
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
 def test_every_array_has_the_sharding_of_its_rules(loaded, case):
     params = loaded[case]["params"]
-    assert all(p["sharding_as_rules"] for p in params.values()), \
-        [k for k, p in params.items() if not p["sharding_as_rules"]]
+    assert all(p["sharding_as_rules"] for p in params.values()), [
+        k for k, p in params.items() if not p["sharding_as_rules"]
+    ]
 
 
 def test_sharding_specs_by_family(loaded):
     """Spot checks against each family's rules (embed -> fsdp, heads/kv_heads/mlp -> tensor)."""
     llama = loaded["llama_f32"]["params"]
-    assert llama["params/layers_0/attn/query/kernel"]["spec"] == ["fsdp", "tensor"]      # (embed, heads)
-    assert llama["params/layers_1/mlp/down/kernel"]["spec"] == ["tensor", "fsdp"]        # (mlp, embed)
-    assert llama["params/embed/embedding"]["spec"] == ["tensor", "fsdp"]                 # (vocab, embed)
-    assert llama["params/lm_head/kernel"]["spec"] == ["fsdp", "tensor"]                  # (embed, vocab)
-    assert llama["params/final_norm/scale"]["spec"] == [None]                            # (norm,): replicated
+    assert llama["params/layers_0/attn/query/kernel"]["spec"] == ["fsdp", "tensor"]  # (embed, heads)
+    assert llama["params/layers_1/mlp/down/kernel"]["spec"] == ["tensor", "fsdp"]  # (mlp, embed)
+    assert llama["params/embed/embedding"]["spec"] == ["tensor", "fsdp"]  # (vocab, embed)
+    assert llama["params/lm_head/kernel"]["spec"] == ["fsdp", "tensor"]  # (embed, vocab)
+    assert llama["params/final_norm/scale"]["spec"] == [None]  # (norm,): replicated
     scan = loaded["llama_bf16_index_scan_tied"]["params"]
-    assert "params/lm_head/kernel" not in scan                                           # tied: no lm_head
-    assert scan["params/layers/attn/key/kernel"]["spec"] == [None, "fsdp", "tensor"]     # (layers, embed, kv_heads)
+    assert "params/lm_head/kernel" not in scan  # tied: no lm_head
+    assert scan["params/layers/attn/key/kernel"]["spec"] == [
+        None,
+        "fsdp",
+        "tensor",
+    ]  # (layers, embed, kv_heads)
     gpt2 = loaded["gpt2_f32"]["params"]
-    assert gpt2["params/layers_0/attn/value/kernel"]["spec"] == ["fsdp", "tensor"]       # from c_attn[:, 2D:3D]
-    assert gpt2["params/wte/embedding"]["spec"] == [None, "fsdp"]                        # vocab 61 is not split
+    assert gpt2["params/layers_0/attn/value/kernel"]["spec"] == ["fsdp", "tensor"]  # from c_attn[:, 2D:3D]
+    assert gpt2["params/wte/embedding"]["spec"] == [None, "fsdp"]  # vocab 61 is not split
     bert = loaded["bert_bf16_index"]["params"]
     assert bert["params/encoder/layers_0/mlp/up/bias"]["spec"] == ["tensor"]
 
@@ -373,14 +490,24 @@ def test_two_processes_each_read_only_their_half(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, __file__, "--process", str(folder), str(i), str(port)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--process", str(folder), str(i), str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = []
     try:
         for proc in procs:
             out, err = proc.communicate(timeout=600)
             assert proc.returncode == 0, err[-4000:]
-            outs.append(json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):]))
+            outs.append(
+                json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT ") :])
+            )
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -389,7 +516,7 @@ def test_two_processes_each_read_only_their_half(tmp_path):
     for o in outs:
         assert o["local_devices"] == 4 and o["devices"] == 8
         assert o["equal"]
-        assert o["read"] == o["expected"]           # exactly the distinct blocks of its own 4 devices
+        assert o["read"] == o["expected"]  # exactly the distinct blocks of its own 4 devices
         assert 0.45 * o["total"] < o["read"] < 0.55 * o["total"], o  # about half, not the whole checkpoint
 
 
@@ -397,10 +524,18 @@ def test_two_processes_each_read_only_their_half(tmp_path):
 def test_assets_by_name_load_sharded():
     """GGUF keeps working (dequantized whole, then placed with its shardings); MiniLM by name too."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__, "--assets"], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--assets"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    out = json.loads(
+        [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT ") :]
+    )
     for name, o in out.items():
         assert o["equal"] and o["shardings"], (name, o)
         assert o["split"] >= o["leaves"] // 2, (name, o)  # most parameters are split across devices
@@ -430,11 +565,16 @@ def test_missing_shard_names_the_file_and_a_tensor(tmp_path, no_reads):
 
     folder = write_folder(tmp_path / "m", LLAMA, "bfloat16", shards=3)
     (folder / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(ValueError, match=r"missing safetensors shards \['model-00002-of-00003.safetensors'\] "
-                                         r"listed in model.safetensors.index.json \(model-00002-of-00003"
-                                         r".safetensors holds \d+ tensors, e.g. 'model\."):
+    with pytest.raises(
+        ValueError,
+        match=r"missing safetensors shards \['model-00002-of-00003.safetensors'\] "
+        r"listed in model.safetensors.index.json \(model-00002-of-00003"
+        r".safetensors holds \d+ tensors, e.g. 'model\.",
+    ):
         models.load(folder, mesh=_abstract_mesh())
-    with pytest.raises(ValueError, match=r"model-00002-of-00003.safetensors holds \d+ tensors, e.g. 'model\."):
+    with pytest.raises(
+        ValueError, match=r"model-00002-of-00003.safetensors holds \d+ tensors, e.g. 'model\."
+    ):
         models.load(folder)  # the whole-model path says the same
 
 
@@ -443,12 +583,18 @@ def test_mesh_axis_that_does_not_divide_names_parameter_axis_and_sizes(tmp_path,
 
     folder = write_folder(tmp_path / "m", {**LLAMA, "intermediate_size": 66}, "float32")
     # mlp 66 over tensor=4 does not divide; hidden 32 over fsdp=2 does.
-    with pytest.raises(ValueError, match=r"(?s)nothing was read.*params/layers_0/mlp/gate/kernel \(32, 66\): "
-                                         r"dimension 1 \(logical axis 'mlp'\) has size 66, not divisible by "
-                                         r"mesh axis 'tensor' of size 4.*params/layers_1/mlp/down/kernel"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)nothing was read.*params/layers_0/mlp/gate/kernel \(32, 66\): "
+        r"dimension 1 \(logical axis 'mlp'\) has size 66, not divisible by "
+        r"mesh axis 'tensor' of size 4.*params/layers_1/mlp/down/kernel",
+    ):
         models.load(folder, mesh=_abstract_mesh(fsdp=2, tensor=4))
-    with pytest.raises(ValueError, match=r"params/layers/mlp/up/kernel \(2, 32, 66\): dimension 2 "
-                                         r"\(logical axis 'mlp'\) has size 66, not divisible by mesh axis 'tensor'"):
+    with pytest.raises(
+        ValueError,
+        match=r"params/layers/mlp/up/kernel \(2, 32, 66\): dimension 2 "
+        r"\(logical axis 'mlp'\) has size 66, not divisible by mesh axis 'tensor'",
+    ):
         models.load(folder, mesh=_abstract_mesh(fsdp=2, tensor=4), scan_layers=True)
 
 

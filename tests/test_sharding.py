@@ -12,7 +12,8 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
 from lora_jax import LoraAxes, LoraDelta, LoraSpec
@@ -26,17 +27,24 @@ CONV = LoraAxes(inputs=(0, 1, 2), outputs=(3,))
 
 
 def _params_and_deltas():
-  params = {
-      "dense": {"kernel": jnp.zeros((16, 8)), "bias": jnp.zeros(8)},
-      "stack": {"kernel": jnp.zeros((4, 16, 8))},
-      "conv": {"kernel": jnp.zeros((3, 3, 4, 8))},
-      "qkv": {"kernel": jnp.zeros((16, 4, 2))},
-      "out": {"kernel": jnp.zeros((8, 16))},
-  }
-  spec = LoraSpec(rank=2, targets=r".*/kernel", axes={
-      "stack/kernel": STACKED, "conv/kernel": CONV, "qkv/kernel": LoraAxes(inputs=(0,), outputs=(1, 2)),
-      "out/kernel": LoraAxes(inputs=(1,), outputs=(0,))})
-  return params, lj.init(KEY, params, spec)
+    params = {
+        "dense": {"kernel": jnp.zeros((16, 8)), "bias": jnp.zeros(8)},
+        "stack": {"kernel": jnp.zeros((4, 16, 8))},
+        "conv": {"kernel": jnp.zeros((3, 3, 4, 8))},
+        "qkv": {"kernel": jnp.zeros((16, 4, 2))},
+        "out": {"kernel": jnp.zeros((8, 16))},
+    }
+    spec = LoraSpec(
+        rank=2,
+        targets=r".*/kernel",
+        axes={
+            "stack/kernel": STACKED,
+            "conv/kernel": CONV,
+            "qkv/kernel": LoraAxes(inputs=(0,), outputs=(1, 2)),
+            "out/kernel": LoraAxes(inputs=(1,), outputs=(0,)),
+        },
+    )
+    return params, lj.init(KEY, params, spec)
 
 
 # W's PartitionSpec -> expected (a, b) specs: a takes W's stack + input entries, then None for the rank;
@@ -46,57 +54,63 @@ CASES = {
     "stack": (P("pp", "fsdp", "tp"), P("pp", "fsdp", None), P("pp", None, "tp")),
     "conv": (P(None, None, "fsdp", "tp"), P(None, None, "fsdp", None), P(None, "tp")),
     "qkv": (P("fsdp", "tp", None), P("fsdp", None), P(None, "tp", None)),
-    "out": (P("tp", "fsdp"), P("fsdp", None), P(None, "tp")),           # (out, in) layout
+    "out": (P("tp", "fsdp"), P("fsdp", None), P(None, "tp")),  # (out, in) layout
 }
 
 
 def test_delta_partition_specs():
-  params, deltas = _params_and_deltas()
-  specs = {k: {"kernel": w_spec} for k, (w_spec, _, _) in CASES.items()}
-  specs["dense"]["bias"] = P("tp")
-  out = lj.delta_partition_specs(deltas, specs)
-  for k, (_, a, b) in CASES.items():
-    d = out[k]["kernel"]
-    assert isinstance(d, LoraDelta) and (d.a, d.b) == (a, b), k
-    assert (d.scale, d.axes) == (deltas[k]["kernel"].scale, deltas[k]["kernel"].axes)
-  assert out["dense"]["bias"] is None
+    params, deltas = _params_and_deltas()
+    specs = {k: {"kernel": w_spec} for k, (w_spec, _, _) in CASES.items()}
+    specs["dense"]["bias"] = P("tp")
+    out = lj.delta_partition_specs(deltas, specs)
+    for k, (_, a, b) in CASES.items():
+        d = out[k]["kernel"]
+        assert isinstance(d, LoraDelta) and (d.a, d.b) == (a, b), k
+        assert (d.scale, d.axes) == (deltas[k]["kernel"].scale, deltas[k]["kernel"].axes)
+    assert out["dense"]["bias"] is None
 
 
 def test_delta_partition_specs_short_spec_and_multi_axis_entries():
-  d = {"w": LoraDelta(jnp.ones((4, 16, 2)), jnp.ones((4, 2, 8)), axes=STACKED)}
-  # trailing axes left out of a PartitionSpec are replicated; tuple entries are kept whole
-  out = lj.delta_partition_specs(d, {"w": P(None, ("data", "fsdp"))})["w"]
-  assert (out.a, out.b) == (P(None, ("data", "fsdp"), None), P(None, None, None))
+    d = {"w": LoraDelta(jnp.ones((4, 16, 2)), jnp.ones((4, 2, 8)), axes=STACKED)}
+    # trailing axes left out of a PartitionSpec are replicated; tuple entries are kept whole
+    out = lj.delta_partition_specs(d, {"w": P(None, ("data", "fsdp"))})["w"]
+    assert (out.a, out.b) == (P(None, ("data", "fsdp"), None), P(None, None, None))
 
 
 def test_delta_shardings_on_a_1x1_mesh():
-  params, deltas = _params_and_deltas()
-  mesh = jax.make_mesh((1, 1, 1), ("pp", "fsdp", "tp"), devices=jax.devices()[:1])
-  shardings = {k: {"kernel": NamedSharding(mesh, w_spec)} for k, (w_spec, _, _) in CASES.items()}
-  shardings["dense"]["bias"] = NamedSharding(mesh, P())
-  out = lj.delta_shardings(deltas, shardings)
-  for k, (_, a, b) in CASES.items():
-    d = out[k]["kernel"]
-    assert (d.a.spec, d.b.spec) == (a, b), k
-    assert d.a.mesh == mesh and d.b.mesh == mesh
-  assert out["dense"]["bias"] is None
-  # placing the deltas with them works and keeps the values
-  placed = jax.device_put(deltas, out)
-  assert placed["stack"]["kernel"].a.sharding.spec == P("pp", "fsdp", None)
+    params, deltas = _params_and_deltas()
+    mesh = jax.make_mesh((1, 1, 1), ("pp", "fsdp", "tp"), devices=jax.devices()[:1])
+    shardings = {k: {"kernel": NamedSharding(mesh, w_spec)} for k, (w_spec, _, _) in CASES.items()}
+    shardings["dense"]["bias"] = NamedSharding(mesh, P())
+    out = lj.delta_shardings(deltas, shardings)
+    for k, (_, a, b) in CASES.items():
+        d = out[k]["kernel"]
+        assert (d.a.spec, d.b.spec) == (a, b), k
+        assert d.a.mesh == mesh and d.b.mesh == mesh
+    assert out["dense"]["bias"] is None
+    # placing the deltas with them works and keeps the values
+    placed = jax.device_put(deltas, out)
+    assert placed["stack"]["kernel"].a.sharding.spec == P("pp", "fsdp", None)
 
 
 def test_delta_shardings_bad_input():
-  _, deltas = _params_and_deltas()
-  d = {"w": deltas["dense"]["kernel"]}
-  with pytest.raises(TypeError, match=r"w: expected a jax.sharding.NamedSharding .*found P\('fsdp', None\).*"
-                                       r"delta_partition_specs"):
-    lj.delta_shardings(d, {"w": P("fsdp", None)})
-  with pytest.raises(TypeError, match=r"w: expected a PartitionSpec, found NamedSharding\(mesh="):
-    mesh = jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1])
-    lj.delta_partition_specs(d, {"w": NamedSharding(mesh, P())})
-  with pytest.raises(ValueError, match=r"do not have the structure of params.*params paths missing from "
-                                       r"deltas: \['v'\]"):
-    lj.delta_partition_specs(d, {"w": P(), "v": P()})
+    _, deltas = _params_and_deltas()
+    d = {"w": deltas["dense"]["kernel"]}
+    with pytest.raises(
+        TypeError,
+        match=r"w: expected a jax.sharding.NamedSharding .*found P\('fsdp', None\).*"
+        r"delta_partition_specs",
+    ):
+        lj.delta_shardings(d, {"w": P("fsdp", None)})
+    with pytest.raises(TypeError, match=r"w: expected a PartitionSpec, found NamedSharding\(mesh="):
+        mesh = jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1])
+        lj.delta_partition_specs(d, {"w": NamedSharding(mesh, P())})
+    with pytest.raises(
+        ValueError,
+        match=r"do not have the structure of params.*params paths missing from "
+        r"deltas: \['v'\]",
+    ):
+        lj.delta_partition_specs(d, {"w": P(), "v": P()})
 
 
 MULTI_DEVICE = textwrap.dedent(r"""
@@ -159,7 +173,8 @@ MULTI_DEVICE = textwrap.dedent(r"""
 
 
 def test_multi_device_shardings_and_merge():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE], env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr[-4000:]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", MULTI_DEVICE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr[-4000:]

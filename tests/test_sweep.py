@@ -34,9 +34,13 @@ def lm_arrays(n=N, seed=0):
     labels = rng.integers(0, 2, n).astype(np.int32)
     ids[np.arange(n), prompt_len] = np.asarray(CANDIDATES)[labels]
     positions = np.arange(T)[None]
-    return {"input_ids": ids, "attention_mask": (positions <= prompt_len[:, None]).astype(np.int32),
-            "loss_mask": (positions == prompt_len[:, None]).astype(np.int32), "prompt_len": prompt_len,
-            "labels": labels}
+    return {
+        "input_ids": ids,
+        "attention_mask": (positions <= prompt_len[:, None]).astype(np.int32),
+        "loss_mask": (positions == prompt_len[:, None]).astype(np.int32),
+        "prompt_len": prompt_len,
+        "labels": labels,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +58,9 @@ def assert_trees_close(x, y, rtol=TREE_RTOL, atol=TREE_ATOL):
     fy, ty = jax.tree_util.tree_flatten_with_path(y)
     assert tx == ty
     for (path, a), (_, b) in zip(fx, fy, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def engine_run(model, variables, spec, arrays, *, seed, steps, batch_size, lr, warmup):
@@ -65,8 +70,14 @@ def engine_run(model, variables, spec, arrays, *, seed, steps, batch_size, lr, w
     opt_state = tx.init(deltas)
     train_step = step_lib.make_train_step(model.apply, tx, num_targets=1)
     keys = ("input_ids", "attention_mask", "loss_mask")
-    batches = data.batches({k: arrays[k] for k in keys}, batch_size, seed=seed, shuffle=True, num_epochs=None,
-                           drop_remainder=True)
+    batches = data.batches(
+        {k: arrays[k] for k in keys},
+        batch_size,
+        seed=seed,
+        shuffle=True,
+        num_epochs=None,
+        drop_remainder=True,
+    )
     losses = []
     for i in range(steps):
         b = {k: v[None] for k, v in next(batches).items() if k != "valid"}  # one micro-batch: (1, B, T)
@@ -90,17 +101,22 @@ def test_lora_lm_sweep_matches_engine_runs(llama):
     arrays, spec, seeds = lm_arrays(), qv_spec(), (0, 3)
     task = sweep.lm_task(model.apply, CANDIDATES)
     cfg = sweep.Config("LoRA qv r=4", spec=spec, lr=1e-2)
-    result = sweep.train(task, cfg, variables, arrays, arrays, seeds=seeds, steps=3, batch_size=4, warmup=1,
-                         eval_batch_size=8)
+    result = sweep.train(
+        task, cfg, variables, arrays, arrays, seeds=seeds, steps=3, batch_size=4, warmup=1, eval_batch_size=8
+    )
     assert result.losses.shape == (3, 2) and result.accuracy.shape == (2,)
     assert result.trainable["deltas"]["params"]["layers_0"]["attn"]["query"]["kernel"].a.shape == (2, 32, 4)
     assert result.trainable["head"] is None
-    assert result.adapter_params == result.trainable_params == lj.count_params(lj.init(jax.random.key(0), variables,
-                                                                                        spec))
+    assert (
+        result.adapter_params
+        == result.trainable_params
+        == lj.count_params(lj.init(jax.random.key(0), variables, spec))
+    )
     score = step_lib.make_score_step(model.apply, CANDIDATES)
     for i, seed in enumerate(seeds):
-        ref_deltas, ref_losses = engine_run(model, variables, spec, arrays, seed=seed, steps=3, batch_size=4, lr=1e-2,
-                                            warmup=1)
+        ref_deltas, ref_losses = engine_run(
+            model, variables, spec, arrays, seed=seed, steps=3, batch_size=4, lr=1e-2, warmup=1
+        )
         np.testing.assert_allclose(result.losses[:, i], ref_losses, rtol=LOSS_RTOL, atol=LOSS_ATOL)
         assert_trees_close(result.run(i)["deltas"], ref_deltas)
         assert result.accuracy[i] == engine_accuracy(score, variables, result.run(i)["deltas"], arrays)
@@ -123,11 +139,22 @@ def test_init_is_the_engines_init(llama):
 def test_no_training_scores_the_base_model(llama):
     model, variables = llama
     arrays = lm_arrays()
-    result = sweep.train(sweep.lm_task(model.apply, CANDIDATES), sweep.Config("no training"), variables, arrays,
-                         arrays, seeds=(0, 1), steps=5, batch_size=4, eval_batch_size=8)
+    result = sweep.train(
+        sweep.lm_task(model.apply, CANDIDATES),
+        sweep.Config("no training"),
+        variables,
+        arrays,
+        arrays,
+        seeds=(0, 1),
+        steps=5,
+        batch_size=4,
+        eval_batch_size=8,
+    )
     assert result.losses.shape == (0, 2) and result.trainable_params == result.adapter_params == 0
     score = step_lib.make_score_step(model.apply, CANDIDATES)
-    base = engine_accuracy(score, variables, lj.init(jax.random.key(0), variables, qv_spec()), arrays)  # b = 0
+    base = engine_accuracy(
+        score, variables, lj.init(jax.random.key(0), variables, qv_spec()), arrays
+    )  # b = 0
     np.testing.assert_array_equal(result.accuracy, [base, base])
     s = result.summary()
     assert s["final_train_loss"] is None and s["acc"] == [base, base] and s["seeds"] == [0, 1]
@@ -138,8 +165,10 @@ def test_ranks_and_targets_in_one_sweep(llama):
     model, variables = llama
     arrays = lm_arrays()
     task = sweep.lm_task(model.apply, CANDIDATES)
-    configs = [sweep.Config("q r=1", spec=qv_spec(1, "query"), lr=1e-2),
-               sweep.Config("qv r=4", spec=qv_spec(4), lr=5e-3)]
+    configs = [
+        sweep.Config("q r=1", spec=qv_spec(1, "query"), lr=1e-2),
+        sweep.Config("qv r=4", spec=qv_spec(4), lr=5e-3),
+    ]
     kw = {"seeds": (0, 1), "steps": 2, "batch_size": 4, "warmup": 1}
     results = sweep.run(task, configs, variables, arrays, **kw)
     assert [r.config.name for r in results] == ["q r=1", "qv r=4"]
@@ -151,7 +180,9 @@ def test_ranks_and_targets_in_one_sweep(llama):
     assert_trees_close(results[1].trainable, alone.trainable, rtol=0, atol=0)
     np.testing.assert_array_equal(results[1].losses, alone.losses)
     with pytest.raises(ValueError, match=r"configuration names repeat: \['a', 'a'\]"):
-        sweep.run(task, [sweep.Config("a"), sweep.Config("a")], variables, arrays, seeds=(0,), steps=1, batch_size=4)
+        sweep.run(
+            task, [sweep.Config("a"), sweep.Config("a")], variables, arrays, seeds=(0,), steps=1, batch_size=4
+        )
 
 
 class Classifier(nn.Module):
@@ -175,14 +206,20 @@ def classifier():
     init_head = lambda k: {"kernel": 0.1 * jax.random.normal(k, (16, 2)), "bias": jnp.zeros((2,))}
     task = sweep.classifier_task(model.apply, head_key="classifier", init_head=init_head)
     arrays = lm_arrays(32, seed=1)
-    arrays["input_ids"] = np.where(arrays["labels"][:, None] == 1, arrays["input_ids"] % 32, arrays["input_ids"])
+    arrays["input_ids"] = np.where(
+        arrays["labels"][:, None] == 1, arrays["input_ids"] % 32, arrays["input_ids"]
+    )
     return task, variables, arrays
 
 
 CLASSIFIER_CONFIGS = {
     "head": sweep.Config("head only", lr=0.05),
-    "lora": sweep.Config("LoRA dense r=2", spec=lj.LoraSpec(rank=2, alpha=4.0, targets="params/dense/kernel"),
-                         lr=0.05, lr_head=0.1),
+    "lora": sweep.Config(
+        "LoRA dense r=2",
+        spec=lj.LoraSpec(rank=2, alpha=4.0, targets="params/dense/kernel"),
+        lr=0.05,
+        lr_head=0.1,
+    ),
     "full": sweep.Config("full", full=True, lr=0.01, lr_head=0.1),
 }
 
@@ -204,9 +241,13 @@ def test_vmapped_seeds_match_single_seed_runs(classifier, kind):
     if kind == "full":
         assert both.trainable_params == n_head + VOCAB * 16 + 16 * 16 + 16 and both.adapter_params == 0
     elif kind == "lora":
-        assert both.adapter_params == 16 * 2 + 2 * 16 and both.trainable_params == both.adapter_params + n_head
+        assert (
+            both.adapter_params == 16 * 2 + 2 * 16 and both.trainable_params == both.adapter_params + n_head
+        )
     else:
-        assert both.trainable["deltas"] is None and both.trainable_params == n_head and both.adapter_params == 0
+        assert (
+            both.trainable["deltas"] is None and both.trainable_params == n_head and both.adapter_params == 0
+        )
     assert np.all((0 <= both.accuracy) & (both.accuracy <= 1))
 
 
@@ -214,8 +255,13 @@ def test_vmapped_seeds_match_single_seed_runs(classifier, kind):
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_head_learning_rate_applies_to_the_head_only(classifier, kind):
     task, variables, arrays = classifier
-    cfg = sweep.Config("x", spec=CLASSIFIER_CONFIGS["lora"].spec if kind == "lora" else None, full=kind == "full",
-                       lr=0.0, lr_head=0.1)
+    cfg = sweep.Config(
+        "x",
+        spec=CLASSIFIER_CONFIGS["lora"].spec if kind == "lora" else None,
+        full=kind == "full",
+        lr=0.0,
+        lr_head=0.1,
+    )
     start = sweep.init(task, cfg, variables, (0,))
     end = sweep.train(task, cfg, variables, arrays, seeds=(0,), steps=2, batch_size=8).trainable
     if kind == "full":
@@ -230,7 +276,9 @@ def test_head_learning_rate_applies_to_the_head_only(classifier, kind):
 def test_errors(classifier):
     task, variables, arrays = classifier
     spec = lj.LoraSpec(rank=2, targets="params/dense/kernel")
-    with pytest.raises(ValueError, match=r"Config 'x': full=True trains every parameter, so it takes no LoRA spec"):
+    with pytest.raises(
+        ValueError, match=r"Config 'x': full=True trains every parameter, so it takes no LoRA spec"
+    ):
         sweep.Config("x", spec=spec, full=True)
     with pytest.raises(ValueError, match="head_key .* and init_head .* go together"):
         sweep.Task(apply=task.apply, loss=task.loss, scores=task.scores, head_key="classifier")
@@ -238,7 +286,9 @@ def test_errors(classifier):
         sweep.train(task, sweep.Config("h"), variables, arrays, seeds=(), steps=1, batch_size=8)
     with pytest.raises(ValueError, match=r"seeds \[0, 1, 0\] repeat a seed"):
         sweep.init(task, sweep.Config("h"), variables, (0, 1, 0))
-    with pytest.raises(ValueError, match=r"steps must be >= 0 and batch_size >= 1, got steps=1, batch_size=0"):
+    with pytest.raises(
+        ValueError, match=r"steps must be >= 0 and batch_size >= 1, got steps=1, batch_size=0"
+    ):
         sweep.train(task, sweep.Config("h"), variables, arrays, seeds=(0,), steps=1, batch_size=0)
     nothing = {"deltas": None, "head": None}
     with pytest.raises(ValueError, match="pass num_runs="):
@@ -246,11 +296,21 @@ def test_errors(classifier):
 
 
 def test_table():
-    rows = [{"name": "head only", "acc": [0.5, 0.75], "acc_mean": 0.625, "acc_std": 0.125, "seeds": [0, 1],
-             "trainable_params": 770, "adapter_params": 0},
-            {"name": "LoRA r=8", "acc": None, "seeds": [0], "trainable_params": 37634, "adapter_params": 36864}]
+    rows = [
+        {
+            "name": "head only",
+            "acc": [0.5, 0.75],
+            "acc_mean": 0.625,
+            "acc_std": 0.125,
+            "seeds": [0, 1],
+            "trainable_params": 770,
+            "adapter_params": 0,
+        },
+        {"name": "LoRA r=8", "acc": None, "seeds": [0], "trainable_params": 37634, "adapter_params": 36864},
+    ]
     assert sweep.table(rows).splitlines() == [
         "| configuration | accuracy (%) | seeds | trainable params | adapter params | adapter size (fp32) |",
         "|---|---|---|---|---|---|",
         "| head only | 62.50 ± 12.50 | 2 | 770 | 0 | – |",
-        "| LoRA r=8 | – | 1 | 37,634 | 36,864 | 144.0 KiB |"]
+        "| LoRA r=8 | – | 1 | 37,634 | 36,864 | 144.0 KiB |",
+    ]

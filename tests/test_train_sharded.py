@@ -25,41 +25,50 @@ print("RESULT " + json.dumps({"sharded": sharded, "single": single}))
 
 
 def run_worker(code, tmp_path, devices=8, extra_env=None, args=()):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  env.update(extra_env or {})
-  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), *args], env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env.update(extra_env or {})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
 def sharded_vs_single(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("sharded")
-  out = run_worker(WORKER, tmp)
-  return out, np.load(tmp / "sharded.npz"), np.load(tmp / "single.npz")
+    tmp = tmp_path_factory.mktemp("sharded")
+    out = run_worker(WORKER, tmp)
+    return out, np.load(tmp / "sharded.npz"), np.load(tmp / "single.npz")
 
 
 def test_sharded_losses_and_deltas_match_one_device(sharded_vs_single):
-  out, sharded, single = sharded_vs_single
-  assert out["sharded"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
-  assert out["single"]["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
-  # Tolerance: float32 reductions in a different order on 8 shards; 3 adam steps at lr 1e-2.
-  np.testing.assert_allclose(out["sharded"]["losses"], out["single"]["losses"], rtol=1e-5, atol=1e-6)
-  assert sorted(sharded.files) == sorted(single.files) and len(single.files) == 8
-  for k in single.files:
-    np.testing.assert_allclose(sharded[k], single[k], rtol=1e-4, atol=1e-5, err_msg=k)
-  assert any(not np.allclose(single[k], 0) for k in single.files if k.endswith("/b"))
+    out, sharded, single = sharded_vs_single
+    assert out["sharded"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert out["single"]["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    # Tolerance: float32 reductions in a different order on 8 shards; 3 adam steps at lr 1e-2.
+    np.testing.assert_allclose(out["sharded"]["losses"], out["single"]["losses"], rtol=1e-5, atol=1e-6)
+    assert sorted(sharded.files) == sorted(single.files) and len(single.files) == 8
+    for k in single.files:
+        np.testing.assert_allclose(sharded[k], single[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert any(not np.allclose(single[k], 0) for k in single.files if k.endswith("/b"))
 
 
 def test_delta_sharding_follows_base_weight(sharded_vs_single):
-  specs = sharded_vs_single[0]["sharded"]["specs"]
-  assert set(specs) == {f"params/layers/{m}/kernel" for m in ("attn/query", "attn/value", "mlp/up", "mlp/down")}
-  for path, s in specs.items():
-    w = s["w"] + [None] * (3 - len(s["w"]))  # (layers, in, out)
-    assert s["a"] == [w[0], w[1], None], path  # a: (layers, in, r): W's input axis sharding, rank replicated
-    assert s["b"] == [w[0], None, w[2]], path  # b: (layers, r, out): W's output axis sharding
-  # The model's logical-axis rules really shard these weights (embed -> fsdp, heads/mlp -> tensor).
-  assert specs["params/layers/attn/query/kernel"]["w"][1:] == ["fsdp", "tensor"]
-  assert specs["params/layers/mlp/down/kernel"]["w"][1:] == ["tensor", "fsdp"]
+    specs = sharded_vs_single[0]["sharded"]["specs"]
+    assert set(specs) == {
+        f"params/layers/{m}/kernel" for m in ("attn/query", "attn/value", "mlp/up", "mlp/down")
+    }
+    for path, s in specs.items():
+        w = s["w"] + [None] * (3 - len(s["w"]))  # (layers, in, out)
+        assert s["a"] == [w[0], w[1], None], (
+            path
+        )  # a: (layers, in, r): W's input axis sharding, rank replicated
+        assert s["b"] == [w[0], None, w[2]], path  # b: (layers, r, out): W's output axis sharding
+    # The model's logical-axis rules really shard these weights (embed -> fsdp, heads/mlp -> tensor).
+    assert specs["params/layers/attn/query/kernel"]["w"][1:] == ["fsdp", "tensor"]
+    assert specs["params/layers/mlp/down/kernel"]["w"][1:] == ["tensor", "fsdp"]

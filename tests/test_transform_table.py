@@ -84,8 +84,10 @@ def _live_primitive_names() -> set[str]:
 def test_every_rule_key_is_a_live_primitive_or_a_listed_version_alias():
     live = _live_primitive_names()
     stale = sorted(k for k in RULES if k not in live and k not in JAX_VERSIONED)
-    assert not stale, (f"rule table keys that are no primitive of jax {jax.__version__} and are not in "
-                       f"JAX_VERSIONED (with the JAX versions they serve): {stale}")
+    assert not stale, (
+        f"rule table keys that are no primitive of jax {jax.__version__} and are not in "
+        f"JAX_VERSIONED (with the JAX versions they serve): {stale}"
+    )
 
 
 def test_version_aliases_are_rule_keys_with_a_version():
@@ -136,14 +138,14 @@ def test_rule_for_dispatches_on_the_value_kind():
     x, v = jnp.ones((2, 4)), _lora()
     assert rule_for("dot_general", [x, v]) is uses.dot_general
     assert rule_for("transpose", [v]) is views.transpose
-    assert rule_for("sin", [v]) is None                                   # no rule: fallback
+    assert rule_for("sin", [v]) is None  # no rule: fallback
     sub = SubLora(v.w, None, None, v.origin, "w")
-    assert rule_for("dot_general", [x, sub]) is uses.dot_general          # inherited along the MRO
+    assert rule_for("dot_general", [x, sub]) is uses.dot_general  # inherited along the MRO
     s = Scaled(v.w, 2.0, "w", v.origin)
-    assert rule_for("dot_general", [x, s]) is None                        # a kind without a use rule
+    assert rule_for("dot_general", [x, s]) is None  # a kind without a use rule
     assert rule_for("transpose", [s]) is None
-    assert rule_for("scan", [s]) is control.scan                          # control flow: every kind
-    assert rule_for("dot_general", [v, s]) is None                        # mixed kinds: kind-agnostic only
+    assert rule_for("scan", [s]) is control.scan  # control flow: every kind
+    assert rule_for("dot_general", [v, s]) is None  # mixed kinds: kind-agnostic only
     assert rule_for("cond", [jnp.int32(0), v, s]) is control.cond
 
 

@@ -44,8 +44,9 @@ def test_aligned_factors_and_dense_value(name):
 
 def test_arrays_round_trip_and_stacking():
     w = jnp.ones((4, 6, 5))
-    d = lj.init(jax.random.key(0), {"w": w},
-                lj.LoraSpec(rank=R, targets="w", axes={"w": LoraAxes((0,), (1,), (2,))}))["w"]
+    d = lj.init(
+        jax.random.key(0), {"w": w}, lj.LoraSpec(rank=R, targets="w", axes={"w": LoraAxes((0,), (1,), (2,))})
+    )["w"]
     v = LoraValue.of(w, d, "w")
     back = v.with_arrays(v.arrays())
     assert all(x is y for x, y in zip(back.arrays(), v.arrays(), strict=True)) and back.origin == v.origin

@@ -12,7 +12,6 @@ import pytest
 import lora_jax as lj
 from lora_jax import residual as lres
 
-
 # ---- LoRA+ ---------------------------------------------------------------------------------------------
 
 
@@ -76,19 +75,26 @@ def test_residual_reconstructs_params(init, stacked):
 
 def test_pissa_takes_the_top_singular_part():
     w = jax.random.normal(jax.random.key(0), (20, 12))
-    res, d = lj.init_with_residual(jax.random.key(1), {"w": w}, lj.LoraSpec(rank=3, targets="w", init="pissa"))
+    res, d = lj.init_with_residual(
+        jax.random.key(1), {"w": w}, lj.LoraSpec(rank=3, targets="w", init="pissa")
+    )
     s = jnp.linalg.svd(w, compute_uv=False)
     np.testing.assert_allclose(jnp.linalg.svd(res["w"], compute_uv=False)[:9], s[3:12], rtol=1e-4)
-    fast = lj.init_with_residual(jax.random.key(1), {"w": w},
-                                 lj.LoraSpec(rank=3, targets="w", init="pissa_niter_8"))[1]
+    fast = lj.init_with_residual(
+        jax.random.key(1), {"w": w}, lj.LoraSpec(rank=3, targets="w", init="pissa_niter_8")
+    )[1]
     np.testing.assert_allclose(lj.delta_weight(fast["w"]), lj.delta_weight(d["w"]), atol=1e-3)
 
 
 def test_residual_init_errors():
     p = {"w": jnp.ones((8, 4))}
-    with pytest.raises(ValueError, match=r"init_with_residual: LoraSpec\(init='kaiming'\) leaves the base unchanged"):
+    with pytest.raises(
+        ValueError, match=r"init_with_residual: LoraSpec\(init='kaiming'\) leaves the base unchanged"
+    ):
         lj.init_with_residual(jax.random.key(0), p, lj.LoraSpec(rank=2, targets="w"))
-    with pytest.raises(ValueError, match=r"lj.init: LoraSpec\(init='pissa'\) .*use residual, deltas = lj.init_with_residual"):
+    with pytest.raises(
+        ValueError, match=r"lj.init: LoraSpec\(init='pissa'\) .*use residual, deltas = lj.init_with_residual"
+    ):
         lj.init(jax.random.key(0), p, lj.LoraSpec(rank=2, targets="w", init="pissa"))
     with pytest.raises(ValueError, match=r"LoraSpec.init='svd' is not one of"):
         lj.LoraSpec(init="svd")
@@ -102,26 +108,40 @@ def test_converted_adapter_in_peft_on_the_original_base(tmp_path, init):
     peft = pytest.importorskip("peft")
     from lora_jax import peft as lpeft
     from lora_jax.models import hf as lhf
+
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     transformers.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "base")
     model, variables, _ = lhf.load_hf(tmp_path / "base")
     spec = lj.LoraSpec(rank=4, alpha=8.0, targets=r".*/attn/(query|value)/kernel", init=init)
     res, d0 = lj.init_with_residual(jax.random.key(0), variables, spec)
     leaves, tree = jax.tree_util.tree_flatten(d0)
     keys = jax.random.split(jax.random.key(5), len(leaves))
-    tuned = jax.tree_util.tree_unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    tuned = jax.tree_util.tree_unflatten(
+        tree, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    )
     lpeft.save_peft(tmp_path / "adapter", lres.to_original_base(tuned, d0), "llama")
     cfg_json = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg_json["r"] == 8 and cfg_json["lora_alpha"] == 16.0
-    hf = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
-                                        tmp_path / "adapter").eval()
+    hf = peft.PeftModel.from_pretrained(
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    ).eval()
     ids = jax.random.randint(jax.random.key(0), (2, 7), 0, 64)
     ours = np.asarray(jax.jit(lj.wrap(model.apply))(res, tuned, ids))
     with torch.no_grad():
         theirs = hf(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
-        base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()(
-            torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
+        base = (
+            transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+            .eval()(torch.tensor(np.asarray(ids), dtype=torch.long))
+            .logits.numpy()
+        )
     assert np.abs(theirs - base).max() > 1e-2
     assert np.abs(ours - theirs).max() < 1e-4

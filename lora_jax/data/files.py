@@ -32,10 +32,22 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from lora_jax.data.errors import DataError
 
-__all__ = ["EXTENSIONS", "SPLITS", "DataError", "Table", "carve", "data_fingerprint", "fingerprint", "parse_data_arg",
-           "public_name", "read_table", "share"]
+__all__ = [
+    "EXTENSIONS",
+    "SPLITS",
+    "DataError",
+    "Table",
+    "carve",
+    "data_fingerprint",
+    "fingerprint",
+    "parse_data_arg",
+    "public_name",
+    "read_table",
+    "share",
+]
 
 SPLITS = ("train", "validation")
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -58,8 +70,10 @@ def parse_data_arg(text: str) -> dict[str, list[pathlib.Path]]:
         head, sep, tail = item.rpartition(":")
         if sep and head and not tail.startswith(("/", "\\")):  # PATH:SPLIT, not a drive letter or URL
             if tail not in SPLITS:
-                raise DataError(f"--data {text!r}: unknown split {tail!r} in {item!r}; use "
-                                f"{' or '.join(repr(f'PATH:{s}') for s in SPLITS)}.")
+                raise DataError(
+                    f"--data {text!r}: unknown split {tail!r} in {item!r}; use "
+                    f"{' or '.join(repr(f'PATH:{s}') for s in SPLITS)}."
+                )
             path, split = head, tail
         if split in splits:
             raise DataError(f"--data {text!r}: the {split} split is given twice.")
@@ -207,28 +221,39 @@ def read_table(files: Sequence[pathlib.Path], cache_dir: str | os.PathLike | Non
         kw: dict[str, Any] = {}
         if kind == "csv":  # every column a string, empty cells "" (not NaN)
             header = _csv_header(path)
-            kw = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
-                  "keep_default_na": False}
+            kw = {
+                "features": datasets.Features({c: datasets.Value("string") for c in header}),
+                "keep_default_na": False,
+            }
         elif kind == "json" and not path.read_bytes().strip():
             raise DataError(f"{path.name}: empty file (no rows).")
         elif kind == "parquet" and _parquet_rows(path) == 0:
             raise DataError(f"{path.name}: empty file (no rows).")
         try:
-            ds = datasets.load_dataset(kind, data_files=[str(path)], split="train",
-                                       cache_dir=None if cache_dir is None else str(cache_dir), **kw)
+            ds = datasets.load_dataset(
+                kind,
+                data_files=[str(path)],
+                split="train",
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                **kw,
+            )
         except Exception as e:  # noqa: BLE001  (the loaders raise many kinds, long, naming no line: find it ourselves)
             raise _unreadable(path, kind, e) from None
         if len(ds) == 0:
             raise DataError(f"{path.name}: empty file (no rows).")
         if parts and list(ds.column_names) != list(parts[0].column_names):
-            raise DataError(f"{path.name}: columns {list(ds.column_names)} differ from {files[0].name}'s "
-                            f"{list(parts[0].column_names)}; files of one split must have the same columns.")
+            raise DataError(
+                f"{path.name}: columns {list(ds.column_names)} differ from {files[0].name}'s "
+                f"{list(parts[0].column_names)}; files of one split must have the same columns."
+            )
         if parts and ds.features != parts[0].features:  # e.g. large_string in a parquet file, string in JSON
             try:
                 ds = ds.cast(parts[0].features)
             except (TypeError, ValueError) as e:
-                raise DataError(f"{path.name}: its columns' types differ from {files[0].name}'s "
-                                f"({' '.join(str(e).split())[:200]}).") from None
+                raise DataError(
+                    f"{path.name}: its columns' types differ from {files[0].name}'s "
+                    f"({' '.join(str(e).split())[:200]})."
+                ) from None
         parts.append(ds)
         starts.append(n)
         n += len(ds)
@@ -265,7 +290,9 @@ def _unreadable(path: pathlib.Path, kind: str, error: Exception) -> DataError:
                 rows = json.loads(text)
             except json.JSONDecodeError as e:
                 return DataError(f"{path.name} line {e.lineno}: not valid JSON ({e.msg}).")
-            located = [(f"{path.name} row {i + 1}", r) for i, r in enumerate(rows if isinstance(rows, list) else [])]
+            located = [
+                (f"{path.name} row {i + 1}", r) for i, r in enumerate(rows if isinstance(rows, list) else [])
+            ]
         else:
             located = []
             for number, line in enumerate(text.split("\n"), start=1):
@@ -303,8 +330,10 @@ def carve(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     """
     k = max(1, int(round(n * fraction)))
     if n - k < 1:
-        raise DataError(f"{n} row(s) cannot be split into training and validation rows with "
-                        f"--val-fraction {fraction}; add rows or give a validation file (PATH:validation).")
+        raise DataError(
+            f"{n} row(s) cannot be split into training and validation rows with "
+            f"--val-fraction {fraction}; add rows or give a validation file (PATH:validation)."
+        )
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[k:]), np.sort(perm[:k])
 

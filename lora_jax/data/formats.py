@@ -41,8 +41,19 @@ from typing import Any
 
 from lora_jax.data.errors import DataError
 
-__all__ = ["COLUMNS", "FORMATS", "ROLES", "Encoded", "Encoder", "LabelSet", "answer_field", "check_row",
-           "detect_format", "label_set", "special_tokens"]
+__all__ = [
+    "COLUMNS",
+    "FORMATS",
+    "ROLES",
+    "Encoded",
+    "Encoder",
+    "LabelSet",
+    "answer_field",
+    "check_row",
+    "detect_format",
+    "label_set",
+    "special_tokens",
+]
 
 FORMATS = ("prompt-completion", "messages", "text")
 COLUMNS = {"prompt-completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
@@ -67,8 +78,10 @@ def detect_format(columns: Sequence[str], forced: str = "auto", where: str = "")
         return forced
     found = [f for f in FORMATS if all(c in columns for c in COLUMNS[f])]
     if not found:
-        raise DataError(f"{at}unknown columns {cols}: expected 'prompt' + 'completion', 'messages' or "
-                        f"'text' (rename the columns, or choose with --format).")
+        raise DataError(
+            f"{at}unknown columns {cols}: expected 'prompt' + 'completion', 'messages' or "
+            f"'text' (rename the columns, or choose with --format)."
+        )
     if len(found) > 1:
         raise DataError(f"{at}columns {cols} fit the formats {found}; choose one with --format.")
     return found[0]
@@ -86,22 +99,32 @@ def check_row(row: Mapping[str, Any], fmt: str, where: str, *, need_assistant: b
             completion or text, ``messages`` that is not a list of ``{"role", "content"}`` objects, a
             role other than system/user/assistant, or (``need_assistant``) no assistant message.
     """
+
     def bad(field: str, problem: str):
         raise DataError(f"{where}: field {field!r}: {problem}.")
 
     if fmt == "messages":
         messages = row.get("messages")
         if isinstance(messages, str):
-            bad("messages", "is a string; expected a list of {\"role\", \"content\"} objects (JSON, not text)")
+            bad("messages", 'is a string; expected a list of {"role", "content"} objects (JSON, not text)')
         if not isinstance(messages, (list, tuple)) or not messages:
-            bad("messages", f"expected a non-empty list of {{\"role\", \"content\"}} objects, found {_kind(messages)}")
+            bad(
+                "messages",
+                f'expected a non-empty list of {{"role", "content"}} objects, found {_kind(messages)}',
+            )
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping):
                 bad(f"messages[{i}]", f"expected an object with 'role' and 'content', found {_kind(m)}")
             role, content = m.get("role"), m.get("content")
             if role not in ROLES:
-                bad(f"messages[{i}].role", (f"{role!r} is not one of {', '.join(map(repr, ROLES))}"
-                                            if isinstance(role, str) else f"missing or not a string ({_kind(role)})"))
+                bad(
+                    f"messages[{i}].role",
+                    (
+                        f"{role!r} is not one of {', '.join(map(repr, ROLES))}"
+                        if isinstance(role, str)
+                        else f"missing or not a string ({_kind(role)})"
+                    ),
+                )
             if not isinstance(content, str):
                 bad(f"messages[{i}].content", f"expected a string, found {_kind(content)}")
         if need_assistant and not any(m["role"] == "assistant" for m in messages):
@@ -158,7 +181,10 @@ def special_tokens(model: str, tokenizer) -> dict[str, Any]:
     """
     eos = bos = pad = None
     if model in ("smollm2-135m", "tiny-llama"):  # the pinned GGUF's metadata (not re-read: a slow parse)
-        eos, bos = tokenizer.token_to_id(SMOLLM2_SPECIAL["eos"]), tokenizer.token_to_id(SMOLLM2_SPECIAL["bos"])
+        eos, bos = (
+            tokenizer.token_to_id(SMOLLM2_SPECIAL["eos"]),
+            tokenizer.token_to_id(SMOLLM2_SPECIAL["bos"]),
+        )
         pad = eos
     else:
         folder = pathlib.Path(model)
@@ -171,8 +197,12 @@ def special_tokens(model: str, tokenizer) -> dict[str, Any]:
             e = _json(folder / "config.json").get("eos_token_id")
             eos = e[0] if isinstance(e, list) and e else e if isinstance(e, int) else None
     token = lambda i: None if i is None else tokenizer.id_to_token(int(i))
-    return {"eos_id": eos, "eos_token": token(eos), "bos_token": token(bos),
-            "pad_id": pad if pad is not None else (eos if eos is not None else 0)}
+    return {
+        "eos_id": eos,
+        "eos_token": token(eos),
+        "bos_token": token(bos),
+        "pad_id": pad if pad is not None else (eos if eos is not None else 0),
+    }
 
 
 def _json(path: pathlib.Path) -> dict:
@@ -194,8 +224,16 @@ class Encoder:
         template_vars: more template variables (``bos_token``, ``eos_token``).
     """
 
-    def __init__(self, tokenizer, fmt: str, *, template: str | None = None, eos_id: int | None = None,
-                 train_on_prompt: bool = False, template_vars: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        fmt: str,
+        *,
+        template: str | None = None,
+        eos_id: int | None = None,
+        train_on_prompt: bool = False,
+        template_vars: Mapping[str, Any] | None = None,
+    ):
         from lora_jax.data.sentiment import _plain
 
         self.tok = _plain(tokenizer)
@@ -209,8 +247,9 @@ class Encoder:
     def render(self, messages, generation_prompt: bool) -> str:
         from lora_jax.models.tokenizers import apply_chat_template
 
-        return apply_chat_template(messages, add_generation_prompt=generation_prompt, template=self.template,
-                                   **self.template_vars)
+        return apply_chat_template(
+            messages, add_generation_prompt=generation_prompt, template=self.template, **self.template_vars
+        )
 
     def __call__(self, row: Mapping[str, Any], where: str = "") -> Encoded:
         """The tokens of a row (checked with :func:`check_row` first)."""
@@ -231,11 +270,13 @@ class Encoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before, upto = self.render(messages[:i], True), self.render(messages[:i + 1], False)
+            before, upto = self.render(messages[:i], True), self.render(messages[: i + 1], False)
             if not (upto.startswith(before) and full.startswith(upto)):
-                raise DataError(f"{where}: field 'messages[{i}]': the chat template does not render the "
-                                f"conversation up to this turn as a prefix of the whole, so its tokens cannot "
-                                f"be located; use --train-on-prompt or a prompt/completion file.")
+                raise DataError(
+                    f"{where}: field 'messages[{i}]': the chat template does not render the "
+                    f"conversation up to this turn as a prefix of the whole, so its tokens cannot "
+                    f"be located; use --train-on-prompt or a prompt/completion file."
+                )
             spans.append((len(before), len(upto)))
         enc = self.tok.encode(full, add_special_tokens=False)
         ids, starts = enc.ids, [s for s, _ in enc.offsets]
@@ -307,9 +348,11 @@ def label_set(answers: Sequence[tuple[str, str, str]], given: str | None = None)
             raise DataError(f"--labels {given!r}: give at least two labels, comma-separated.")
         for where, field, answer in answers:
             if answer.strip() not in names:
-                raise DataError(f"{where}: field {field!r}: {answer[:60]!r} is not one of --labels "
-                                f"{', '.join(map(repr, names))}; label accuracy needs every answer to be a "
-                                f"label (drop --labels for free-text completions).")
+                raise DataError(
+                    f"{where}: field {field!r}: {answer[:60]!r} is not one of --labels "
+                    f"{', '.join(map(repr, names))}; label accuracy needs every answer to be a "
+                    f"label (drop --labels for free-text completions)."
+                )
         detected = False
     else:
         if not 2 <= len(counts) <= min(MAX_LABELS, len(answers) // 4):

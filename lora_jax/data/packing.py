@@ -47,7 +47,9 @@ def pack(lengths: Sequence[int], max_len: int) -> list[list[int]]:
         ValueError: an example longer than ``max_len``.
     """
     if any(n > max_len for n in lengths):
-        raise ValueError(f"an example of {max(lengths)} tokens does not fit in max_len={max_len}; truncate first.")
+        raise ValueError(
+            f"an example of {max(lengths)} tokens does not fit in max_len={max_len}; truncate first."
+        )
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     room: list[tuple[int, int]] = []  # (free tokens, bin), sorted
@@ -88,11 +90,14 @@ def segment_apply(apply_fn: Callable) -> Callable:
     """``f(variables, ids, attention_mask=segment_ids, **kw)`` calling ``apply_fn`` with a 0/1 mask and
     ``segment_ids``, for packed rows: a model apply (e.g. ``Llama.apply``) that accepts ``segment_ids``.
     A 0/1 mask is a row of one segment, so unpacked rows compute what they computed before."""
+
     def fn(variables, input_ids, attention_mask=None, **kwargs):
         if attention_mask is None:
             return apply_fn(variables, input_ids, **kwargs)
-        return apply_fn(variables, input_ids, attention_mask=attention_mask > 0, segment_ids=attention_mask,
-                        **kwargs)
+        return apply_fn(
+            variables, input_ids, attention_mask=attention_mask > 0, segment_ids=attention_mask, **kwargs
+        )
+
     return fn
 
 
@@ -104,6 +109,6 @@ def _empty(n: int, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
 
 def _put(out, row, at, ids, mask, segment):
     n = len(ids)
-    out["input_ids"][row, at:at + n] = ids
-    out["attention_mask"][row, at:at + n] = segment
-    out["loss_mask"][row, at:at + n] = mask
+    out["input_ids"][row, at : at + n] = ids
+    out["attention_mask"][row, at : at + n] = segment
+    out["loss_mask"][row, at : at + n] = mask

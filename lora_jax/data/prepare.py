@@ -81,8 +81,9 @@ class Tokenized:
         where = {int(r): i for i, r in enumerate(self.rows)}
         idx = [where[int(r)] for r in rows]
         parts = [self.example(i) for i in idx]
-        return _assemble(np.asarray(rows, np.int64), parts, self.prompt_len[idx], self.answer_len[idx],
-                         self.label[idx])
+        return _assemble(
+            np.asarray(rows, np.int64), parts, self.prompt_len[idx], self.answer_len[idx], self.label[idx]
+        )
 
     def save(self, path: pathlib.Path) -> None:
         """Writes an ``.npz`` atomically (a temporary file renamed into place)."""
@@ -102,8 +103,15 @@ def _assemble(rows, parts, prompt_len, answer_len, label) -> Tokenized:
     offsets = np.zeros(len(parts) + 1, np.int64)
     offsets[1:] = np.cumsum(lengths)
     cat = lambda i, dt: np.concatenate([np.asarray(p[i], dt) for p in parts]) if parts else np.zeros(0, dt)
-    return Tokenized(np.asarray(rows, np.int64), cat(0, np.int32), cat(1, np.int8), offsets,
-                     np.asarray(prompt_len, np.int32), np.asarray(answer_len, np.int32), np.asarray(label, np.int32))
+    return Tokenized(
+        np.asarray(rows, np.int64),
+        cat(0, np.int32),
+        cat(1, np.int8),
+        offsets,
+        np.asarray(prompt_len, np.int32),
+        np.asarray(answer_len, np.int32),
+        np.asarray(label, np.int32),
+    )
 
 
 @dataclasses.dataclass
@@ -135,8 +143,9 @@ class FileData:
     files: dict[str, list[pathlib.Path]]
     cache_key: str
 
-    def tokenize(self, split: str, rows: Sequence[int], cache_dir: str | os.PathLike | None = None,
-                 tag: str = "") -> Tokenized:
+    def tokenize(
+        self, split: str, rows: Sequence[int], cache_dir: str | os.PathLike | None = None, tag: str = ""
+    ) -> Tokenized:
         """Tokenizes these rows of ``split``'s table (cached in ``cache_dir`` when given).
 
         Raises:
@@ -177,9 +186,17 @@ class FileData:
         return (self.train_table if split == "train" else self.val_table).where(int(row))
 
 
-def load_files(data: str, tokenizer, *, model: str, fmt: str = "auto", val_fraction: float = 0.1,
-               train_on_prompt: bool = False, labels: str | None = None,
-               cache_dir: str | os.PathLike | None = None) -> FileData:
+def load_files(
+    data: str,
+    tokenizer,
+    *,
+    model: str,
+    fmt: str = "auto",
+    val_fraction: float = 0.1,
+    train_on_prompt: bool = False,
+    labels: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> FileData:
     """Reads ``--data`` and prepares its tokenization (nothing is tokenized yet).
 
     Args:
@@ -206,39 +223,75 @@ def load_files(data: str, tokenizer, *, model: str, fmt: str = "auto", val_fract
         val = files_lib.read_table(split_files["validation"], arrow)
         vfmt = formats.detect_format(val.columns, fmt, where=split_files["validation"][0].name)
         if vfmt != found:
-            raise DataError(f"{split_files['validation'][0].name}: {vfmt} rows, but the training files hold "
-                            f"{found} rows; both splits must have one format.")
+            raise DataError(
+                f"{split_files['validation'][0].name}: {vfmt} rows, but the training files hold "
+                f"{found} rows; both splits must have one format."
+            )
         train_rows, val_rows, carved = np.arange(len(train)), np.arange(len(val)), False
     else:
         val = train
         train_rows, val_rows = files_lib.carve(len(train), val_fraction)
         carved = True
     if labels is not None and found == "text":
-        raise DataError(f"--labels {labels!r}: text rows have no completions to be labels; use "
-                        f"prompt/completion or messages rows, or drop --labels.")
+        raise DataError(
+            f"--labels {labels!r}: text rows have no completions to be labels; use "
+            f"prompt/completion or messages rows, or drop --labels."
+        )
 
     special = formats.special_tokens(model, tokenizer)
     template = None if model == "tiny-llama" else tokenizers.chat_template(model)
     if found == "messages" and template is None and model not in ("tiny-llama", "smollm2-135m"):
-        raise DataError(f"messages rows need a chat template, and the model {model!r} has none "
-                        f"(chat_template in tokenizer_config.json); use prompt/completion rows.")
-    encoder = formats.Encoder(tokenizer, found, template=template, eos_id=special["eos_id"],
-                              train_on_prompt=train_on_prompt,
-                              template_vars={"bos_token": special["bos_token"], "eos_token": special["eos_token"]})
+        raise DataError(
+            f"messages rows need a chat template, and the model {model!r} has none "
+            f"(chat_template in tokenizer_config.json); use prompt/completion rows."
+        )
+    encoder = formats.Encoder(
+        tokenizer,
+        found,
+        template=template,
+        eos_id=special["eos_id"],
+        train_on_prompt=train_on_prompt,
+        template_vars={"bos_token": special["bos_token"], "eos_token": special["eos_token"]},
+    )
 
     label_set = None
     if found != "text":
-        answers = (_answers(train, np.arange(len(train)), found) if carved else  # in file order
-                   _answers(train, train_rows, found) + _answers(val, val_rows, found))
+        answers = (
+            _answers(train, np.arange(len(train)), found)
+            if carved
+            # in file order
+            else _answers(train, train_rows, found) + _answers(val, val_rows, found)
+        )
         label_set = formats.label_set(answers, labels)
     digest = files_lib.data_fingerprint(data)
-    key = json.dumps({"v": CACHE_VERSION, "data": digest, "format": found, "template": template,
-                      "eos": special["eos_id"], "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
-                      "train_on_prompt": train_on_prompt, "labels": label_set and list(label_set.texts),
-                      "val_fraction": val_fraction if carved else None})
+    key = json.dumps(
+        {
+            "v": CACHE_VERSION,
+            "data": digest,
+            "format": found,
+            "template": template,
+            "eos": special["eos_id"],
+            "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+            "train_on_prompt": train_on_prompt,
+            "labels": label_set and list(label_set.texts),
+            "val_fraction": val_fraction if carved else None,
+        }
+    )
     ignored = [c for c in train.columns if c not in formats.COLUMNS[found]]
-    return FileData(found, encoder, label_set, train, val, train_rows, val_rows, carved, ignored, digest,
-                    split_files, hashlib.sha256(key.encode()).hexdigest())
+    return FileData(
+        found,
+        encoder,
+        label_set,
+        train,
+        val,
+        train_rows,
+        val_rows,
+        carved,
+        ignored,
+        digest,
+        split_files,
+        hashlib.sha256(key.encode()).hexdigest(),
+    )
 
 
 def _answers(table, rows, fmt) -> list[tuple[Any, str, str]]:
@@ -255,8 +308,9 @@ def _answers(table, rows, fmt) -> list[tuple[Any, str, str]]:
     return out
 
 
-def build_rows(tok: Tokenized, max_len: int, *, pad_id: int = 0, drop_long: bool = False,
-               pack: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def build_rows(
+    tok: Tokenized, max_len: int, *, pad_id: int = 0, drop_long: bool = False, pack: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Fixed-shape rows of ``tok``'s examples and what it took.
 
     Examples longer than ``max_len`` are cut to their first ``max_len`` tokens, or dropped with
@@ -284,8 +338,18 @@ def build_rows(tok: Tokenized, max_len: int, *, pad_id: int = 0, drop_long: bool
         kept.append(i)
     tokens = int(sum(len(ids) for ids, _ in examples))
     unpacked_padding = 1.0 - tokens / max(len(examples) * max_len, 1)
-    arrays = packing.pack_rows(examples, max_len, pad_id) if pack else packing.pad_rows(examples, max_len, pad_id)
-    stats = {"examples": len(examples), "long": long, "truncated": 0 if drop_long else long,
-             "dropped": long if drop_long else 0, "no_loss": no_loss, "rows": int(len(arrays["input_ids"])),
-             "tokens": tokens, "padding": packing.padding_fraction(arrays), "padding_unpacked": unpacked_padding}
+    arrays = (
+        packing.pack_rows(examples, max_len, pad_id) if pack else packing.pad_rows(examples, max_len, pad_id)
+    )
+    stats = {
+        "examples": len(examples),
+        "long": long,
+        "truncated": 0 if drop_long else long,
+        "dropped": long if drop_long else 0,
+        "no_loss": no_loss,
+        "rows": int(len(arrays["input_ids"])),
+        "tokens": tokens,
+        "padding": packing.padding_fraction(arrays),
+        "padding_unpacked": unpacked_padding,
+    }
     return arrays, stats

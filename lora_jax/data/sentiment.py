@@ -61,6 +61,7 @@ class Example:
 
 # --- reading and splitting -----------------------------------------------------------------------
 
+
 def read_snippets(path: str | pathlib.Path) -> list[Example]:
     """Parses ``movieReviewSnippets_GroundTruth.txt`` into examples (zero scores and repeats dropped).
 
@@ -105,7 +106,7 @@ def split(examples: Sequence[Example], seed: int = 0) -> dict[str, list[Example]
     n = len(examples)
     perm = np.random.default_rng(seed).permutation(n)
     k = n // 10
-    parts = {"train": perm[2 * k:], "validation": perm[k:2 * k], "test": perm[:k]}
+    parts = {"train": perm[2 * k :], "validation": perm[k : 2 * k], "test": perm[:k]}
     return {name: [examples[i] for i in idx.tolist()] for name, idx in parts.items()}
 
 
@@ -143,6 +144,7 @@ def load_sentiment(path: str | pathlib.Path | None = None, *, seed: int = 0) -> 
 
 # --- resumable batching --------------------------------------------------------------------------
 
+
 def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = False) -> int:
     """Batches per epoch: ``n // batch_size`` when dropping the remainder, else ``ceil(n / batch_size)``."""
     if batch_size < 1:
@@ -155,7 +157,9 @@ def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = F
     return steps
 
 
-def data_position(step: int, num_examples: int, batch_size: int, *, drop_remainder: bool = False) -> tuple[int, int]:
+def data_position(
+    step: int, num_examples: int, batch_size: int, *, drop_remainder: bool = False
+) -> tuple[int, int]:
     """``(epoch, batch index within the epoch)`` of global step ``step``."""
     return divmod(step, steps_per_epoch(num_examples, batch_size, drop_remainder))
 
@@ -197,14 +201,14 @@ def batches(
         epoch, index = divmod(step, per_epoch)
         order = epoch_order(n, epoch, seed=seed, shuffle=shuffle)
         while index < per_epoch:
-            rows = order[index * batch_size:(index + 1) * batch_size]
+            rows = order[index * batch_size : (index + 1) * batch_size]
             batch = {}
             for key, value in arrays.items():
                 out = np.zeros((batch_size,) + value.shape[1:], value.dtype)
-                out[:len(rows)] = value[rows]
+                out[: len(rows)] = value[rows]
                 batch[key] = out
             valid = np.zeros((batch_size,), np.int32)
-            valid[:len(rows)] = 1
+            valid[: len(rows)] = 1
             batch["valid"] = valid
             yield batch
             index += 1
@@ -212,6 +216,7 @@ def batches(
 
 
 # --- tokenization --------------------------------------------------------------------------------
+
 
 def _plain(tokenizer):
     """A copy of a ``tokenizers.Tokenizer`` with padding and truncation off."""
@@ -244,24 +249,39 @@ def encode_classification(examples: Sequence[Example], tokenizer, max_len: int, 
     input_ids = np.full((n, max_len), pid, np.int32)
     attention_mask = np.zeros((n, max_len), np.int32)
     for i, e in enumerate(encodings):
-        input_ids[i, :len(e.ids)] = e.ids
-        attention_mask[i, :len(e.ids)] = 1
+        input_ids[i, : len(e.ids)] = e.ids
+        attention_mask[i, : len(e.ids)] = 1
     labels = np.asarray([e.label for e in examples], np.int32)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def classification_batches(
-    examples: Sequence[Example], tokenizer, batch_size: int, max_len: int, *,
-    seed: int = 0, shuffle: bool = False, start_step: int = 0, num_epochs: int | None = 1,
-    drop_remainder: bool = False, pad_id: int | None = None,
+    examples: Sequence[Example],
+    tokenizer,
+    batch_size: int,
+    max_len: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = False,
+    start_step: int = 0,
+    num_epochs: int | None = 1,
+    drop_remainder: bool = False,
+    pad_id: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches ``{input_ids, attention_mask (B, max_len), labels (B,), valid (B,)}`` (int32) for a classifier.
 
     Ordering, resumption and padding rows as in :func:`batches`.
     """
     arrays = encode_classification(examples, tokenizer, max_len, pad_id=pad_id)
-    yield from batches(arrays, batch_size, seed=seed, shuffle=shuffle, start_step=start_step,
-                       num_epochs=num_epochs, drop_remainder=drop_remainder)
+    yield from batches(
+        arrays,
+        batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        start_step=start_step,
+        num_epochs=num_epochs,
+        drop_remainder=drop_remainder,
+    )
 
 
 def _as_prompt(prompt: str | Callable[[str], str]) -> Callable[[str], str]:
@@ -273,10 +293,15 @@ def _as_prompt(prompt: str | Callable[[str], str]) -> Callable[[str], str]:
 
 
 def encode_lm(
-    examples: Sequence[Example], tokenizer, max_len: int, *,
+    examples: Sequence[Example],
+    tokenizer,
+    max_len: int,
+    *,
     prompt: str | Callable[[str], str] = DEFAULT_PROMPT,
     completions: Sequence[str] = DEFAULT_COMPLETIONS,
-    eos_id: int | None = None, add_special_tokens: bool = True, pad_id: int | None = None,
+    eos_id: int | None = None,
+    add_special_tokens: bool = True,
+    pad_id: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Prompt-completion sequences for causal-LM fine-tuning, right-padded to ``max_len``.
 
@@ -330,24 +355,48 @@ def encode_lm(
                     hi = mid - 1
             ids = best
         row = ids + comp
-        out["input_ids"][i, :len(row)] = row
-        out["attention_mask"][i, :len(row)] = 1
-        out["loss_mask"][i, len(ids):len(row)] = 1
+        out["input_ids"][i, : len(row)] = row
+        out["attention_mask"][i, : len(row)] = 1
+        out["loss_mask"][i, len(ids) : len(row)] = 1
         out["prompt_len"][i] = len(ids)
     return out
 
 
 def lm_batches(
-    examples: Sequence[Example], tokenizer, batch_size: int, max_len: int, *,
-    seed: int = 0, shuffle: bool = False, start_step: int = 0, num_epochs: int | None = 1,
+    examples: Sequence[Example],
+    tokenizer,
+    batch_size: int,
+    max_len: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = False,
+    start_step: int = 0,
+    num_epochs: int | None = 1,
     drop_remainder: bool = False,
     prompt: str | Callable[[str], str] = DEFAULT_PROMPT,
     completions: Sequence[str] = DEFAULT_COMPLETIONS,
-    eos_id: int | None = None, add_special_tokens: bool = True, pad_id: int | None = None,
+    eos_id: int | None = None,
+    add_special_tokens: bool = True,
+    pad_id: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of :func:`encode_lm` rows (``input_ids``, ``attention_mask``, ``loss_mask`` ``(B, max_len)``;
     ``labels``, ``prompt_len``, ``valid`` ``(B,)``; int32). Ordering and resumption as in :func:`batches`."""
-    arrays = encode_lm(examples, tokenizer, max_len, prompt=prompt, completions=completions, eos_id=eos_id,
-                       add_special_tokens=add_special_tokens, pad_id=pad_id)
-    yield from batches(arrays, batch_size, seed=seed, shuffle=shuffle, start_step=start_step,
-                       num_epochs=num_epochs, drop_remainder=drop_remainder)
+    arrays = encode_lm(
+        examples,
+        tokenizer,
+        max_len,
+        prompt=prompt,
+        completions=completions,
+        eos_id=eos_id,
+        add_special_tokens=add_special_tokens,
+        pad_id=pad_id,
+    )
+    yield from batches(
+        arrays,
+        batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        start_step=start_step,
+        num_epochs=num_epochs,
+        drop_remainder=drop_remainder,
+    )

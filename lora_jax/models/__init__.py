@@ -48,16 +48,37 @@ from lora_jax.models.llama import (
 from lora_jax.models.registry import ASSETS, FAMILIES, family_for, family_of
 
 __all__ = [
-    "FAMILIES", "LOGICAL_AXIS_RULES_DEFAULT", "BertConfig", "BertModel", "GPT2Config", "GPT2LMHeadModel",
-    "KVCache", "Llama", "LlamaConfig", "ModelFamily", "family_for", "family_of", "generate", "load",
-    "logical_partition_specs", "stack_layers", "unstack_layers",
+    "FAMILIES",
+    "LOGICAL_AXIS_RULES_DEFAULT",
+    "BertConfig",
+    "BertModel",
+    "GPT2Config",
+    "GPT2LMHeadModel",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "ModelFamily",
+    "family_for",
+    "family_of",
+    "generate",
+    "load",
+    "logical_partition_specs",
+    "stack_layers",
+    "unstack_layers",
 ]
 
 NAMED = tuple(ASSETS)
 
 
-def load(name_or_path: str | os.PathLike, *, scan_layers: bool = False, remat: bool = False,
-         dtype: Any = None, mesh: Any = None, rules: Any = None) -> tuple[Any, dict, Any]:
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    scan_layers: bool = False,
+    remat: bool = False,
+    dtype: Any = None,
+    mesh: Any = None,
+    rules: Any = None,
+) -> tuple[Any, dict, Any]:
     """A pretrained model by asset name or local Hugging Face folder -> ``(model, variables, tokenizer)``.
 
     Args:
@@ -90,8 +111,14 @@ def load(name_or_path: str | os.PathLike, *, scan_layers: bool = False, remat: b
         from lora_jax.models.lazy import ArrayTensor
 
         config, tensors = gguf.gguf_to_hf(reader)  # dequantized whole (float32): a small quantized file
-        model, views = llama.from_hf(config, {k: ArrayTensor(v) for k, v in tensors.items()},
-                                     scan_layers=scan_layers, remat=remat, dtype=dtype, param_dtype=dtype)
+        model, views = llama.from_hf(
+            config,
+            {k: ArrayTensor(v) for k, v in tensors.items()},
+            scan_layers=scan_layers,
+            remat=remat,
+            dtype=dtype,
+            param_dtype=dtype,
+        )
         return model, sharded.materialize(model, views, mesh, rules=rules), tokenizers.bpe_from_gguf(reader)
     if name_or_path == "minilm":
         if scan_layers or remat:
@@ -112,5 +139,6 @@ def load(name_or_path: str | os.PathLike, *, scan_layers: bool = False, remat: b
         from lora_jax.models import hf
 
         return hf.load_hf(path, scan_layers=scan_layers, remat=remat, dtype=dtype, mesh=mesh, rules=rules)
-    raise ValueError(f"{str(name_or_path)!r} is neither a known model {list(NAMED)} nor a local "
-                     f"Hugging Face folder.")
+    raise ValueError(
+        f"{str(name_or_path)!r} is neither a known model {list(NAMED)} nor a local Hugging Face folder."
+    )

@@ -133,8 +133,14 @@ class BertConfig:
 
 
 def _dense(config: BertConfig, features: int, axes: tuple[str | None, str | None], name: str) -> nn.Dense:
-    return layers.dense(features, axes, name, init=nn.initializers.normal(config.initializer_range),
-                        dtype=config.dtype, param_dtype=config.param_dtype)
+    return layers.dense(
+        features,
+        axes,
+        name,
+        init=nn.initializers.normal(config.initializer_range),
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+    )
 
 
 def _layer_norm(config: BertConfig, name: str) -> LayerNorm:
@@ -142,8 +148,15 @@ def _layer_norm(config: BertConfig, name: str) -> LayerNorm:
 
 
 def _embed(config: BertConfig, num: int, axes: tuple[str | None, str], name: str) -> nn.Embed:
-    return layers.embed(num, config.hidden_size, axes, name, init=nn.initializers.normal(config.initializer_range),
-                        dtype=config.dtype, param_dtype=config.param_dtype)
+    return layers.embed(
+        num,
+        config.hidden_size,
+        axes,
+        name,
+        init=nn.initializers.normal(config.initializer_range),
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+    )
 
 
 class BertEmbeddings(nn.Module):
@@ -219,7 +232,9 @@ class BertLayer(nn.Module):
         h = BertSelfAttention(c, name="attn")(x, bias, deterministic)
         x = _layer_norm(c, "attn_ln")(x + drop(h, deterministic=deterministic))
         h = BertMLP(c, name="mlp")(nn.with_logical_constraint(x, _BTD))
-        return nn.with_logical_constraint(_layer_norm(c, "mlp_ln")(x + drop(h, deterministic=deterministic)), _BTD)
+        return nn.with_logical_constraint(
+            _layer_norm(c, "mlp_ln")(x + drop(h, deterministic=deterministic)), _BTD
+        )
 
 
 class BertEncoder(nn.Module):
@@ -325,12 +340,20 @@ def logical_axes(model: nn.Module) -> Any:
 # Hugging Face ``BertModel`` names: the family's one table (from_hf, PEFT files).
 HF_LAYER = "encoder.layer.{i}."
 HF_PROJECTIONS = {
-    "attn/query": "attention.self.query", "attn/key": "attention.self.key", "attn/value": "attention.self.value",
-    "attn/out": "attention.output.dense", "mlp/up": "intermediate.dense", "mlp/down": "output.dense",
+    "attn/query": "attention.self.query",
+    "attn/key": "attention.self.key",
+    "attn/value": "attention.self.value",
+    "attn/out": "attention.output.dense",
+    "mlp/up": "intermediate.dense",
+    "mlp/down": "output.dense",
 }
 HF_NORMS = {"attn_ln": "attention.output.LayerNorm", "mlp_ln": "output.LayerNorm"}
-HF_EMBEDDINGS = {"word": "embeddings.word_embeddings", "position": "embeddings.position_embeddings",
-                 "token_type": "embeddings.token_type_embeddings", "ln": "embeddings.LayerNorm"}
+HF_EMBEDDINGS = {
+    "word": "embeddings.word_embeddings",
+    "position": "embeddings.position_embeddings",
+    "token_type": "embeddings.token_type_embeddings",
+    "ln": "embeddings.LayerNorm",
+}
 _IGNORED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.")
 
 
@@ -363,7 +386,9 @@ def _assemble(names, tensors, shapes, dtype, ignore: Callable[[str], bool]) -> d
         value = lazy.as_source(tensors[hf])  # an array, or a lazy tensor (sharded loading)
         if transpose:
             if value.ndim != 2:
-                errors.append(f"tensor {hf!r} (for {flax_name}): expected a 2-D weight, found shape {value.shape}")
+                errors.append(
+                    f"tensor {hf!r} (for {flax_name}): expected a 2-D weight, found shape {value.shape}"
+                )
                 continue
             value = value.T
         if value.shape != expected:
@@ -380,13 +405,16 @@ def _assemble(names, tensors, shapes, dtype, ignore: Callable[[str], bool]) -> d
         errors.append(f"unexpected tensors {unexpected}")
     if errors:
         raise ValueError(
-            "Hugging Face tensors do not match the model config:\n  " + "\n  ".join(errors)
+            "Hugging Face tensors do not match the model config:\n  "
+            + "\n  ".join(errors)
             + "\nCheck that config.json belongs to these weights."
         )
     return params
 
 
-def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **overrides) -> tuple[BertModel, dict]:
+def from_hf(
+    config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **overrides
+) -> tuple[BertModel, dict]:
     """A :class:`BertModel` and its variables from a Hugging Face BERT checkpoint.
 
     Args:
@@ -406,7 +434,9 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **over
     model = BertModel(cfg)
     tensors = strip_prefix(tensors, "bert.")
     ignore = lambda k: k.startswith(_IGNORED_PREFIXES) or k.endswith(("position_ids", "token_type_ids"))
-    params = _assemble(_hf_names(cfg), tensors, param_shapes(model, *_example_inputs()), cfg.param_dtype, ignore)
+    params = _assemble(
+        _hf_names(cfg), tensors, param_shapes(model, *_example_inputs()), cfg.param_dtype, ignore
+    )
     return model, {"params": params}
 
 

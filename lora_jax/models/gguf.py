@@ -99,10 +99,13 @@ def gguf_to_hf(path_or_reader: Any) -> tuple[dict, dict[str, np.ndarray]]:
     head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
     rope_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
     if rope_dim != head_dim:
-        raise ValueError(f"Partial rotary embeddings (rope.dimension_count={rope_dim} < head_dim="
-                         f"{head_dim}) are not supported.")
-    if reader.fields.get(f"{arch}.rope.scaling.type") is not None and \
-            _field(reader, f"{arch}.rope.scaling.type") not in ("none", ""):
+        raise ValueError(
+            f"Partial rotary embeddings (rope.dimension_count={rope_dim} < head_dim="
+            f"{head_dim}) are not supported."
+        )
+    if reader.fields.get(f"{arch}.rope.scaling.type") is not None and _field(
+        reader, f"{arch}.rope.scaling.type"
+    ) not in ("none", ""):
         raise ValueError(f"rope scaling {_field(reader, f'{arch}.rope.scaling.type')!r} is not supported.")
     names = {t.name for t in reader.tensors}
     vocab = _field(reader, f"{arch}.vocab_size", None)
@@ -126,8 +129,10 @@ def gguf_to_hf(path_or_reader: Any) -> tuple[dict, dict[str, np.ndarray]]:
     cfg = llama.config_from_hf(config)
     expected_hf = llama._expected_hf_shapes(cfg)  # noqa: SLF001 (same package)
     to_hf = gguf_names(arch, expected_hf, cfg.num_layers)
-    rotary = {f".{llama.HF_PROJECTIONS['attn/query']}.weight": heads,
-              f".{llama.HF_PROJECTIONS['attn/key']}.weight": kv_heads}
+    rotary = {
+        f".{llama.HF_PROJECTIONS['attn/query']}.weight": heads,
+        f".{llama.HF_PROJECTIONS['attn/key']}.weight": kv_heads,
+    }
 
     tensors: dict[str, np.ndarray] = {}
     for t in reader.tensors:
@@ -135,14 +140,16 @@ def gguf_to_hf(path_or_reader: Any) -> tuple[dict, dict[str, np.ndarray]]:
         if hf is None:
             m = _BLK.fullmatch(t.name)
             if m and int(m.group(1)) >= cfg.num_layers:
-                raise ValueError(f"GGUF tensor {t.name!r} does not fit the config "
-                                 f"(block_count={cfg.num_layers}).")
+                raise ValueError(
+                    f"GGUF tensor {t.name!r} does not fit the config (block_count={cfg.num_layers})."
+                )
             raise ValueError(f"Unexpected GGUF tensor {t.name!r} for architecture {arch!r}.")
         # ggml lists dims fastest-first; PyTorch order is the reverse.
         found = tuple(int(n) for n in reversed(t.shape))
         if found != expected_hf[hf]:
-            raise ValueError(f"GGUF tensor {t.name!r} has shape {found}, expected {expected_hf[hf]} "
-                             f"from the metadata.")
+            raise ValueError(
+                f"GGUF tensor {t.name!r} has shape {found}, expected {expected_hf[hf]} from the metadata."
+            )
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(found)
         for suffix, n_heads in rotary.items():
             if hf.endswith(suffix):
@@ -150,13 +157,21 @@ def gguf_to_hf(path_or_reader: Any) -> tuple[dict, dict[str, np.ndarray]]:
         tensors[hf] = w
     missing = [n for n in expected_hf if n not in tensors]
     if missing:
-        raise ValueError(f"GGUF file lacks tensors (Hugging Face names): {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}.")
+        raise ValueError(
+            f"GGUF file lacks tensors (Hugging Face names): {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}."
+        )
     return config, tensors
 
 
-def load_gguf(path_or_reader: Any, *, scan_layers: bool = False, remat: bool = False, dtype: Any = None,
-              param_dtype: Any = None) -> tuple[llama.LlamaConfig, dict]:
+def load_gguf(
+    path_or_reader: Any,
+    *,
+    scan_layers: bool = False,
+    remat: bool = False,
+    dtype: Any = None,
+    param_dtype: Any = None,
+) -> tuple[llama.LlamaConfig, dict]:
     """A GGUF Llama file -> ``(LlamaConfig, {"params": ...})`` for :class:`lora_jax.models.llama.Llama`.
 
     Args:
@@ -164,6 +179,7 @@ def load_gguf(path_or_reader: Any, *, scan_layers: bool = False, remat: bool = F
       scan_layers, remat, dtype, param_dtype: see :class:`~lora_jax.models.llama.LlamaConfig`.
     """
     config, tensors = gguf_to_hf(path_or_reader)
-    model, variables = llama.from_hf(config, tensors, scan_layers=scan_layers, remat=remat, dtype=dtype,
-                                     param_dtype=param_dtype)
+    model, variables = llama.from_hf(
+        config, tensors, scan_layers=scan_layers, remat=remat, dtype=dtype, param_dtype=param_dtype
+    )
     return model.config, variables

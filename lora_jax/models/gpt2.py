@@ -131,8 +131,9 @@ def _init(config: GPT2Config, scale: float = 1.0):
 
 
 def _dense(config: GPT2Config, features: int, axes, name: str, scale: float = 1.0) -> nn.Dense:
-    return layers.dense(features, axes, name, init=_init(config, scale), dtype=config.dtype,
-                        param_dtype=config.param_dtype)
+    return layers.dense(
+        features, axes, name, init=_init(config, scale), dtype=config.dtype, param_dtype=config.param_dtype
+    )
 
 
 def _layer_norm(config: GPT2Config, name: str) -> LayerNorm:
@@ -185,8 +186,10 @@ class GPT2Block(nn.Module):
     def __call__(self, x: Array, mask: Array, deterministic: bool = True) -> Array:
         c = self.config
         drop = nn.Dropout(c.dropout_rate)
-        x = x + drop(GPT2Attention(c, name="attn")(_layer_norm(c, "ln_1")(x), mask, deterministic),
-                     deterministic=deterministic)
+        x = x + drop(
+            GPT2Attention(c, name="attn")(_layer_norm(c, "ln_1")(x), mask, deterministic),
+            deterministic=deterministic,
+        )
         x = nn.with_logical_constraint(x, _BTD)
         x = x + drop(GPT2MLP(c, name="mlp")(_layer_norm(c, "ln_2")(x)), deterministic=deterministic)
         return nn.with_logical_constraint(x, _BTD)
@@ -210,7 +213,9 @@ class GPT2LMHeadModel(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, input_ids: Array, attention_mask: Array | None = None, deterministic: bool = True) -> Array:
+    def __call__(
+        self, input_ids: Array, attention_mask: Array | None = None, deterministic: bool = True
+    ) -> Array:
         c = self.config
         batch, seq_len = input_ids.shape
         if seq_len > c.max_position_embeddings:
@@ -218,10 +223,24 @@ class GPT2LMHeadModel(nn.Module):
                 f"sequence length {seq_len} exceeds max_position_embeddings={c.max_position_embeddings}; "
                 f"truncate the inputs."
             )
-        wte = layers.embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), "wte", init=_init(c),
-                           dtype=c.dtype, param_dtype=c.param_dtype)
-        wpe = layers.embed(c.max_position_embeddings, c.hidden_size, (None, "embed"), "wpe", init=_init(c, 0.5),
-                           dtype=c.dtype, param_dtype=c.param_dtype)
+        wte = layers.embed(
+            c.vocab_size,
+            c.hidden_size,
+            ("vocab", "embed"),
+            "wte",
+            init=_init(c),
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+        )
+        wpe = layers.embed(
+            c.max_position_embeddings,
+            c.hidden_size,
+            (None, "embed"),
+            "wpe",
+            init=_init(c, 0.5),
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+        )
         positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), input_ids.shape)
         x = nn.with_logical_constraint(wte(input_ids) + wpe(positions), _BTD)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
@@ -268,14 +287,21 @@ def _hf_names(config: GPT2Config) -> dict[tuple[str, ...], str]:
     for i in range(config.num_layers):
         layer, prefix = (f"layers_{i}",), HF_LAYER.format(i=i)
         for ours, hf in HF_NORMS.items():
-            names.update(hf_leaf_names(layer + (ours,), prefix + hf, ("scale", "bias"), transpose_kernel=False))
+            names.update(
+                hf_leaf_names(layer + (ours,), prefix + hf, ("scale", "bias"), transpose_kernel=False)
+            )
         for ours, hf in HF_PROJECTIONS.items():
-            names.update(hf_leaf_names(layer + tuple(ours.split("/")), prefix + hf, ("kernel", "bias"),
-                                       transpose_kernel=False))
+            names.update(
+                hf_leaf_names(
+                    layer + tuple(ours.split("/")), prefix + hf, ("kernel", "bias"), transpose_kernel=False
+                )
+            )
     return {path: hf for path, (hf, _) in names.items()}
 
 
-def _check(name: str, value: np.ndarray, expected: tuple[int, ...], errors: list[str], flax_name: str) -> bool:
+def _check(
+    name: str, value: np.ndarray, expected: tuple[int, ...], errors: list[str], flax_name: str
+) -> bool:
     if tuple(value.shape) != tuple(expected):
         errors.append(
             f"tensor {name!r} (for {flax_name}): expected shape {tuple(expected)}, found {tuple(value.shape)}"
@@ -284,7 +310,9 @@ def _check(name: str, value: np.ndarray, expected: tuple[int, ...], errors: list
     return True
 
 
-def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **overrides) -> tuple[GPT2LMHeadModel, dict]:
+def from_hf(
+    config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **overrides
+) -> tuple[GPT2LMHeadModel, dict]:
     """A :class:`GPT2LMHeadModel` and its variables from a Hugging Face GPT-2 checkpoint.
 
     Args:
@@ -311,7 +339,7 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **over
     for i in range(cfg.num_layers):
         for kind, leaf in (("weight", "kernel"), ("bias", "bias")):
             plan[f"{HF_LAYER.format(i=i)}{HF_QKV}.{kind}"] = [
-                (path, lambda a, j=j: a[..., j * d:(j + 1) * d], shapes[path])
+                (path, lambda a, j=j: a[..., j * d : (j + 1) * d], shapes[path])
                 for j, path in enumerate((f"layers_{i}", "attn", proj, leaf) for proj in _QKV)
             ]
 
@@ -339,7 +367,8 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], **over
         errors.append(f"unexpected tensors {unexpected}")
     if errors:
         raise ValueError(
-            "Hugging Face tensors do not match the GPT-2 config:\n  " + "\n  ".join(errors)
+            "Hugging Face tensors do not match the GPT-2 config:\n  "
+            + "\n  ".join(errors)
             + "\nCheck that config.json belongs to these weights."
         )
     return model, {"params": params}

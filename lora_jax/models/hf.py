@@ -23,13 +23,27 @@ from typing import Any
 from lora_jax.models import registry
 from lora_jax.models.weights import open_weights, param_shapes, read_safetensors, read_weights, strip_prefix
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "load_hf", "param_shapes", "read_safetensors", "read_weights", "strip_prefix"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "load_hf",
+    "param_shapes",
+    "read_safetensors",
+    "read_weights",
+    "strip_prefix",
+]
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(registry.FAMILIES))
 
 
-def load_hf(folder: str | os.PathLike, *, scan_layers: bool = False, remat: bool = False,
-            dtype: Any = None, mesh: Any = None, rules: Any = None) -> tuple[Any, dict, Any]:
+def load_hf(
+    folder: str | os.PathLike,
+    *,
+    scan_layers: bool = False,
+    remat: bool = False,
+    dtype: Any = None,
+    mesh: Any = None,
+    rules: Any = None,
+) -> tuple[Any, dict, Any]:
     """A Hugging Face model folder -> ``(model, variables, tokenizer)``.
 
     Args:
@@ -59,13 +73,16 @@ def load_hf(folder: str | os.PathLike, *, scan_layers: bool = False, remat: bool
         raise ValueError(f"Model folder not found: {str(folder)!r}.")
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
-        raise ValueError(f"{folder}: missing config.json (a Hugging Face model folder needs config.json "
-                         f"and model.safetensors).")
+        raise ValueError(
+            f"{folder}: missing config.json (a Hugging Face model folder needs config.json "
+            f"and model.safetensors)."
+        )
     config = json.loads(cfg_file.read_text(encoding="utf-8"))
     model_type = config.get("model_type")
     if model_type not in registry.FAMILIES:
-        raise ValueError(f"Unsupported model_type {model_type!r} in {cfg_file}; supported: "
-                         f"{list(SUPPORTED_MODEL_TYPES)}.")
+        raise ValueError(
+            f"Unsupported model_type {model_type!r} in {cfg_file}; supported: {list(SUPPORTED_MODEL_TYPES)}."
+        )
     family = registry.FAMILIES[model_type]
     if (scan_layers or remat) and not family.scan_layers:
         scanning = ", ".join(sorted(t for t, f in registry.FAMILIES.items() if f.scan_layers))

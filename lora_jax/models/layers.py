@@ -44,10 +44,18 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x: (..., D)`` -> ``(..., D)`` in ``dtype``."""
         features = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                           (features,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                          (features,), self.param_dtype)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            (features,),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            (features,),
+            self.param_dtype,
+        )
         x = x.astype(jnp.float32)
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
@@ -57,8 +65,16 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def dense(features: int, axes: tuple[str | None, str | None], name: str, *, init: Callable,
-          dtype: Any, param_dtype: Any, use_bias: bool = True) -> nn.Dense:
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    name: str,
+    *,
+    init: Callable,
+    dtype: Any,
+    param_dtype: Any,
+    use_bias: bool = True,
+) -> nn.Dense:
     """``nn.Dense``: kernel ``(in, features)`` with logical ``axes``, zero bias ``(features,)`` with ``axes[1:]``.
 
     Args:
@@ -70,17 +86,35 @@ def dense(features: int, axes: tuple[str | None, str | None], name: str, *, init
         use_bias: add a bias.
     """
     return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
         kernel_init=nn.with_logical_partitioning(init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
     )
 
 
-def embed(num: int, features: int, axes: tuple[str | None, str | None], name: str, *, init: Callable,
-          dtype: Any, param_dtype: Any) -> nn.Embed:
+def embed(
+    num: int,
+    features: int,
+    axes: tuple[str | None, str | None],
+    name: str,
+    *,
+    init: Callable,
+    dtype: Any,
+    param_dtype: Any,
+) -> nn.Embed:
     """``nn.Embed`` with table ``(num, features)`` carrying the logical ``axes``."""
-    return nn.Embed(num, features, dtype=dtype, param_dtype=param_dtype, name=name,
-                    embedding_init=nn.with_logical_partitioning(init, axes))
+    return nn.Embed(
+        num,
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        embedding_init=nn.with_logical_partitioning(init, axes),
+    )
 
 
 def logical_partition_specs(model: nn.Module, *example_inputs: Any) -> Any:

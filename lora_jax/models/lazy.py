@@ -39,8 +39,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ArrayTensor", "Cast", "Lazy", "SafetensorsTensor", "Sliced", "Stacked", "Transposed", "as_source",
-           "stack", "to_param"]
+__all__ = [
+    "ArrayTensor",
+    "Cast",
+    "Lazy",
+    "SafetensorsTensor",
+    "Sliced",
+    "Stacked",
+    "Transposed",
+    "as_source",
+    "stack",
+    "to_param",
+]
 
 Bounds = tuple[tuple[int, int], ...]  # (start, stop) per axis
 
@@ -83,7 +93,7 @@ class Lazy:
             raise TypeError(f"lazy tensors take slices and at most one '...' only, got {key!r}.")
         if Ellipsis in key:
             i = key.index(Ellipsis)
-            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1:]
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
         key = key + (slice(None),) * (self.ndim - len(key))
         if len(key) != self.ndim:
             raise TypeError(f"{len(key)} indices for a tensor of shape {self.shape}.")

@@ -56,8 +56,18 @@ from lora_jax.models.family import ModelFamily
 from lora_jax.models.weights import hf_leaf_names
 
 __all__ = [
-    "DEFAULT_TARGETS", "FAMILY", "HF_PROJECTIONS", "LOGICAL_AXIS_RULES_DEFAULT", "KVCache", "Llama",
-    "LlamaConfig", "from_hf", "generate", "logical_partition_specs", "stack_layers", "to_hf",
+    "DEFAULT_TARGETS",
+    "FAMILY",
+    "HF_PROJECTIONS",
+    "LOGICAL_AXIS_RULES_DEFAULT",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "from_hf",
+    "generate",
+    "logical_partition_specs",
+    "stack_layers",
+    "to_hf",
     "unstack_layers",
 ]
 
@@ -117,7 +127,8 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}."
+            )
 
 
 class KVCache(NamedTuple):
@@ -142,8 +153,15 @@ class KVCache(NamedTuple):
 
 
 def _dense(features: int, axes: tuple[str, str], name: str, cfg: LlamaConfig) -> nn.Dense:
-    return layers.dense(features, axes, name, init=nn.initializers.lecun_normal(), use_bias=False,
-                        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    return layers.dense(
+        features,
+        axes,
+        name,
+        init=nn.initializers.lecun_normal(),
+        use_bias=False,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+    )
 
 
 class RMSNorm(nn.Module):
@@ -155,8 +173,12 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))).astype(self.dtype)
@@ -199,7 +221,7 @@ class Attention(nn.Module):
             kv = (k, v)
         q = q.reshape(b, t, k_heads, h // k_heads, d)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = jnp.where(allowed, scores * (d ** -0.5), _NEG)
+        scores = jnp.where(allowed, scores * (d**-0.5), _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.dtype)).reshape(b, t, h * d)
         return _dense(cfg.hidden_size, ("heads", "embed"), "out", cfg)(out), kv
@@ -249,13 +271,16 @@ class Llama(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
-                 segment_ids=None):
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None, segment_ids=None
+    ):
         cfg = self.config
         b, t = input_ids.shape
         if segment_ids is not None and cache is not None:
-            raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache; decode one "
-                             "sequence per row instead.")
+            raise ValueError(
+                "segment_ids (packed rows) cannot be combined with a KV cache; decode one "
+                "sequence per row instead."
+            )
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
 
         if cache is None:
@@ -286,8 +311,15 @@ class Llama(nn.Module):
             allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
         allowed = allowed[:, None, None]  # (B, 1, 1, T, S) against scores (B, K, G, T, S)
 
-        embed = layers.embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), "embed",
-                             init=nn.initializers.normal(0.02), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        embed = layers.embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            ("vocab", "embed"),
+            "embed",
+            init=nn.initializers.normal(0.02),
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+        )
         x = nn.with_logical_constraint(embed(input_ids), _BTD)
 
         block = Block
@@ -295,9 +327,12 @@ class Llama(nn.Module):
             block = nn.remat(Block, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             scanned = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
-                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
             x, kv = scanned(x, cos, sin, allowed, index, kv)
         else:
@@ -325,9 +360,17 @@ class Llama(nn.Module):
 # Generation
 
 
-def generate(apply_fn: Callable, variables: Any, prompt_ids: jax.Array, max_new_tokens: int, *,
-             key: jax.Array | None = None, temperature: float = 0.0, eos_id: int | None = None,
-             attention_mask: jax.Array | None = None) -> jax.Array:
+def generate(
+    apply_fn: Callable,
+    variables: Any,
+    prompt_ids: jax.Array,
+    max_new_tokens: int,
+    *,
+    key: jax.Array | None = None,
+    temperature: float = 0.0,
+    eos_id: int | None = None,
+    attention_mask: jax.Array | None = None,
+) -> jax.Array:
     """Decodes ``max_new_tokens`` tokens after ``prompt_ids`` with a static-size KV cache.
 
     One jitted function: a prefill call, then a ``jax.lax.while_loop`` of one-token calls that stops
@@ -363,9 +406,16 @@ def generate(apply_fn: Callable, variables: Any, prompt_ids: jax.Array, max_new_
     if key is None:
         key = jax.random.key(0)  # unused when greedy
     # temperature and eos_id are traced, so changing them does not recompile.
-    return _generate(apply_fn, int(max_new_tokens), variables, prompt_ids,
-                     jnp.asarray(attention_mask, jnp.int32), key, jnp.float32(temperature),
-                     jnp.int32(-1 if eos_id is None else eos_id))
+    return _generate(
+        apply_fn,
+        int(max_new_tokens),
+        variables,
+        prompt_ids,
+        jnp.asarray(attention_mask, jnp.int32),
+        key,
+        jnp.float32(temperature),
+        jnp.int32(-1 if eos_id is None else eos_id),
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -375,8 +425,9 @@ def _generate(apply_fn, max_new_tokens, variables, prompt_ids, mask, key, temper
     def pick(logits, k):
         greedy = jnp.argmax(logits, axis=-1)
         # float32 (what standard promotion gives bf16 logits too): strict promotion mixes no dtypes.
-        sampled = jax.random.categorical(k, logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6),
-                                         axis=-1)
+        sampled = jax.random.categorical(
+            k, logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6), axis=-1
+        )
         return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
     cache = KVCache.empty(b, t + max_new_tokens)
@@ -443,13 +494,20 @@ def logical_partition_specs(model: Llama) -> Any:
 # Hugging Face ``LlamaForCausalLM`` names: the family's one table (from_hf, to_hf, GGUF, PEFT files).
 HF_LAYER = "model.layers.{i}."
 HF_PROJECTIONS = {
-    "attn/query": "self_attn.q_proj", "attn/key": "self_attn.k_proj", "attn/value": "self_attn.v_proj",
-    "attn/out": "self_attn.o_proj", "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj",
+    "attn/query": "self_attn.q_proj",
+    "attn/key": "self_attn.k_proj",
+    "attn/value": "self_attn.v_proj",
+    "attn/out": "self_attn.o_proj",
+    "mlp/gate": "mlp.gate_proj",
+    "mlp/up": "mlp.up_proj",
     "mlp/down": "mlp.down_proj",
 }
 HF_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
-HF_TOP = {"embed": ("model.embed_tokens", "embedding"), "final_norm": ("model.norm", "scale"),
-          "lm_head": ("lm_head", "kernel")}
+HF_TOP = {
+    "embed": ("model.embed_tokens", "embedding"),
+    "final_norm": ("model.norm", "scale"),
+    "lm_head": ("lm_head", "kernel"),
+}
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 
 
@@ -502,9 +560,20 @@ def _flax_shape(cfg: LlamaConfig, path: tuple[str, ...]) -> tuple[int, ...]:
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     module = "/".join(path[1:-1]) if path[0].startswith("layers_") else path[0]
-    return {"embed": (v, d), "lm_head": (d, v), "final_norm": (d,), "attn_norm": (d,), "mlp_norm": (d,),
-            "attn/query": (d, q), "attn/key": (d, kv), "attn/value": (d, kv), "attn/out": (q, d),
-            "mlp/gate": (d, f), "mlp/up": (d, f), "mlp/down": (f, d)}[module]
+    return {
+        "embed": (v, d),
+        "lm_head": (d, v),
+        "final_norm": (d,),
+        "attn_norm": (d,),
+        "mlp_norm": (d,),
+        "attn/query": (d, q),
+        "attn/key": (d, kv),
+        "attn/value": (d, kv),
+        "attn/out": (q, d),
+        "mlp/gate": (d, f),
+        "mlp/up": (d, f),
+        "mlp/down": (f, d),
+    }[module]
 
 
 def _expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -516,8 +585,15 @@ def _expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *, scan_layers: bool = False,
-            remat: bool = False, dtype: Any = None, param_dtype: Any = None) -> tuple[Llama, dict]:
+def from_hf(
+    config: Mapping[str, Any],
+    tensors: Mapping[str, np.ndarray],
+    *,
+    scan_layers: bool = False,
+    remat: bool = False,
+    dtype: Any = None,
+    param_dtype: Any = None,
+) -> tuple[Llama, dict]:
     """A Hugging Face ``LlamaForCausalLM`` state dict -> ``(Llama model, {"params": ...})``.
 
     Args:
@@ -531,8 +607,7 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *, sca
     Raises:
       ValueError: a missing, unexpected or wrongly-shaped tensor (all of them listed at once).
     """
-    cfg = config_from_hf(config, scan_layers=scan_layers, remat=remat, dtype=dtype,
-                         param_dtype=param_dtype)
+    cfg = config_from_hf(config, scan_layers=scan_layers, remat=remat, dtype=dtype, param_dtype=param_dtype)
     expected = _expected_hf_shapes(cfg)
     problems = []
     for name, shape in expected.items():
@@ -540,8 +615,13 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *, sca
             problems.append(f"missing tensor {name!r} (expected shape {shape})")
         elif tuple(tensors[name].shape) != shape:
             problems.append(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
-    extra = [n for n in tensors if n not in expected and not _IGNORED.fullmatch(n)
-             and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    extra = [
+        n
+        for n in tensors
+        if n not in expected
+        and not _IGNORED.fullmatch(n)
+        and not (cfg.tie_word_embeddings and n == "lm_head.weight")
+    ]
     problems += [f"unexpected tensor {n!r}" for n in sorted(extra)]
     if problems:
         raise ValueError("Llama checkpoint does not fit the config:\n  " + "\n  ".join(problems))
@@ -552,7 +632,9 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *, sca
         node = params
         for p in path[:-1]:
             node = node.setdefault(p, {})
-        node[path[-1]] = lazy.to_param(arr.T if transposed else arr, cfg.param_dtype)  # (out, in) -> (in, out)
+        node[path[-1]] = lazy.to_param(
+            arr.T if transposed else arr, cfg.param_dtype
+        )  # (out, in) -> (in, out)
     if cfg.scan_layers:
         params = stack_layers(params, cfg.num_layers)
     return Llama(cfg), {"params": params}
@@ -568,14 +650,22 @@ def to_hf(cfg: LlamaConfig, variables: Mapping) -> tuple[dict, dict[str, np.ndar
         x = np.array(functools.reduce(lambda t, k: t[k], path, params), np.float32)
         out[name] = x.T if transposed else x
     config = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
         "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
     }
     return config, out
 

@@ -55,8 +55,10 @@ def _family(model):
 
     family = registry.family_of(model)
     if family is None:
-        raise TypeError(f"{type(model).__name__} is not a registered model family "
-                        f"(lora_jax.models.registry.FAMILIES); its shardings are unknown.")
+        raise TypeError(
+            f"{type(model).__name__} is not a registered model family "
+            f"(lora_jax.models.registry.FAMILIES); its shardings are unknown."
+        )
     return family
 
 
@@ -91,17 +93,22 @@ def param_shardings(model: Any, abstract: Any, mesh: jax.sharding.Mesh, rules=No
         logical = family.logical_partition_specs(model)
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # no annotations readable this way
         import warnings
-        warnings.warn(f"no logical-axis annotations could be read from {type(model).__name__} ({e}); its "
-                      f"parameters are replicated on the mesh.")
+
+        warnings.warn(
+            f"no logical-axis annotations could be read from {type(model).__name__} ({e}); its "
+            f"parameters are replicated on the mesh.",
+            stacklevel=2,
+        )
         logical = jax.tree_util.tree_map(lambda _: PartitionSpec(), abstract)
     shardings = nn.logical_to_mesh_sharding(logical, mesh, _rules_on(rules, mesh))
     # Keep only the variables we actually have (e.g. {"params": ...}), in their structure.
-    return jax.tree_util.tree_map(lambda _, s: s, abstract, _restrict(shardings, abstract))
+    return jax.tree_util.tree_map(lambda _, s: s, abstract, restrict_to(shardings, abstract))
 
 
-def _restrict(tree, like):
+def restrict_to(tree, like):
+    """`tree` cut down to the dict keys of `like` (e.g. the shardings of ``{"params": ...}`` only)."""
     if isinstance(like, dict):
-        return {k: _restrict(tree[k], v) for k, v in like.items()}
+        return {k: restrict_to(tree[k], v) for k, v in like.items()}
     return tree
 
 
@@ -128,8 +135,12 @@ def check_divisible(model: Any, abstract: Any, shardings: Any, mesh: jax.shardin
     logical = {}
     try:
         specs = _family(model).logical_partition_specs(model)
-        logical = {_key(p): tuple(spec) for p, spec in jax.tree_util.tree_leaves_with_path(
-            specs, is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec))}
+        logical = {
+            _key(p): tuple(spec)
+            for p, spec in jax.tree_util.tree_leaves_with_path(
+                specs, is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec)
+            )
+        }
     except (TypeError, ValueError):
         pass
     lines = []
@@ -137,13 +148,21 @@ def check_divisible(model: Any, abstract: Any, shardings: Any, mesh: jax.shardin
         name = _key(path)
         spec = logical.get(name, ())
         axis = f" (logical axis {spec[dim]!r})" if dim < len(spec) and spec[dim] is not None else ""
-        mesh_axis = (f"mesh axis {axes[0]!r} of size {size}" if len(axes) == 1 else
-                     f"mesh axes {axes} of size {size} ({' x '.join(str(mesh.shape[a]) for a in axes)})")
-        lines.append(f"{name} {tuple(shape)}: dimension {dim}{axis} has size {shape[dim]}, "
-                     f"not divisible by {mesh_axis}")
-    raise ValueError("the mesh does not divide these parameters (nothing was read):\n  " + "\n  ".join(lines)
-                     + f"\nUse mesh sizes {dict(mesh.shape)} that divide them, or pass rules= mapping the logical "
-                       f"axis to None (replicated) or to another mesh axis.")
+        mesh_axis = (
+            f"mesh axis {axes[0]!r} of size {size}"
+            if len(axes) == 1
+            else f"mesh axes {axes} of size {size} ({' x '.join(str(mesh.shape[a]) for a in axes)})"
+        )
+        lines.append(
+            f"{name} {tuple(shape)}: dimension {dim}{axis} has size {shape[dim]}, "
+            f"not divisible by {mesh_axis}"
+        )
+    raise ValueError(
+        "the mesh does not divide these parameters (nothing was read):\n  "
+        + "\n  ".join(lines)
+        + f"\nUse mesh sizes {dict(mesh.shape)} that divide them, or pass rules= mapping the logical "
+        f"axis to None (replicated) or to another mesh axis."
+    )
 
 
 def _read_shard(view: Lazy, index: tuple[slice, ...]) -> np.ndarray:
@@ -165,7 +184,7 @@ def _global_array(view: Lazy, sharding: jax.sharding.Sharding) -> jax.Array:
     for bounds, devices in groups.items():
         block = _read_shard(view, tuple(slice(a, b) for a, b in bounds))
         shards += [jax.device_put(block, d) for d in devices]
-        jax.block_until_ready(shards[-len(devices):])  # the host block can go before the next is read
+        jax.block_until_ready(shards[-len(devices) :])  # the host block can go before the next is read
         del block
     return jax.make_array_from_single_device_arrays(view.shape, sharding, shards)
 
@@ -186,10 +205,14 @@ def materialize(model: Any, views: Any, mesh: jax.sharding.Mesh, *, rules=None) 
     Raises:
         ValueError: a mesh axis does not divide a dimension it shards (checked before any read).
     """
-    views = jax.tree_util.tree_map(lambda v: v if isinstance(v, Lazy) else ArrayTensor(np.asarray(v)), views,
-                                   is_leaf=lambda v: isinstance(v, Lazy))
-    abstract = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), views,
-                                      is_leaf=lambda v: isinstance(v, Lazy))
+    views = jax.tree_util.tree_map(
+        lambda v: v if isinstance(v, Lazy) else ArrayTensor(np.asarray(v)),
+        views,
+        is_leaf=lambda v: isinstance(v, Lazy),
+    )
+    abstract = jax.tree_util.tree_map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), views, is_leaf=lambda v: isinstance(v, Lazy)
+    )
     shardings = param_shardings(model, abstract, mesh, rules)
     check_divisible(model, abstract, shardings, mesh)
     return jax.tree_util.tree_map(_global_array, views, shardings, is_leaf=lambda v: isinstance(v, Lazy))

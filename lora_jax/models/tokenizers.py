@@ -29,7 +29,11 @@ from typing import Any
 from lora_jax.models.gguf import _field
 
 __all__ = [
-    "SMOLLM2_CHAT_TEMPLATE", "SMOLLM2_SYSTEM_PROMPT", "apply_chat_template", "bpe_from_gguf", "chat_template",
+    "SMOLLM2_CHAT_TEMPLATE",
+    "SMOLLM2_SYSTEM_PROMPT",
+    "apply_chat_template",
+    "bpe_from_gguf",
+    "chat_template",
     "special_ids",
 ]
 
@@ -77,7 +81,8 @@ def bpe_from_gguf(path_or_reader: Any):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if _PRE_DIGITS[pre]:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
     else:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
@@ -91,8 +96,10 @@ def special_ids(path_or_reader: Any) -> dict[str, int | None]:
     from lora_jax.models.gguf import read_gguf
 
     reader = read_gguf(path_or_reader)
-    return {k: _field(reader, f"tokenizer.ggml.{name}_token_id", None)
-            for k, name in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))}
+    return {
+        k: _field(reader, f"tokenizer.ggml.{name}_token_id", None)
+        for k, name in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))
+    }
 
 
 def chat_template(name_or_path: str | os.PathLike) -> str | None:
@@ -113,7 +120,9 @@ def chat_template(name_or_path: str | os.PathLike) -> str | None:
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text(encoding="utf-8")
     if (path / "tokenizer_config.json").is_file():
-        template = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+        template = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get(
+            "chat_template"
+        )
         return template if isinstance(template, str) else None
     return None
 
@@ -129,7 +138,9 @@ def _compile(template: str):
         raise jinja2.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
@@ -138,8 +149,14 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def apply_chat_template(messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
-                        system_prompt: str | None = None, template: str | None = None, **kwargs: Any) -> str:
+def apply_chat_template(
+    messages: Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+    system_prompt: str | None = None,
+    template: str | None = None,
+    **kwargs: Any,
+) -> str:
     """Renders ``messages`` with a model's chat template (default: SmolLM2's ChatML template).
 
     Args:
@@ -164,6 +181,7 @@ def apply_chat_template(messages: Sequence[Mapping[str, str]], *, add_generation
         chat.insert(0, {"role": "system", "content": system_prompt})
     try:
         return _compile(SMOLLM2_CHAT_TEMPLATE if template is None else template).render(
-            messages=chat, add_generation_prompt=add_generation_prompt, **kwargs)
+            messages=chat, add_generation_prompt=add_generation_prompt, **kwargs
+        )
     except jinja2.TemplateError as e:
         raise ValueError(f"chat template: {e}") from None

@@ -29,15 +29,25 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["HF_LEAVES", "checkpoint_files", "hf_leaf_names", "open_safetensors", "open_weights", "param_shapes",
-           "read_safetensors", "read_weights", "strip_prefix"]
+__all__ = [
+    "HF_LEAVES",
+    "checkpoint_files",
+    "hf_leaf_names",
+    "open_safetensors",
+    "open_weights",
+    "param_shapes",
+    "read_safetensors",
+    "read_weights",
+    "strip_prefix",
+]
 
 # Our Flax leaf -> Hugging Face tensor suffix.
 HF_LEAVES = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
 
 
-def hf_leaf_names(path: tuple[str, ...], hf_module: str, leaves: Iterable[str], *,
-                  transpose_kernel: bool = True) -> dict[tuple[str, ...], tuple[str, bool]]:
+def hf_leaf_names(
+    path: tuple[str, ...], hf_module: str, leaves: Iterable[str], *, transpose_kernel: bool = True
+) -> dict[tuple[str, ...], tuple[str, bool]]:
     """``{Flax leaf path: (Hugging Face tensor name, stored transposed)}`` for the ``leaves`` of one module.
 
     Args:
@@ -46,8 +56,10 @@ def hf_leaf_names(path: tuple[str, ...], hf_module: str, leaves: Iterable[str], 
         leaves: which of ``kernel``/``bias``/``scale``/``embedding`` the module has.
         transpose_kernel: ``nn.Linear`` stores ``(out, in)`` (True); GPT-2's ``Conv1D`` ``(in, out)`` (False).
     """
-    return {path + (leaf,): (f"{hf_module}.{HF_LEAVES[leaf]}", transpose_kernel and leaf == "kernel")
-            for leaf in leaves}
+    return {
+        path + (leaf,): (f"{hf_module}.{HF_LEAVES[leaf]}", transpose_kernel and leaf == "kernel")
+        for leaf in leaves
+    }
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -72,7 +84,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def strip_prefix(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     """State-dict names without a task head's ``prefix`` (``"bert."``, ``"transformer."``) when present."""
     if any(k.startswith(prefix) for k in tensors):
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     return dict(tensors)
 
 
@@ -101,16 +113,20 @@ def checkpoint_files(folder: str | os.PathLike) -> list[pathlib.Path]:
         if missing:
             holds = {s: sorted(n for n, f in weight_map.items() if f == s) for s in missing}
             detail = "; ".join(f"{s} holds {len(h)} tensors, e.g. {h[0]!r}" for s, h in holds.items())
-            raise ValueError(f"{folder}: missing safetensors shards {missing} listed in {index.name} ({detail}). "
-                             f"Download the complete checkpoint.")
+            raise ValueError(
+                f"{folder}: missing safetensors shards {missing} listed in {index.name} ({detail}). "
+                f"Download the complete checkpoint."
+            )
         return [folder / s for s in shards]
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
     found = sorted(p.name for p in folder.iterdir())
-    raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json (found {found}). "
-                     f"Only safetensors checkpoints are supported; convert .bin files with transformers' "
-                     f"save_pretrained(..., safe_serialization=True).")
+    raise ValueError(
+        f"{folder}: no model.safetensors or model.safetensors.index.json (found {found}). "
+        f"Only safetensors checkpoints are supported; convert .bin files with transformers' "
+        f"save_pretrained(..., safe_serialization=True)."
+    )
 
 
 def read_weights(folder: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -122,9 +138,20 @@ def read_weights(folder: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 # safetensors dtype names -> numpy (bfloat16 and float8 through ml_dtypes).
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
-                       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 _ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
 
@@ -149,7 +176,9 @@ def open_safetensors(path: str | os.PathLike) -> dict[str, Any]:
                 info = f.get_slice(name)
                 kind = info.get_dtype()
                 if kind not in _SAFETENSORS_DTYPES:
-                    raise ValueError(f"{path.name}: tensor {name!r} has dtype {kind}, which cannot be loaded.")
+                    raise ValueError(
+                        f"{path.name}: tensor {name!r} has dtype {kind}, which cannot be loaded."
+                    )
                 dtype = _SAFETENSORS_DTYPES[kind]
                 dtype = getattr(ml_dtypes, dtype) if dtype in _ML_DTYPES else np.dtype(dtype)
                 out[name] = SafetensorsTensor(path, name, info.get_shape(), dtype)

@@ -60,7 +60,10 @@ def from_vocab(
         models.WordPiece(vocab, unk_token=unk_token, max_input_chars_per_word=max_input_chars_per_word)
     )
     tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=handle_chinese_chars, strip_accents=strip_accents, lowercase=lowercase
+        clean_text=True,
+        handle_chinese_chars=handle_chinese_chars,
+        strip_accents=strip_accents,
+        lowercase=lowercase,
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     cls_id, sep_id = vocab[cls_token], vocab[sep_token]
@@ -128,7 +131,11 @@ def pad_id(tokenizer: tokenizers.Tokenizer, default: int = 0) -> int:
 
 
 def configured(
-    tokenizer: tokenizers.Tokenizer, max_len: int | None = None, *, pad: bool = True, pad_token_id: int | None = None
+    tokenizer: tokenizers.Tokenizer,
+    max_len: int | None = None,
+    *,
+    pad: bool = True,
+    pad_token_id: int | None = None,
 ) -> tokenizers.Tokenizer:
     """A copy of ``tokenizer`` that truncates to ``max_len`` and (``pad=True``) right-pads to exactly ``max_len``.
 
@@ -161,6 +168,8 @@ def encode(
     encodings = tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
     return {
         "input_ids": np.asarray([e.ids for e in encodings], np.int32).reshape(len(texts), max_len),
-        "attention_mask": np.asarray([e.attention_mask for e in encodings], np.int32).reshape(len(texts), max_len),
+        "attention_mask": np.asarray([e.attention_mask for e in encodings], np.int32).reshape(
+            len(texts), max_len
+        ),
         "token_type_ids": np.asarray([e.type_ids for e in encodings], np.int32).reshape(len(texts), max_len),
     }

@@ -20,8 +20,19 @@ from lora_jax.quant.codes import NF4_LEVELS
 from lora_jax.quant.io import info, load, save
 from lora_jax.quant.tree import QuantSpec, dequantize, quantize
 
-__all__ = ["QuantSpec", "QuantizedArray", "QuantMeta", "quantize", "dequantize", "is_quantized", "NF4_LEVELS",
-           "save", "load", "info", "base_bytes"]
+__all__ = [
+    "QuantSpec",
+    "QuantizedArray",
+    "QuantMeta",
+    "quantize",
+    "dequantize",
+    "is_quantized",
+    "NF4_LEVELS",
+    "save",
+    "load",
+    "info",
+    "base_bytes",
+]
 
 
 def base_bytes(params) -> int:
@@ -29,4 +40,6 @@ def base_bytes(params) -> int:
     import jax
     import numpy as np
 
-    return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params)))
+    return int(
+        sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params))
+    )

@@ -65,7 +65,12 @@ class QuantizedArray:
     """
 
     def __init__(self, codes, scales, scale_scales, scale_offset, meta: QuantMeta):
-        self.codes, self.scales, self.scale_scales, self.scale_offset = codes, scales, scale_scales, scale_offset
+        self.codes, self.scales, self.scale_scales, self.scale_offset = (
+            codes,
+            scales,
+            scale_scales,
+            scale_offset,
+        )
         self.meta = meta
 
     # --- pytree ---
@@ -111,15 +116,18 @@ class QuantizedArray:
     def __repr__(self):
         m = self.meta
         dq = ", double_quant" if self.double_quant else ""
-        return (f"QuantizedArray(shape={m.shape}, dtype={m.dtype}, format={m.format}, block_size={m.block_size}, "
-                f"axis={m.axis}{dq})")
+        return (
+            f"QuantizedArray(shape={m.shape}, dtype={m.dtype}, format={m.format}, block_size={m.block_size}, "
+            f"axis={m.axis}{dq})"
+        )
 
     # --- conversions ---
     @classmethod
     def quantize(cls, w, fmt: str, block_size: int, axis: int, *, double_quant: bool) -> QuantizedArray:
         """Quantize the float array `w` (shape and divisibility already checked by the caller)."""
-        meta = QuantMeta(tuple(int(s) for s in w.shape), jnp.dtype(w.dtype).name, fmt, int(block_size),
-                         int(axis))
+        meta = QuantMeta(
+            tuple(int(s) for s in w.shape), jnp.dtype(w.dtype).name, fmt, int(block_size), int(axis)
+        )
         return cls(*_codes.encode(w, fmt, block_size, axis, double_quant=double_quant), meta)
 
     def dequantize(self, dtype: Any = None):
@@ -129,8 +137,14 @@ class QuantizedArray:
 
 def dequantize_arrays(arrays: tuple, meta: QuantMeta, dtype: Any = None):
     """The dense weight from ``(codes, scales, scale_scales, scale_offset)`` and its `QuantMeta`."""
-    return _codes.decode(*arrays, shape=meta.shape, dtype=meta.dtype if dtype is None else dtype,
-                         fmt=meta.format, block_size=meta.block_size, axis=meta.axis)
+    return _codes.decode(
+        *arrays,
+        shape=meta.shape,
+        dtype=meta.dtype if dtype is None else dtype,
+        fmt=meta.format,
+        block_size=meta.block_size,
+        axis=meta.axis,
+    )
 
 
 def is_quantized(x) -> bool:
@@ -165,4 +179,6 @@ class QuantLeaf:
 
 def box_quantized(tree: Any) -> Any:
     """`tree` with every `QuantizedArray` boxed in a `QuantLeaf` (a leaf of the same shape and dtype)."""
-    return jax.tree_util.tree_map(lambda x: QuantLeaf(x) if is_quantized(x) else x, tree, is_leaf=is_quantized)
+    return jax.tree_util.tree_map(
+        lambda x: QuantLeaf(x) if is_quantized(x) else x, tree, is_leaf=is_quantized
+    )

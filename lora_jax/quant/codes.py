@@ -70,7 +70,7 @@ def nbits(fmt: str) -> int:
 def _blocked(x, axis: int, block: int):
     """``x`` with its `axis` split into ``(size // block, block)``."""
     s = x.shape
-    return x.reshape(s[:axis] + (s[axis] // block, block) + s[axis + 1:])
+    return x.reshape(s[:axis] + (s[axis] // block, block) + s[axis + 1 :])
 
 
 def _lead(shape, axis: int) -> tuple[int, ...]:

@@ -65,8 +65,14 @@ def save(path, params: Any, *, model: str | None = None) -> pathlib.Path:
         name = path_str(p)
         if is_quantized(x):
             m = x.meta
-            records[name] = {"shape": list(m.shape), "dtype": m.dtype, "format": m.format,
-                             "block_size": m.block_size, "axis": m.axis, "double_quant": x.double_quant}
+            records[name] = {
+                "shape": list(m.shape),
+                "dtype": m.dtype,
+                "format": m.format,
+                "block_size": m.block_size,
+                "axis": m.axis,
+                "double_quant": x.double_quant,
+            }
             for part, arr in zip(_PARTS, x.arrays, strict=True):
                 if arr is not None:
                     tensors[f"{name}::{part}"] = _to_numpy(arr)
@@ -94,12 +100,16 @@ def info(path) -> dict:
     except Exception as e:  # safetensors raises its own error types for a bad header
         raise ValueError(f"{str(file)!r} is not a readable safetensors file: {e}") from None
     if _KEY not in meta:
-        raise ValueError(f"{str(file)!r} is not a quantized base written by lora_jax.quant.save (no {_KEY!r} "
-                         f"header; an adapter or a Hugging Face checkpoint?).")
+        raise ValueError(
+            f"{str(file)!r} is not a quantized base written by lora_jax.quant.save (no {_KEY!r} "
+            f"header; an adapter or a Hugging Face checkpoint?)."
+        )
     header = json.loads(meta[_KEY])
     if header.get("format") != QUANT_FORMAT:
-        raise ValueError(f"{str(file)!r}: unknown quantized base format {header.get('format')!r}, expected "
-                         f"{QUANT_FORMAT!r}.")
+        raise ValueError(
+            f"{str(file)!r}: unknown quantized base format {header.get('format')!r}, expected "
+            f"{QUANT_FORMAT!r}."
+        )
     return header
 
 
@@ -125,31 +135,48 @@ def load(path, *, like: Any = None, model: str | None = None, format: str | None
 
     header = info(path)
     if model is not None and header.get("model") != model:
-        raise ValueError(f"{str(path)!r} holds a quantized base of model {header.get('model')!r}, not {model!r}. "
-                         f"Quantize this model's weights (lj.quantize) and save them again.")
+        raise ValueError(
+            f"{str(path)!r} holds a quantized base of model {header.get('model')!r}, not {model!r}. "
+            f"Quantize this model's weights (lj.quantize) and save them again."
+        )
     records = header["leaves"]
     fmts = sorted({r["format"] for r in records.values() if "format" in r})
     if format is not None and fmts != [format]:
-        raise ValueError(f"{str(path)!r} is quantized as {fmts}, not {format!r}. Load it without format=, or "
-                         f"quantize the model again with QuantSpec(format={format!r}).")
+        raise ValueError(
+            f"{str(path)!r} is quantized as {fmts}, not {format!r}. Load it without format=, or "
+            f"quantize the model again with QuantSpec(format={format!r})."
+        )
     if like is not None:
-        want = {path_str(p): tuple(np.shape(x) if not is_quantized(x) else x.shape)
-                for p, x in jax.tree_util.tree_flatten_with_path(like, is_leaf=is_quantized)[0]}
+        want = {
+            path_str(p): tuple(np.shape(x) if not is_quantized(x) else x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(like, is_leaf=is_quantized)[0]
+        }
         got = {k: tuple(r["shape"]) for k, r in records.items()}
-        problems = [f"{k}: missing from the file (closest: {closest(k, list(got), n=2)})" for k in want if k not in got]
+        problems = [
+            f"{k}: missing from the file (closest: {closest(k, list(got), n=2)})"
+            for k in want
+            if k not in got
+        ]
         problems += [f"{k}: in the file, not in the model" for k in got if k not in want]
-        problems += [f"{k}: shape {got[k]} in the file, {want[k]} in the model" for k in want
-                     if k in got and got[k] != want[k]]
+        problems += [
+            f"{k}: shape {got[k]} in the file, {want[k]} in the model"
+            for k in want
+            if k in got and got[k] != want[k]
+        ]
         if problems:
-            raise ValueError(f"{str(path)!r} does not fit this model (another model or config?): {problems[:8]}"
-                             f"{' ...' if len(problems) > 8 else ''}")
+            raise ValueError(
+                f"{str(path)!r} does not fit this model (another model or config?): {problems[:8]}"
+                f"{' ...' if len(problems) > 8 else ''}"
+            )
     values = {}
     with safe_open(str(path), "np") as f:
         for name, r in records.items():
             if "format" in r:
                 parts = [f.get_tensor(f"{name}::{p}") if f"{name}::{p}" in f.keys() else None for p in _PARTS]
                 parts = [None if a is None else jnp.asarray(a) for a in parts]
-                meta = QuantMeta(tuple(r["shape"]), r["dtype"], r["format"], int(r["block_size"]), int(r["axis"]))
+                meta = QuantMeta(
+                    tuple(r["shape"]), r["dtype"], r["format"], int(r["block_size"]), int(r["axis"])
+                )
                 values[name] = QuantizedArray(*parts, meta)
             else:
                 values[name] = _from_numpy(f.get_tensor(name), r["dtype"])

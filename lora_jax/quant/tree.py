@@ -94,7 +94,9 @@ class QuantSpec:
                     raise TypeError(f"QuantSpec.block_axis[{pat!r}] must be an int, got {ax!r}")
             object.__setattr__(self, "block_axis", tuple(self.block_axis.items()))
         elif not isinstance(self.block_axis, (int, tuple)):
-            raise TypeError(f"QuantSpec.block_axis must be an int or a {{regex: int}} dict, got {self.block_axis!r}")
+            raise TypeError(
+                f"QuantSpec.block_axis must be an int or a {{regex: int}} dict, got {self.block_axis!r}"
+            )
 
     def matches(self, path: str) -> bool:
         """Whether the "/"-joined key path is targeted (and not excluded)."""
@@ -113,7 +115,8 @@ class QuantSpec:
             raise ValueError(
                 f"QuantSpec.targets {list(self.targets)} (exclude {list(self.exclude)}) match no parameter. "
                 f"Patterns must match the whole '/'-joined key path. Closest available paths: "
-                f"{closest(self.targets, paths, regex=True)}. All {len(paths)} paths start like: {list(paths)[:8]}")
+                f"{closest(self.targets, paths, regex=True)}. All {len(paths)} paths start like: {list(paths)[:8]}"
+            )
         return chosen
 
 
@@ -123,11 +126,13 @@ def _check_leaf(path: str, w, spec: QuantSpec) -> int:
     if shape is None or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"{path}: only floating-point arrays can be quantized, found {type(w).__name__} with dtype {dtype}. "
-            f"Narrow QuantSpec.targets or add this path to QuantSpec.exclude.")
+            f"Narrow QuantSpec.targets or add this path to QuantSpec.exclude."
+        )
     if len(shape) < 2:
         raise ValueError(
             f"{path}: quantized weights need at least 2 dims (in, out), found shape {tuple(shape)} (a bias or "
-            f"norm scale?). Narrow QuantSpec.targets, e.g. end it with '/kernel', or add this path to exclude.")
+            f"norm scale?). Narrow QuantSpec.targets, e.g. end it with '/kernel', or add this path to exclude."
+        )
     axis = spec.axis_for(path)
     if not -len(shape) <= axis < len(shape):
         raise ValueError(f"{path}: QuantSpec.block_axis {axis} is out of range for shape {tuple(shape)}.")
@@ -138,7 +143,8 @@ def _check_leaf(path: str, w, spec: QuantSpec) -> int:
         raise ValueError(
             f"{path}: its block axis {axis} has size {n}, not divisible by QuantSpec.block_size={bs} (shape "
             f"{tuple(shape)}). Use a block size that divides {n} (e.g. {ok[:3]}), quantize along another input "
-            f"axis with QuantSpec(block_axis={{{path!r}: <axis>}}), or exclude this path.")
+            f"axis with QuantSpec(block_axis={{{path!r}: <axis>}}), or exclude this path."
+        )
     sharding = getattr(w, "sharding", None)
     if isinstance(sharding, NamedSharding):
         entry = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
@@ -151,7 +157,8 @@ def _check_leaf(path: str, w, spec: QuantSpec) -> int:
             raise ValueError(
                 f"{path}: its block axis {axis} (size {n}) is sharded over mesh axis {names} ({parts} shards of "
                 f"{n // parts}), so blocks of {bs} would cross a shard boundary. Use a block size dividing "
-                f"{n // parts}, or shard this axis over fewer devices.")
+                f"{n // parts}, or shard this axis over fewer devices."
+            )
     return axis
 
 
@@ -164,11 +171,15 @@ def _part_shardings(sharding, ndim: int, axis: int, double_quant: bool):
     if not double_quant:
         return like, like, None, None
     lead = spec[:axis]
-    return (like, like, NamedSharding(sharding.mesh, PartitionSpec(*lead, None)),
-            NamedSharding(sharding.mesh, PartitionSpec(*lead)))
+    return (
+        like,
+        like,
+        NamedSharding(sharding.mesh, PartitionSpec(*lead, None)),
+        NamedSharding(sharding.mesh, PartitionSpec(*lead)),
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _quantize_jit(fmt, block_size, axis, double_quant, shardings):
     def f(w):
         return QuantizedArray.quantize(w, fmt, block_size, axis, double_quant=double_quant).arrays
@@ -205,13 +216,17 @@ def quantize(params: Any, spec: QuantSpec) -> Any:
             continue
         axis = _check_leaf(path, w, spec)
         if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
-            out.append(QuantizedArray.quantize(jnp.asarray(w), spec.format, spec.block_size, axis,
-                                               double_quant=spec.double_quant))
+            out.append(
+                QuantizedArray.quantize(
+                    jnp.asarray(w), spec.format, spec.block_size, axis, double_quant=spec.double_quant
+                )
+            )
             continue
         shardings = _part_shardings(w.sharding, w.ndim, axis, spec.double_quant)
         parts = _quantize_jit(spec.format, spec.block_size, axis, spec.double_quant, shardings)(w)
-        meta = QuantMeta(tuple(int(s) for s in w.shape), jnp.dtype(w.dtype).name, spec.format, spec.block_size,
-                         axis)
+        meta = QuantMeta(
+            tuple(int(s) for s in w.shape), jnp.dtype(w.dtype).name, spec.format, spec.block_size, axis
+        )
         out.append(QuantizedArray(*parts, meta))
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -225,5 +240,6 @@ def dequantize(params: Any, dtype: Any = None) -> Any:
         >>> dequantize(q)["w"][0].tolist()
         [0.5, 0.5]
     """
-    return jax.tree_util.tree_map(lambda x: x.dequantize(dtype) if is_quantized(x) else x, params,
-                                  is_leaf=is_quantized)
+    return jax.tree_util.tree_map(
+        lambda x: x.dequantize(dtype) if is_quantized(x) else x, params, is_leaf=is_quantized
+    )

@@ -11,7 +11,21 @@ from lora_jax.train.mesh import global_batch, init_distributed, make_mesh, param
 from lora_jax.train.step import make_optimizer, make_score_step, make_train_step
 
 __all__ = [
-    "TrainConfig", "build", "evaluate", "finetune", "from_args", "global_batch", "init_distributed",
-    "load_model", "lora_spec", "make_mesh", "make_optimizer", "make_score_step", "make_train_step",
-    "param_shardings", "parse_mesh", "sweep", "tiny_llama",
+    "TrainConfig",
+    "build",
+    "evaluate",
+    "finetune",
+    "from_args",
+    "global_batch",
+    "init_distributed",
+    "load_model",
+    "lora_spec",
+    "make_mesh",
+    "make_optimizer",
+    "make_score_step",
+    "make_train_step",
+    "param_shardings",
+    "parse_mesh",
+    "sweep",
+    "tiny_llama",
 ]

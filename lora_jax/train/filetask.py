@@ -77,8 +77,9 @@ def batch_share(mesh, batch: int, *, leading: int = 1) -> tuple[int, int]:
 # --- jitted evaluation steps ---------------------------------------------------------------------
 
 
-def make_loss_step(apply_fn: Callable, num_targets: int, *, shardings: dict | None = None,
-                   chunk: int = CHUNK) -> Callable:
+def make_loss_step(
+    apply_fn: Callable, num_targets: int, *, shardings: dict | None = None, chunk: int = CHUNK
+) -> Callable:
     """``loss(deltas, params, batch) -> {"loss", "tokens"}``: the summed cross-entropy over ``loss_mask``
     (position ``t`` predicting token ``t + 1`` where ``loss_mask[:, t + 1] == 1``) and the token count.
 
@@ -108,11 +109,14 @@ def make_loss_step(apply_fn: Callable, num_targets: int, *, shardings: dict | No
     if shardings is None:
         return jax.jit(fn)
     s = shardings
-    return jax.jit(fn, in_shardings=(s["deltas"], s["params"], s["eval_batch"]), out_shardings=s["replicated"])
+    return jax.jit(
+        fn, in_shardings=(s["deltas"], s["params"], s["eval_batch"]), out_shardings=s["replicated"]
+    )
 
 
-def make_choice_step(apply_fn: Callable, num_targets: int, num_choices: int, *,
-                     shardings: dict | None = None) -> Callable:
+def make_choice_step(
+    apply_fn: Callable, num_targets: int, num_choices: int, *, shardings: dict | None = None
+) -> Callable:
     """``score(deltas, params, batch) -> {"correct", "count"}``: pick the most likely of C answers.
 
     The batch holds ``C`` rows per example (example-major): ``input_ids, attention_mask, loss_mask:
@@ -137,7 +141,9 @@ def make_choice_step(apply_fn: Callable, num_targets: int, num_choices: int, *,
     if shardings is None:
         return jax.jit(fn)
     s = shardings
-    return jax.jit(fn, in_shardings=(s["deltas"], s["params"], s["eval_batch"]), out_shardings=s["replicated"])
+    return jax.jit(
+        fn, in_shardings=(s["deltas"], s["params"], s["eval_batch"]), out_shardings=s["replicated"]
+    )
 
 
 # --- the task ------------------------------------------------------------------------------------
@@ -147,10 +153,10 @@ def make_choice_step(apply_fn: Callable, num_targets: int, num_choices: int, *,
 class _Held:
     """One held-out subset of this process's share: rows for the loss, and for label accuracy."""
 
-    n: int                       # examples (all shares)
-    rows: dict                   # this share's loss rows (unpadded count = len(rows["input_ids"]))
-    score: dict | None = None    # first-token scoring rows: + prompt_len, labels
-    choice: dict | None = None   # whole-answer scoring rows: C rows per example, + labels (per example)
+    n: int  # examples (all shares)
+    rows: dict  # this share's loss rows (unpadded count = len(rows["input_ids"]))
+    score: dict | None = None  # first-token scoring rows: + prompt_len, labels
+    choice: dict | None = None  # whole-answer scoring rows: C rows per example, + labels (per example)
 
 
 class FileTask:
@@ -169,9 +175,16 @@ class FileTask:
     def __init__(self, cfg, tokenizer, mesh, out: pathlib.Path):
         self.cfg, self.tokenizer, self.out = cfg, tokenizer, pathlib.Path(out)
         cache = self.out / "data_cache"
-        d = self.data = prepare.load_files(cfg.data, tokenizer, model=cfg.model, fmt=cfg.format,
-                                           val_fraction=cfg.val_fraction, train_on_prompt=cfg.train_on_prompt,
-                                           labels=cfg.labels, cache_dir=cache)
+        d = self.data = prepare.load_files(
+            cfg.data,
+            tokenizer,
+            model=cfg.model,
+            fmt=cfg.format,
+            val_fraction=cfg.val_fraction,
+            train_on_prompt=cfg.train_on_prompt,
+            labels=cfg.labels,
+            cache_dir=cache,
+        )
         special = formats.special_tokens(cfg.model, tokenizer)
         self.pad_id, self.eos_id = int(special["pad_id"]), special["eos_id"]
         self.share, self.shares = batch_share(mesh, cfg.micro_batch)
@@ -182,8 +195,9 @@ class FileTask:
 
         # Training rows: this share's examples, cut or dropped at --max-len, padded or packed.
         tok = d.tokenize("train", files_lib.share(d.train_rows, self.share, self.shares), cache, tag)
-        train, stats = prepare.build_rows(tok, cfg.max_len, pad_id=self.pad_id, drop_long=cfg.drop_long,
-                                          pack=cfg.pack)
+        train, stats = prepare.build_rows(
+            tok, cfg.max_len, pad_id=self.pad_id, drop_long=cfg.drop_long, pack=cfg.pack
+        )
         # Held-out subsets (positions in the validation split): the periodic one is a prefix of the same
         # fixed random draw as the final one, so it is one of its subsets.
         from lora_jax import data as data_lib
@@ -194,27 +208,49 @@ class FileTask:
         mine = lambda pos: files_lib.share(pos, self.share, self.shares)
         needed = sorted(set(mine(self.eval_pos)) | set(mine(self.val_pos)))
         val_tok = d.tokenize("validation", d.val_rows[needed], cache, tag) if needed else None
-        held = {name: self._held(val_tok, pos) for name, pos in (("eval", self.eval_pos), ("val", self.val_pos))}
+        held = {
+            name: self._held(val_tok, pos) for name, pos in (("eval", self.eval_pos), ("val", self.val_pos))
+        }
 
         # Label scoring by first token when every label starts with its own token, checked on our rows.
         self.candidate_ids, consistent = None, True
         if d.labels is not None and n_val:
             self.candidate_ids = self._first_tokens()
             if self.candidate_ids is not None and val_tok is not None:
-                nxt = [int(val_tok.ids[val_tok.offsets[i] + p]) if p < val_tok.lengths()[i] else -1
-                       for i, p in enumerate(val_tok.prompt_len)]
-                consistent = all(lab >= 0 and self.candidate_ids[lab] == t for lab, t in zip(val_tok.label, nxt))
+                nxt = [
+                    int(val_tok.ids[val_tok.offsets[i] + p]) if p < val_tok.lengths()[i] else -1
+                    for i, p in enumerate(val_tok.prompt_len)
+                ]
+                consistent = all(
+                    lab >= 0 and self.candidate_ids[lab] == t for lab, t in zip(val_tok.label, nxt)
+                )
 
-        g = _across_processes([len(train["input_ids"]), _loss_tokens(train), _loss_tokens(held["eval"].rows),
-                               _loss_tokens(held["val"].rows), len(held["eval"].rows["input_ids"]),
-                               len(held["val"].rows["input_ids"]), int(consistent), stats["examples"],
-                               stats["long"], stats["no_loss"], stats["tokens"], stats["rows"],
-                               int(round(stats["padding"] * stats["rows"] * cfg.max_len)), len(tok), self.share])
+        g = _across_processes(
+            [
+                len(train["input_ids"]),
+                _loss_tokens(train),
+                _loss_tokens(held["eval"].rows),
+                _loss_tokens(held["val"].rows),
+                len(held["eval"].rows["input_ids"]),
+                len(held["val"].rows["input_ids"]),
+                int(consistent),
+                stats["examples"],
+                stats["long"],
+                stats["no_loss"],
+                stats["tokens"],
+                stats["rows"],
+                int(round(stats["padding"] * stats["rows"] * cfg.max_len)),
+                len(tok),
+                self.share,
+            ]
+        )
         common = int(g[:, 0].min())
         self.num_targets = max(1, int(g[:, 1].max()))
         self._eval_targets = {"eval": max(1, int(g[:, 2].max())), "val": max(1, int(g[:, 3].max()))}
-        self._eval_batches = {k: math.ceil(int(g[:, c].max()) / (self.eval_batch // self.shares))
-                              for k, c in (("eval", 4), ("val", 5))}
+        self._eval_batches = {
+            k: math.ceil(int(g[:, c].max()) / (self.eval_batch // self.shares))
+            for k, c in (("eval", 4), ("val", 5))
+        }
         fast = self.candidate_ids is not None and bool(g[:, 6].all())
         if d.labels is not None and not fast:
             self.candidate_ids = None
@@ -222,33 +258,43 @@ class FileTask:
         self.train_rows = common * self.shares
         per_step = cfg.grad_accum * (cfg.micro_batch // self.shares)
         if common < per_step:
-            raise DataError(f"--data {files_lib.public_name(cfg.data)!r}: {self.train_rows} training rows "
-                            f"{'(packed) ' if cfg.pack else ''}are fewer than one batch (--batch {cfg.batch}); add "
-                            f"data or lower --batch.")
+            raise DataError(
+                f"--data {files_lib.public_name(cfg.data)!r}: {self.train_rows} training rows "
+                f"{'(packed) ' if cfg.pack else ''}are fewer than one batch (--batch {cfg.batch}); add "
+                f"data or lower --batch."
+            )
         if d.labels is not None:
             for k in held:
                 self._label_rows(held[k], k, val_tok)
         # Evaluation rows are cut to the longest row of any share (one compiled width per set, no padding
         # columns), and whole-answer scoring needs a global bound on answer tokens.
         sets = [(h, f) for h in held for f in ("rows", "score", "choice") if getattr(held[h], f) is not None]
-        w = _across_processes([_width(getattr(held[h], f)) for h, f in sets]
-                              + [_loss_tokens(held[h].choice) for h in held])
-        for (h, f), width in zip(sets, w[:, :len(sets)].max(0)):
+        w = _across_processes(
+            [_width(getattr(held[h], f)) for h, f in sets] + [_loss_tokens(held[h].choice) for h in held]
+        )
+        for (h, f), width in zip(sets, w[:, : len(sets)].max(0)):
             setattr(held[h], f, _trim(getattr(held[h], f), max(int(width), 2)))
-        self._choice_targets = max(1, int(w[:, len(sets):].max())) if len(held) else 1
+        self._choice_targets = max(1, int(w[:, len(sets) :].max())) if len(held) else 1
         self.held = held
         self.fingerprint = d.fingerprint
         total = g[np.unique(g[:, 14], return_index=True)[1]].sum(0)  # each share once
         self.stats = {
-            "format": d.format, "train_examples": int(total[13]), "validation_examples": n_val,
-            "validation_carved": d.carved, "long": int(total[8]),
-            "truncated": 0 if cfg.drop_long else int(total[8]), "dropped": int(total[8]) if cfg.drop_long else 0,
-            "without_loss_tokens": int(total[9]), "train_rows": self.train_rows, "packed": cfg.pack,
+            "format": d.format,
+            "train_examples": int(total[13]),
+            "validation_examples": n_val,
+            "validation_carved": d.carved,
+            "long": int(total[8]),
+            "truncated": 0 if cfg.drop_long else int(total[8]),
+            "dropped": int(total[8]) if cfg.drop_long else 0,
+            "without_loss_tokens": int(total[9]),
+            "train_rows": self.train_rows,
+            "packed": cfg.pack,
             "padding": float(total[12]) / max(int(total[11]) * cfg.max_len, 1),
             "padding_unpacked": 1.0 - float(total[10]) / max(int(total[7]) * cfg.max_len, 1),
             "labels": list(d.labels.names) if d.labels else None,
             "label_scoring": None if d.labels is None else ("first token" if fast else "whole answer"),
-            "processes_reading": self.shares, "ignored_columns": d.ignored,
+            "processes_reading": self.shares,
+            "ignored_columns": d.ignored,
         }
         self._log_stats()
         self._steps: dict[str, Callable] = {}
@@ -258,8 +304,12 @@ class FileTask:
     def _held(self, val_tok, positions) -> _Held:
         mine = files_lib.share(positions, self.share, self.shares)
         if not mine:
-            return _Held(len(positions), prepare.build_rows(prepare._assemble([], [], [], [], []), self.cfg.max_len,
-                                                            pad_id=self.pad_id)[0])
+            return _Held(
+                len(positions),
+                prepare.build_rows(
+                    prepare._assemble([], [], [], [], []), self.cfg.max_len, pad_id=self.pad_id
+                )[0],
+            )
         tok = val_tok.select(self.data.val_rows[mine])
         rows, _ = prepare.build_rows(tok, self.cfg.max_len, pad_id=self.pad_id, drop_long=self.cfg.drop_long)
         return _Held(len(positions), rows)
@@ -290,10 +340,15 @@ class FileTask:
             ids = np.full((len(tok), t), self.pad_id, np.int32)
             mask, plen = np.zeros((len(tok), t), np.int32), np.zeros(len(tok), np.int32)
             for i in range(len(tok)):
-                p = tok.example(i)[0][:tok.prompt_len[i]][-t:]  # the prompt's end is what matters
-                ids[i, :len(p)], mask[i, :len(p)], plen[i] = p, 1, len(p)
-            held.score = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask * 0, "prompt_len": plen,
-                          "labels": tok.label.copy()}
+                p = tok.example(i)[0][: tok.prompt_len[i]][-t:]  # the prompt's end is what matters
+                ids[i, : len(p)], mask[i, : len(p)], plen[i] = p, 1, len(p)
+            held.score = {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "loss_mask": mask * 0,
+                "prompt_len": plen,
+                "labels": tok.label.copy(),
+            }
             return
         d, texts = self.data, self.data.labels.texts
         examples = []
@@ -303,7 +358,7 @@ class FileTask:
                 enc = d.encoder(d.encoder.with_answer(row, text), where)
                 end = enc.prompt_len + enc.answer_len
                 m = np.zeros(end, np.int32)
-                m[enc.prompt_len:end] = 1
+                m[enc.prompt_len : end] = 1
                 examples.append((np.asarray(enc.ids[:end])[-t:], m[-t:]))
         rows = packing.pad_rows(examples, t, self.pad_id)
         held.choice = {**rows, "labels": tok.label.copy()}
@@ -311,21 +366,36 @@ class FileTask:
     def _log_stats(self) -> None:
         s, d = self.stats, self.data
         names = {k: ", ".join(p.name for p in v) for k, v in d.files.items()}
-        val = (f"validation {s['validation_examples']:,} (carved from the training rows, --val-fraction "
-               f"{self.cfg.val_fraction:g}, fixed seed)" if d.carved else
-               f"validation {s['validation_examples']:,} ({names['validation']})")
-        _log(f"data: {names['train']} ({s['format']}): train {s['train_examples']:,} examples, {val}"
-             + (f"; ignored columns {s['ignored_columns']}" if s["ignored_columns"] else ""))
+        val = (
+            f"validation {s['validation_examples']:,} (carved from the training rows, --val-fraction "
+            f"{self.cfg.val_fraction:g}, fixed seed)"
+            if d.carved
+            else f"validation {s['validation_examples']:,} ({names['validation']})"
+        )
+        _log(
+            f"data: {names['train']} ({s['format']}): train {s['train_examples']:,} examples, {val}"
+            + (f"; ignored columns {s['ignored_columns']}" if s["ignored_columns"] else "")
+        )
         if s["long"]:
             what = "dropped (--drop-long)" if self.cfg.drop_long else "truncated (or --drop-long)"
-            _log(f"data: {s['long']:,} training examples longer than --max-len {self.cfg.max_len} were {what}"
-                 + (f"; {s['without_loss_tokens']:,} have no loss token left" if s["without_loss_tokens"] else ""))
+            _log(
+                f"data: {s['long']:,} training examples longer than --max-len {self.cfg.max_len} were {what}"
+                + (
+                    f"; {s['without_loss_tokens']:,} have no loss token left"
+                    if s["without_loss_tokens"]
+                    else ""
+                )
+            )
         rows = f"{s['train_rows']:,} rows of {self.cfg.max_len} tokens"
         if self.cfg.pack:
-            _log(f"data: packed into {rows}: padding {100 * s['padding']:.1f}% of positions, against "
-                 f"{100 * s['padding_unpacked']:.1f}% one example per row")
+            _log(
+                f"data: packed into {rows}: padding {100 * s['padding']:.1f}% of positions, against "
+                f"{100 * s['padding_unpacked']:.1f}% one example per row"
+            )
         else:
-            _log(f"data: {rows}, padding {100 * s['padding']:.1f}% of positions (--pack would save most of it)")
+            _log(
+                f"data: {rows}, padding {100 * s['padding']:.1f}% of positions (--pack would save most of it)"
+            )
         if s["labels"]:
             how = "detected" if d.labels.detected else "--labels"
             _log(f"data: label set ({how}): {s['labels']}; accuracy scored by {s['label_scoring']}")
@@ -342,13 +412,25 @@ class FileTask:
 
         a, b, t = cfg.grad_accum, cfg.micro_batch, cfg.max_len
         local = b // self.shares
-        seed = cfg.seed if self.shares == 1 else int(np.random.SeedSequence(
-            [cfg.seed, self.share, self.shares]).generate_state(1)[0])
+        seed = (
+            cfg.seed
+            if self.shares == 1
+            else int(np.random.SeedSequence([cfg.seed, self.share, self.shares]).generate_state(1)[0])
+        )
         sh = setup.shardings["batch"]
-        for batch in data_lib.batches(self.train, a * local, seed=seed, shuffle=True, start_step=start,
-                                      num_epochs=None, drop_remainder=True):
-            yield {k: jax.make_array_from_process_local_data(sh, batch[k].reshape(a, local, t), (a, b, t))
-                   for k in KEYS}
+        for batch in data_lib.batches(
+            self.train,
+            a * local,
+            seed=seed,
+            shuffle=True,
+            start_step=start,
+            num_epochs=None,
+            drop_remainder=True,
+        ):
+            yield {
+                k: jax.make_array_from_process_local_data(sh, batch[k].reshape(a, local, t), (a, b, t))
+                for k in KEYS
+            }
 
     def evaluate(self, cfg, setup, deltas, what: str) -> dict:
         """The held-out loss, perplexity (and label accuracy) on the evaluation subset, and the samples.
@@ -357,8 +439,10 @@ class FileTask:
         """
         out = self._score(setup, deltas, "eval")
         acc = f"; label accuracy {out['accuracy']:.4f} (± {out['stderr']:.4f})" if "accuracy" in out else ""
-        _log(f"{what}: held-out loss {out['loss']:.4f}, perplexity {out['perplexity']:.3f} on "
-             f"{out['examples']:,} validation examples ({out['tokens']:,} loss tokens){acc}")
+        _log(
+            f"{what}: held-out loss {out['loss']:.4f}, perplexity {out['perplexity']:.3f} on "
+            f"{out['examples']:,} validation examples ({out['tokens']:,} loss tokens){acc}"
+        )
         if cfg.samples:
             self._samples(setup, deltas, "base" if what.startswith("base") else "lora")
         return out
@@ -372,8 +456,12 @@ class FileTask:
         return rec
 
     def results(self, base: dict, lora: dict) -> dict:
-        res = {"base_loss": base["loss"], "lora_loss": lora["loss"], "base_perplexity": base["perplexity"],
-               "lora_perplexity": lora["perplexity"]}
+        res = {
+            "base_loss": base["loss"],
+            "lora_loss": lora["loss"],
+            "base_perplexity": base["perplexity"],
+            "lora_perplexity": lora["perplexity"],
+        }
         if "accuracy" in lora:
             res.update(base_accuracy=base.get("accuracy"), lora_accuracy=lora["accuracy"])
         return {**res, "eval_examples": lora["examples"], "base": base, "lora": lora, "data": self.stats}
@@ -381,8 +469,10 @@ class FileTask:
     def eval_records(self, base: dict, lora: dict, steps: int) -> list[dict]:
         """The before/after held-out records for ``metrics.jsonl`` (steps 0 and `steps`)."""
         pick = lambda d: {f"val_{k}": d[k] for k in ("loss", "perplexity", "accuracy") if k in d}
-        return [{"kind": "eval", "step": 0, "model": "base", **pick(base)},
-                {"kind": "eval", "step": steps, "model": "lora", **pick(lora)}]
+        return [
+            {"kind": "eval", "step": 0, "model": "base", **pick(base)},
+            {"kind": "eval", "step": steps, "model": "lora", **pick(lora)},
+        ]
 
     # -- evaluation -------------------------------------------------------------------------------
 
@@ -392,8 +482,9 @@ class FileTask:
             if name.startswith("loss-"):
                 fn = make_loss_step(apply, self._eval_targets[name[5:]], shardings=setup.shardings)
             else:
-                fn = make_choice_step(apply, self._choice_targets, len(self.data.labels.names),
-                                      shardings=setup.shardings)
+                fn = make_choice_step(
+                    apply, self._choice_targets, len(self.data.labels.names), shardings=setup.shardings
+                )
             self._steps[name] = fn
         return self._steps[name]
 
@@ -407,15 +498,17 @@ class FileTask:
             for k, v in arrays.items():
                 r = rows_per_example if v.ndim == 2 else 1
                 part = np.zeros((per * r,) + v.shape[1:], v.dtype)
-                part[:(hi - lo) * r] = v[lo * r:hi * r]
+                part[: (hi - lo) * r] = v[lo * r : hi * r]
                 batch[k] = part
             batch["valid"] = (np.arange(per) < hi - lo).astype(np.int32)
             yield batch
 
     def _global(self, setup, local: dict) -> dict:
         sh = setup.shardings["eval_batch"]
-        return {k: jax.make_array_from_process_local_data(sh, v, (v.shape[0] * self.shares,) + v.shape[1:])
-                for k, v in local.items()}
+        return {
+            k: jax.make_array_from_process_local_data(sh, v, (v.shape[0] * self.shares,) + v.shape[1:])
+            for k, v in local.items()
+        }
 
     def _score(self, setup, deltas, name: str) -> dict:
         held = self.held[name]
@@ -426,8 +519,12 @@ class FileTask:
             out = step(deltas, setup.params, self._global(setup, {k: b[k] for k in KEYS}))
             loss, tokens = loss + float(out["loss"]), tokens + float(out["tokens"])
         mean = loss / max(tokens, 1.0)
-        res = {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": int(tokens),
-               "examples": held.n}
+        res = {
+            "loss": mean,
+            "perplexity": math.exp(min(mean, 700.0)),
+            "tokens": int(tokens),
+            "examples": held.n,
+        }
         if self.data.labels is None:
             return res
         correct = count = 0.0
@@ -460,29 +557,42 @@ class FileTask:
         for r, row in zip(rows, d.rows_of("validation", rows)):
             enc = d.encoder(row, d.where("validation", r))
             cut = enc.prompt_len if enc.answer_len else max(1, min(len(enc.ids) // 2, 32))  # text: its start
-            prompts.append(enc.ids[:cut][-self.cfg.max_len:])
-            refs.append(enc.ids[cut:cut + 128])
+            prompts.append(enc.ids[:cut][-self.cfg.max_len :])
+            refs.append(enc.ids[cut : cut + 128])
             answers.append(formats.answer_field(row, d.format)[1])
         width = max(len(p) for p in prompts)
         ids = np.full((n, width), self.pad_id, np.int32)
         mask = np.zeros((n, width), np.int32)
         for i, p in enumerate(prompts):  # left padding
-            ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+            ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
         new = max(16, min(128, max(len(r) for r in refs) + 8))
         if not hasattr(self, "_generate_apply"):
             wrapped = lj.wrap(setup.model.apply)
             self._generate_apply = lambda v, *a, **k: wrapped(v[0], v[1], *a, **k)
         repl = setup.shardings["replicated"]
-        tokens = generate(self._generate_apply, (setup.params, deltas), mesh_lib.place(ids, repl), new,
-                          eos_id=self.eos_id, attention_mask=mesh_lib.place(mask, repl))
+        tokens = generate(
+            self._generate_apply,
+            (setup.params, deltas),
+            mesh_lib.place(ids, repl),
+            new,
+            eos_id=self.eos_id,
+            attention_mask=mesh_lib.place(mask, repl),
+        )
         tokens = _host(tokens)
         if jax.process_index() != 0:
             return
         decode = lambda t: self.tokenizer.decode([int(x) for x in t], skip_special_tokens=False)
-        until_eos = lambda t: t[:t.index(self.eos_id)] if self.eos_id in t else t
-        records = [{"model": model, "index": i, "prompt": decode(p), "reference": a if a is not None else decode(r),
-                    "generation": decode(until_eos(g))}
-                   for i, (p, r, a, g) in enumerate(zip(prompts, refs, answers, tokens.tolist()))]
+        until_eos = lambda t: t[: t.index(self.eos_id)] if self.eos_id in t else t
+        records = [
+            {
+                "model": model,
+                "index": i,
+                "prompt": decode(p),
+                "reference": a if a is not None else decode(r),
+                "generation": decode(until_eos(g)),
+            }
+            for i, (p, r, a, g) in enumerate(zip(prompts, refs, answers, tokens.tolist()))
+        ]
         path = self.out / "samples.jsonl"
         kept = [r for r in rundir.read_metrics(path) if r.get("model") != model] if path.exists() else []
         rundir.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept + records))

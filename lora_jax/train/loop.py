@@ -47,14 +47,54 @@ from lora_jax.train import rundir
 from lora_jax.train import step as step_lib
 from lora_jax.train.config import TrainConfig
 
-__all__ = ["Diverged", "Setup", "Splits", "build", "check_config", "check_model", "check_resume", "evaluate",
-           "evaluate_test", "export", "finetune", "load_data", "load_model", "load_task", "lora_spec", "restore",
-           "tiny_llama", "train_loop"]
+__all__ = [
+    "Diverged",
+    "Setup",
+    "Splits",
+    "build",
+    "check_config",
+    "check_model",
+    "check_resume",
+    "evaluate",
+    "evaluate_test",
+    "export",
+    "finetune",
+    "load_data",
+    "load_model",
+    "load_task",
+    "lora_spec",
+    "restore",
+    "tiny_llama",
+    "train_loop",
+]
 
 # Config fields that change the training trajectory: a checkpoint made with other values is refused.
-TRAJECTORY_FIELDS = ("model", "data", "prompt", "max_len", "rank", "alpha", "targets", "dropout", "steps",
-                     "batch", "grad_accum", "lr", "warmup", "weight_decay", "seed", "scan_layers", "dtype",
-                     "eval_size", "format", "val_fraction", "train_on_prompt", "pack", "drop_long", "labels")
+TRAJECTORY_FIELDS = (
+    "model",
+    "data",
+    "prompt",
+    "max_len",
+    "rank",
+    "alpha",
+    "targets",
+    "dropout",
+    "steps",
+    "batch",
+    "grad_accum",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "seed",
+    "scan_layers",
+    "dtype",
+    "eval_size",
+    "format",
+    "val_fraction",
+    "train_on_prompt",
+    "pack",
+    "drop_long",
+    "labels",
+)
 # The data-file settings: a checkpoint saved before they existed had their defaults.
 DATA_FIELDS = ("format", "val_fraction", "train_on_prompt", "pack", "drop_long", "labels")
 
@@ -64,189 +104,247 @@ ENGINE_FAMILIES = ("llama",)
 
 
 class Diverged(RuntimeError):
-  """Training produced a non-finite loss, gradient norm or state; the run stopped before saving it.
+    """Training produced a non-finite loss, gradient norm or state; the run stopped before saving it.
 
-  Attributes:
-    step: the step (1-based) whose result was not finite.
-    last_good: the latest checkpoint on disk (None: none was saved).
-  """
+    Attributes:
+      step: the step (1-based) whose result was not finite.
+      last_good: the latest checkpoint on disk (None: none was saved).
+    """
 
-  def __init__(self, message: str, step: int, last_good: int | None):
-    super().__init__(message)
-    self.step, self.last_good = step, last_good
+    def __init__(self, message: str, step: int, last_good: int | None):
+        super().__init__(message)
+        self.step, self.last_good = step, last_good
 
 
 def _is_main() -> bool:
-  return jax.process_index() == 0
+    return jax.process_index() == 0
 
 
 def log(*args) -> None:
-  if _is_main():
-    print(*args, flush=True)
+    if _is_main():
+        print(*args, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Model, spec, setup
 
 
-def tiny_llama(vocab_size: int, *, scan_layers: bool = True, remat: bool = False, dtype: Any = jnp.float32,
-               seed: int = 0):
-  """A random 2-layer Llama (d=32) for tests: ``(model, variables)``; shardable on a 2x2x2 mesh."""
-  import flax.linen as nn
+def tiny_llama(
+    vocab_size: int, *, scan_layers: bool = True, remat: bool = False, dtype: Any = jnp.float32, seed: int = 0
+):
+    """A random 2-layer Llama (d=32) for tests: ``(model, variables)``; shardable on a 2x2x2 mesh."""
+    import flax.linen as nn
 
-  from lora_jax.models.llama import Llama, LlamaConfig
+    from lora_jax.models.llama import Llama, LlamaConfig
 
-  cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
-                    scan_layers=scan_layers, remat=remat, dtype=dtype)
-  model = Llama(cfg)
-  variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
-  return model, nn.meta.unbox(variables)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        scan_layers=scan_layers,
+        remat=remat,
+        dtype=dtype,
+    )
+    model = Llama(cfg)
+    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
+    return model, nn.meta.unbox(variables)
 
 
 def check_model(name: str) -> None:
-  """Raises unless the engine can train, score and generate with `name` (before anything is loaded).
+    """Raises unless the engine can train, score and generate with `name` (before anything is loaded).
 
-  Supported: ``"tiny-llama"``, the ``"smollm2-135m"`` asset, and local Hugging Face folders of the
-  families in `ENGINE_FAMILIES` (Llama). Other models work with the library API (``lj.init``,
-  ``lj.wrap``) but not with this engine.
+    Supported: ``"tiny-llama"``, the ``"smollm2-135m"`` asset, and local Hugging Face folders of the
+    families in `ENGINE_FAMILIES` (Llama). Other models work with the library API (``lj.init``,
+    ``lj.wrap``) but not with this engine.
 
-  Raises:
-    ValueError: an unknown name, a missing folder or one without a readable ``config.json``, or a model
-      of another family (the message says which and what is supported).
-  """
-  from lora_jax.models import registry
+    Raises:
+      ValueError: an unknown name, a missing folder or one without a readable ``config.json``, or a model
+        of another family (the message says which and what is supported).
+    """
+    from lora_jax.models import registry
 
-  if name == "tiny-llama":
-    return
-  supported = (f"{', '.join(a for a, f in registry.ASSETS.items() if f in ENGINE_FAMILIES)}, tiny-llama, or a "
-               f"local Hugging Face folder of a {'/'.join(ENGINE_FAMILIES)} model")
-  family = registry.family_for(name)
-  if family is None:
-    folder = pathlib.Path(name)
-    if not folder.exists():
-      raise ValueError(f"--model {name!r}: no such model or folder; use {supported}.")
-    if not folder.is_dir():
-      raise ValueError(f"--model {name!r} is a file; give the Hugging Face folder that holds config.json.")
-    config = folder / "config.json"
-    if not config.is_file():
-      raise ValueError(f"--model {name!r} has no config.json: not a Hugging Face model folder.")
-    try:
-      model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-      raise ValueError(f"--model {name!r}: its config.json cannot be read ({e}).") from None
-    raise ValueError(f"--model {name!r} is a {model_type!r} model, which lora_jax has no model family for; "
-                     f"use {supported}.")
-  if family.model_type not in ENGINE_FAMILIES:
-    raise ValueError(f"--model {name!r} is a {family.model_type} model: lora-jax finetune/eval/generate train and "
-                     f"score causal language models of the {'/'.join(ENGINE_FAMILIES)} family ({supported}); "
-                     f"{family.model_type} models are supported by the library API (lj.init, lj.wrap), not here.")
+    if name == "tiny-llama":
+        return
+    supported = (
+        f"{', '.join(a for a, f in registry.ASSETS.items() if f in ENGINE_FAMILIES)}, tiny-llama, or a "
+        f"local Hugging Face folder of a {'/'.join(ENGINE_FAMILIES)} model"
+    )
+    family = registry.family_for(name)
+    if family is None:
+        folder = pathlib.Path(name)
+        if not folder.exists():
+            raise ValueError(f"--model {name!r}: no such model or folder; use {supported}.")
+        if not folder.is_dir():
+            raise ValueError(
+                f"--model {name!r} is a file; give the Hugging Face folder that holds config.json."
+            )
+        config = folder / "config.json"
+        if not config.is_file():
+            raise ValueError(f"--model {name!r} has no config.json: not a Hugging Face model folder.")
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"--model {name!r}: its config.json cannot be read ({e}).") from None
+        raise ValueError(
+            f"--model {name!r} is a {model_type!r} model, which lora_jax has no model family for; "
+            f"use {supported}."
+        )
+    if family.model_type not in ENGINE_FAMILIES:
+        raise ValueError(
+            f"--model {name!r} is a {family.model_type} model: lora-jax finetune/eval/generate train and "
+            f"score causal language models of the {'/'.join(ENGINE_FAMILIES)} family ({supported}); "
+            f"{family.model_type} models are supported by the library API (lj.init, lj.wrap), not here."
+        )
 
 
 def load_model(cfg: TrainConfig, mesh=None):
-  """``(model, variables, tokenizer, identity)`` for ``cfg.model``; identity is JSON (name + config).
+    """``(model, variables, tokenizer, identity)`` for ``cfg.model``; identity is JSON (name + config).
 
-  With `mesh`, a checkpoint's parameters are created directly with their final shardings (the model
-  family's rules), each process reading only its own slices; a bfloat16 checkpoint stays bfloat16.
-  """
-  dtype = jnp.dtype(cfg.dtype)
-  if cfg.model == "tiny-llama":
-    from lora_jax import assets
-    from lora_jax.models import gguf, tokenizers
+    With `mesh`, a checkpoint's parameters are created directly with their final shardings (the model
+    family's rules), each process reading only its own slices; a bfloat16 checkpoint stays bfloat16.
+    """
+    dtype = jnp.dtype(cfg.dtype)
+    if cfg.model == "tiny-llama":
+        from lora_jax import assets
+        from lora_jax.models import gguf, tokenizers
 
-    tok = tokenizers.bpe_from_gguf(gguf.read_gguf(assets.fetch("smollm2-135m")))
-    model, variables = tiny_llama(tok.get_vocab_size(), scan_layers=cfg.scan_layers, remat=cfg.remat,
-                                  dtype=dtype, seed=1234)
-  else:
-    from lora_jax import models
+        tok = tokenizers.bpe_from_gguf(gguf.read_gguf(assets.fetch("smollm2-135m")))
+        model, variables = tiny_llama(
+            tok.get_vocab_size(), scan_layers=cfg.scan_layers, remat=cfg.remat, dtype=dtype, seed=1234
+        )
+    else:
+        from lora_jax import models
 
-    model, variables, tok = models.load(cfg.model, scan_layers=cfg.scan_layers, remat=cfg.remat,
-                                        dtype=None if dtype == jnp.float32 else dtype, mesh=mesh)
-  mc = model.config
-  config = {k: (jnp.dtype(v).name if k in ("dtype", "param_dtype") else v)
-            for k, v in dataclasses.asdict(mc).items() if k not in ("remat",)}
-  return model, variables, tok, {"name": cfg.model, "config": config}
+        model, variables, tok = models.load(
+            cfg.model,
+            scan_layers=cfg.scan_layers,
+            remat=cfg.remat,
+            dtype=None if dtype == jnp.float32 else dtype,
+            mesh=mesh,
+        )
+    mc = model.config
+    config = {
+        k: (jnp.dtype(v).name if k in ("dtype", "param_dtype") else v)
+        for k, v in dataclasses.asdict(mc).items()
+        if k not in ("remat",)
+    }
+    return model, variables, tok, {"name": cfg.model, "config": config}
 
 
 def quant_spec(cfg: TrainConfig) -> lj.QuantSpec | None:
-  """The `QuantSpec` of ``--quantize`` (every dense kernel, block 64, double quantization), or None.
+    """The `QuantSpec` of ``--quantize`` (every dense kernel, block 64, double quantization), or None.
 
-  ``tiny-llama`` (kernels 32 wide) gets blocks of 16.
-  """
-  if not cfg.quantize:
-    return None
-  return lj.QuantSpec(format=cfg.quantize, targets=r".*/kernel", block_size=16 if cfg.model == "tiny-llama" else 64)
+    ``tiny-llama`` (kernels 32 wide) gets blocks of 16.
+    """
+    if not cfg.quantize:
+        return None
+    return lj.QuantSpec(
+        format=cfg.quantize, targets=r".*/kernel", block_size=16 if cfg.model == "tiny-llama" else 64
+    )
 
 
 def lora_spec(cfg: TrainConfig, variables: Any) -> lj.LoraSpec:
-  """The `LoraSpec` of a config; stacked (``nn.scan``) kernels ``(L, in, out)`` get a stacked axis."""
-  spec = lj.LoraSpec(rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, dropout=cfg.dropout)
-  axes = {}
-  for p, w in jax.tree_util.tree_flatten_with_path(variables)[0]:
-    path = lj.spec.path_str(p)
-    if spec.matches(path) and np.ndim(w) == 3:
-      axes[re.escape(path)] = lj.LoraAxes(stack=(0,), inputs=(1,), outputs=(2,))
-  return dataclasses.replace(spec, axes=axes) if axes else spec
+    """The `LoraSpec` of a config; stacked (``nn.scan``) kernels ``(L, in, out)`` get a stacked axis."""
+    spec = lj.LoraSpec(rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, dropout=cfg.dropout)
+    axes = {}
+    for p, w in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        path = lj.spec.path_str(p)
+        if spec.matches(path) and np.ndim(w) == 3:
+            axes[re.escape(path)] = lj.LoraAxes(stack=(0,), inputs=(1,), outputs=(2,))
+    return dataclasses.replace(spec, axes=axes) if axes else spec
 
 
 @dataclasses.dataclass
 class Setup:
-  """A model, its params and fresh deltas placed on a mesh, with the jitted steps."""
+    """A model, its params and fresh deltas placed on a mesh, with the jitted steps."""
 
-  model: Any
-  mesh: Any
-  spec: lj.LoraSpec
-  params: Any
-  deltas: Any
-  opt_state: Any
-  tx: Any
-  schedule: Any
-  shardings: dict
-  train_step: Any
-  score_step: Any | None
+    model: Any
+    mesh: Any
+    spec: lj.LoraSpec
+    params: Any
+    deltas: Any
+    opt_state: Any
+    tx: Any
+    schedule: Any
+    shardings: dict
+    train_step: Any
+    score_step: Any | None
 
 
-def build(model, variables, spec: lj.LoraSpec, *, mesh, lr: float = 1e-3, steps: int = 100, warmup: int = 0,
-          weight_decay: float = 0.0, seed: int = 0, num_targets: int = 1, candidate_ids=None,
-          dropout: bool = False, apply_fn=None, quantize: lj.QuantSpec | None = None) -> Setup:
-  """Places params/deltas/optimizer state on `mesh` and jits the train (and score) steps.
+def build(
+    model,
+    variables,
+    spec: lj.LoraSpec,
+    *,
+    mesh,
+    lr: float = 1e-3,
+    steps: int = 100,
+    warmup: int = 0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    num_targets: int = 1,
+    candidate_ids=None,
+    dropout: bool = False,
+    apply_fn=None,
+    quantize: lj.QuantSpec | None = None,
+) -> Setup:
+    """Places params/deltas/optimizer state on `mesh` and jits the train (and score) steps.
 
-  `apply_fn` is the train step's apply (default ``model.apply``; packed rows: `data.packing.segment_apply`).
-  `quantize` (QLoRA): the base kernels it targets are quantized as soon as they are placed, leaf by leaf,
-  their codes and scales sharded like the kernel; the deltas and the optimizer stay float32.
-  """
-  param_sh = mesh_lib.param_shardings(model, variables, mesh)
-  placed = all(isinstance(x, jax.Array) and x.sharding == s
-               for x, s in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(param_sh), strict=True))
-  # A sharded load (`load_model(cfg, mesh)`) is placed already; `place` would gather it on one host.
-  params = variables if placed else mesh_lib.place(variables, param_sh)
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
-  init = lambda k: lj.init(k, abstract, spec)
-  delta_shapes = jax.eval_shape(init, jax.random.key(seed))
-  delta_sh = lj.delta_shardings(delta_shapes, param_sh)
-  deltas = jax.jit(init, out_shardings=delta_sh)(jax.random.key(seed))
-  tx, schedule = step_lib.make_optimizer(lr, steps, warmup, weight_decay)
-  repl = mesh_lib.replicated(mesh)
-  opt_shapes = jax.eval_shape(tx.init, delta_shapes)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, delta_sh,
-                                 transform_non_params=lambda _: repl)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(deltas)
-  if quantize is not None:
-    params = lj.quantize(params, quantize)
-    param_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)  # codes and scales: like each kernel
-  shardings = {"params": param_sh, "deltas": delta_sh, "opt_state": opt_sh, "replicated": repl,
-               "batch": mesh_lib.batch_sharding(mesh, leading=1),
-               "eval_batch": mesh_lib.batch_sharding(mesh)}
-  train_step = step_lib.make_train_step(apply_fn or model.apply, tx, num_targets=num_targets, dropout=dropout,
-                                        shardings=shardings)
-  score_step = None
-  if candidate_ids is not None:
-    score_step = step_lib.make_score_step(model.apply, candidate_ids, shardings=shardings)
-  return Setup(model, mesh, spec, params, deltas, opt_state, tx, schedule, shardings, train_step, score_step)
+    `apply_fn` is the train step's apply (default ``model.apply``; packed rows: `data.packing.segment_apply`).
+    `quantize` (QLoRA): the base kernels it targets are quantized as soon as they are placed, leaf by leaf,
+    their codes and scales sharded like the kernel; the deltas and the optimizer stay float32.
+    """
+    param_sh = mesh_lib.param_shardings(model, variables, mesh)
+    placed = all(
+        isinstance(x, jax.Array) and x.sharding == s
+        for x, s in zip(
+            jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(param_sh), strict=True
+        )
+    )
+    # A sharded load (`load_model(cfg, mesh)`) is placed already; `place` would gather it on one host.
+    params = variables if placed else mesh_lib.place(variables, param_sh)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
+    init = lambda k: lj.init(k, abstract, spec)
+    delta_shapes = jax.eval_shape(init, jax.random.key(seed))
+    delta_sh = lj.delta_shardings(delta_shapes, param_sh)
+    deltas = jax.jit(init, out_shardings=delta_sh)(jax.random.key(seed))
+    tx, schedule = step_lib.make_optimizer(lr, steps, warmup, weight_decay)
+    repl = mesh_lib.replicated(mesh)
+    opt_shapes = jax.eval_shape(tx.init, delta_shapes)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, opt_shapes, delta_sh, transform_non_params=lambda _: repl
+    )
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(deltas)
+    if quantize is not None:
+        params = lj.quantize(params, quantize)
+        param_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)  # codes and scales: like each kernel
+    shardings = {
+        "params": param_sh,
+        "deltas": delta_sh,
+        "opt_state": opt_sh,
+        "replicated": repl,
+        "batch": mesh_lib.batch_sharding(mesh, leading=1),
+        "eval_batch": mesh_lib.batch_sharding(mesh),
+    }
+    train_step = step_lib.make_train_step(
+        apply_fn or model.apply, tx, num_targets=num_targets, dropout=dropout, shardings=shardings
+    )
+    score_step = None
+    if candidate_ids is not None:
+        score_step = step_lib.make_score_step(model.apply, candidate_ids, shardings=shardings)
+    return Setup(
+        model, mesh, spec, params, deltas, opt_state, tx, schedule, shardings, train_step, score_step
+    )
 
 
 def data_parallel_size(mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH_AXES]))
+    return int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH_AXES]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,145 +352,176 @@ def data_parallel_size(mesh) -> int:
 
 
 def candidate_token_ids(tokenizer, completions=None) -> list[int]:
-  """The single token of each label word (``" negative"``, ``" positive"``); clear error otherwise."""
-  from lora_jax import data
+    """The single token of each label word (``" negative"``, ``" positive"``); clear error otherwise."""
+    from lora_jax import data
 
-  completions = data.DEFAULT_COMPLETIONS if completions is None else completions
-  ids = [tokenizer.encode(c, add_special_tokens=False).ids for c in completions]
-  if any(len(i) != 1 for i in ids):
-    raise ValueError(f"label words {list(completions)} must be one token each for likelihood scoring; "
-                     f"this tokenizer gives {ids}.")
-  return [i[0] for i in ids]
+    completions = data.DEFAULT_COMPLETIONS if completions is None else completions
+    ids = [tokenizer.encode(c, add_special_tokens=False).ids for c in completions]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(
+            f"label words {list(completions)} must be one token each for likelihood scoring; "
+            f"this tokenizer gives {ids}."
+        )
+    return [i[0] for i in ids]
 
 
 def encode_split(examples, tokenizer, cfg: TrainConfig, limit: int = 0) -> dict[str, np.ndarray]:
-  """`data.encode_lm` rows of `examples`; with `limit`, of a fixed random subset (`data.subset`, the same
-  for every seed) of that many."""
-  from lora_jax import data
+    """`data.encode_lm` rows of `examples`; with `limit`, of a fixed random subset (`data.subset`, the same
+    for every seed) of that many."""
+    from lora_jax import data
 
-  return data.encode_lm(data.subset(examples, limit), tokenizer, cfg.max_len, prompt=cfg.prompt)
+    return data.encode_lm(data.subset(examples, limit), tokenizer, cfg.max_len, prompt=cfg.prompt)
 
 
 @dataclasses.dataclass
 class Splits:
-  """The encoded data of a run (`data.encode_lm` arrays): all of train, the scored test subset, and the
-  validation subset of the periodic evaluation (None without ``eval_every``)."""
+    """The encoded data of a run (`data.encode_lm` arrays): all of train, the scored test subset, and the
+    validation subset of the periodic evaluation (None without ``eval_every``)."""
 
-  train: dict[str, np.ndarray]
-  test: dict[str, np.ndarray]
-  val: dict[str, np.ndarray] | None
-  candidate_ids: list[int] | None = None  # the label words' tokens (`candidate_token_ids`)
+    train: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    val: dict[str, np.ndarray] | None
+    candidate_ids: list[int] | None = None  # the label words' tokens (`candidate_token_ids`)
 
-  @property
-  def num_targets(self) -> int:
-    """The most completion tokens of any training row (the loss positions per row of the step)."""
-    return int(self.train["loss_mask"].sum(1).max())
+    @property
+    def num_targets(self) -> int:
+        """The most completion tokens of any training row (the loss positions per row of the step)."""
+        return int(self.train["loss_mask"].sum(1).max())
 
-  # The hooks `finetune` calls (a `filetask.FileTask` has the same ones for --data PATH).
+    # The hooks `finetune` calls (a `filetask.FileTask` has the same ones for --data PATH).
 
-  @property
-  def train_rows(self) -> int:
-    return len(self.train["input_ids"])
+    @property
+    def train_rows(self) -> int:
+        return len(self.train["input_ids"])
 
-  def train_apply(self, apply_fn):
-    return apply_fn
+    def train_apply(self, apply_fn):
+        return apply_fn
 
-  def train_batches(self, cfg: TrainConfig, setup: Setup, start: int):
-    """Global batches ``(A, b, T)`` from step `start` (`data.batches`' seeded order, every process
-    computing the same batch and feeding its own rows)."""
-    from lora_jax import data
+    def train_batches(self, cfg: TrainConfig, setup: Setup, start: int):
+        """Global batches ``(A, b, T)`` from step `start` (`data.batches`' seeded order, every process
+        computing the same batch and feeding its own rows)."""
+        from lora_jax import data
 
-    batches = data.batches({k: self.train[k] for k in ("input_ids", "attention_mask", "loss_mask")}, cfg.batch,
-                           seed=cfg.seed, shuffle=True, start_step=start, num_epochs=None, drop_remainder=True)
-    for b in batches:
-      b = {k: v.reshape(cfg.grad_accum, cfg.micro_batch, *v.shape[1:]) for k, v in b.items() if k != "valid"}
-      yield mesh_lib.global_batch(b, setup.shardings["batch"], axis=1)
+        batches = data.batches(
+            {k: self.train[k] for k in ("input_ids", "attention_mask", "loss_mask")},
+            cfg.batch,
+            seed=cfg.seed,
+            shuffle=True,
+            start_step=start,
+            num_epochs=None,
+            drop_remainder=True,
+        )
+        for b in batches:
+            b = {
+                k: v.reshape(cfg.grad_accum, cfg.micro_batch, *v.shape[1:])
+                for k, v in b.items()
+                if k != "valid"
+            }
+            yield mesh_lib.global_batch(b, setup.shardings["batch"], axis=1)
 
-  def evaluate(self, cfg: TrainConfig, setup: Setup, deltas, what: str) -> dict:
-    return evaluate_test(setup, deltas, self.test, cfg, what)
+    def evaluate(self, cfg: TrainConfig, setup: Setup, deltas, what: str) -> dict:
+        return evaluate_test(setup, deltas, self.test, cfg, what)
 
-  def validate(self, cfg: TrainConfig, setup: Setup, deltas) -> dict:
-    return {"val_accuracy": evaluate(setup, deltas, self.val, cfg.eval_batch)}
+    def validate(self, cfg: TrainConfig, setup: Setup, deltas) -> dict:
+        return {"val_accuracy": evaluate(setup, deltas, self.val, cfg.eval_batch)}
 
-  def results(self, base: dict, lora: dict) -> dict:
-    return {"base_accuracy": base["accuracy"], "lora_accuracy": lora["accuracy"],
-            "eval_examples": len(self.test["labels"]), "base": base, "lora": lora}
+    def results(self, base: dict, lora: dict) -> dict:
+        return {
+            "base_accuracy": base["accuracy"],
+            "lora_accuracy": lora["accuracy"],
+            "eval_examples": len(self.test["labels"]),
+            "base": base,
+            "lora": lora,
+        }
 
-  def eval_records(self, base: dict, lora: dict, steps: int) -> list[dict]:
-    return []
+    def eval_records(self, base: dict, lora: dict, steps: int) -> list[dict]:
+        return []
 
 
 def load_data(cfg: TrainConfig, tokenizer) -> Splits:
-  """The movie-review splits encoded for `cfg` (``max_len``, ``prompt``, ``eval_size``, ``val_size``)."""
-  from lora_jax import data
+    """The movie-review splits encoded for `cfg` (``max_len``, ``prompt``, ``eval_size``, ``val_size``)."""
+    from lora_jax import data
 
-  splits = data.load_sentiment(seed=0)
-  return Splits(train=encode_split(splits["train"], tokenizer, cfg),
-                test=encode_split(splits["test"], tokenizer, cfg, cfg.eval_size),
-                val=encode_split(splits["validation"], tokenizer, cfg, cfg.val_size) if cfg.eval_every else None,
-                candidate_ids=candidate_token_ids(tokenizer))
+    splits = data.load_sentiment(seed=0)
+    return Splits(
+        train=encode_split(splits["train"], tokenizer, cfg),
+        test=encode_split(splits["test"], tokenizer, cfg, cfg.eval_size),
+        val=encode_split(splits["validation"], tokenizer, cfg, cfg.val_size) if cfg.eval_every else None,
+        candidate_ids=candidate_token_ids(tokenizer),
+    )
 
 
 def load_task(cfg: TrainConfig, tokenizer, mesh, out: pathlib.Path):
-  """The run's data: the movie-review `Splits`, or a `filetask.FileTask` for ``--data PATH`` (which reads
-  and tokenizes only this process's share, cached under ``out/data_cache``)."""
-  if cfg.data == "movie-reviews":
-    return load_data(cfg, tokenizer)
-  from lora_jax.train import filetask
+    """The run's data: the movie-review `Splits`, or a `filetask.FileTask` for ``--data PATH`` (which reads
+    and tokenizes only this process's share, cached under ``out/data_cache``)."""
+    if cfg.data == "movie-reviews":
+        return load_data(cfg, tokenizer)
+    from lora_jax.train import filetask
 
-  return filetask.FileTask(cfg, tokenizer, mesh, out)
+    return filetask.FileTask(cfg, tokenizer, mesh, out)
 
 
-def evaluate(setup: Setup, deltas, arrays: dict[str, np.ndarray], batch_size: int, *,
-             details: bool = False) -> float | dict:
-  """Accuracy of label-word likelihood scoring over `arrays` (from `encode_lm`).
+def evaluate(
+    setup: Setup, deltas, arrays: dict[str, np.ndarray], batch_size: int, *, details: bool = False
+) -> float | dict:
+    """Accuracy of label-word likelihood scoring over `arrays` (from `encode_lm`).
 
-  With ``details``: ``{"accuracy", "stderr" (binomial, sqrt(p(1-p)/n)), "accuracy_negative",
-  "accuracy_positive" (per-class recall), "predicted_positive" (fraction), "examples"}``.
-  """
-  from lora_jax import data
+    With ``details``: ``{"accuracy", "stderr" (binomial, sqrt(p(1-p)/n)), "accuracy_negative",
+    "accuracy_positive" (per-class recall), "predicted_positive" (fraction), "examples"}``.
+    """
+    from lora_jax import data
 
-  keys = ("input_ids", "attention_mask", "prompt_len", "labels")
-  dp = data_parallel_size(setup.mesh)
-  batch_size = math.ceil(batch_size / dp) * dp
-  correct = count = 0.0
-  preds = []
-  for b in data.batches({k: arrays[k] for k in keys}, batch_size):
-    out = setup.score_step(deltas, setup.params, mesh_lib.global_batch(b, setup.shardings["eval_batch"]))
-    logprobs = np.asarray(jax.device_get(out["logprobs"]))[b["valid"] == 1]
-    bad = int((~np.isfinite(logprobs).all(axis=-1)).sum())
-    if bad:  # argmax would score a NaN row as class 0: a silently wrong accuracy
-      raise ValueError(f"evaluation: the model's log-probabilities of the label words are not finite (NaN or inf) "
-                       f"for {bad} of {len(logprobs)} examples of a batch; the adapter (or base model) holds "
-                       f"non-finite values or overflows in its dtype. Refusing to score them.")
-    correct += float(out["correct"])
-    count += float(out["count"])
-    if details:
-      preds.append(np.argmax(logprobs, axis=-1))
-  acc = correct / max(count, 1.0)
-  if not details:
-    return acc
-  pred, y = np.concatenate(preds), np.asarray(arrays["labels"])
-  recall = lambda c: float((pred[y == c] == c).mean()) if (y == c).any() else None
-  return {"accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / max(count, 1.0)), "accuracy_negative": recall(0),
-          "accuracy_positive": recall(1), "predicted_positive": float(pred.mean()) if len(pred) else None,
-          "examples": int(count)}
+    keys = ("input_ids", "attention_mask", "prompt_len", "labels")
+    dp = data_parallel_size(setup.mesh)
+    batch_size = math.ceil(batch_size / dp) * dp
+    correct = count = 0.0
+    preds = []
+    for b in data.batches({k: arrays[k] for k in keys}, batch_size):
+        out = setup.score_step(deltas, setup.params, mesh_lib.global_batch(b, setup.shardings["eval_batch"]))
+        logprobs = np.asarray(jax.device_get(out["logprobs"]))[b["valid"] == 1]
+        bad = int((~np.isfinite(logprobs).all(axis=-1)).sum())
+        if bad:  # argmax would score a NaN row as class 0: a silently wrong accuracy
+            raise ValueError(
+                f"evaluation: the model's log-probabilities of the label words are not finite (NaN or inf) "
+                f"for {bad} of {len(logprobs)} examples of a batch; the adapter (or base model) holds "
+                f"non-finite values or overflows in its dtype. Refusing to score them."
+            )
+        correct += float(out["correct"])
+        count += float(out["count"])
+        if details:
+            preds.append(np.argmax(logprobs, axis=-1))
+    acc = correct / max(count, 1.0)
+    if not details:
+        return acc
+    pred, y = np.concatenate(preds), np.asarray(arrays["labels"])
+    recall = lambda c: float((pred[y == c] == c).mean()) if (y == c).any() else None
+    return {
+        "accuracy": acc,
+        "stderr": math.sqrt(acc * (1 - acc) / max(count, 1.0)),
+        "accuracy_negative": recall(0),
+        "accuracy_positive": recall(1),
+        "predicted_positive": float(pred.mean()) if len(pred) else None,
+        "examples": int(count),
+    }
 
 
 def _per_class(d: dict | None) -> str:
-  if not d:
-    return ""
-  f = lambda x: "n/a" if x is None else f"{x:.4f}"
-  return (f"standard error {d['stderr']:.4f}, per class: negative {f(d['accuracy_negative'])}, "
-          f"positive {f(d['accuracy_positive'])}")
+    if not d:
+        return ""
+    f = lambda x: "n/a" if x is None else f"{x:.4f}"
+    return (
+        f"standard error {d['stderr']:.4f}, per class: negative {f(d['accuracy_negative'])}, "
+        f"positive {f(d['accuracy_positive'])}"
+    )
 
 
 def _gather(tree):
-  """Host numpy copy of a (possibly multi-process) tree; a collective when there are several processes."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
+    """Host numpy copy of a (possibly multi-process) tree; a collective when there are several processes."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,453 +529,566 @@ def _gather(tree):
 
 
 def check_config(cfg: TrainConfig, mesh) -> None:
-  """Settings that only fail against the mesh or the data sets: cheap, before anything is loaded."""
-  if cfg.warmup and cfg.warmup >= cfg.steps:
-    raise ValueError(f"--warmup {cfg.warmup} is not shorter than the run (--steps {cfg.steps}): the learning rate "
-                     f"would never reach --lr. Use --warmup below --steps (e.g. --warmup {cfg.steps // 10}).")
-  dp = data_parallel_size(mesh)
-  if cfg.micro_batch % dp:
-    raise ValueError(f"micro-batch {cfg.micro_batch} (--batch {cfg.batch} / --grad-accum {cfg.grad_accum}) must be "
-                     f"a multiple of the data-parallel size {dp} (data x fsdp of --mesh {cfg.mesh!r}).")
-  if cfg.data != "movie-reviews":
-    from lora_jax.data import files
-    files.parse_data_arg(cfg.data)  # the paths exist and are data files (a DataError names the problem)
+    """Settings that only fail against the mesh or the data sets: cheap, before anything is loaded."""
+    if cfg.warmup and cfg.warmup >= cfg.steps:
+        raise ValueError(
+            f"--warmup {cfg.warmup} is not shorter than the run (--steps {cfg.steps}): the learning rate "
+            f"would never reach --lr. Use --warmup below --steps (e.g. --warmup {cfg.steps // 10})."
+        )
+    dp = data_parallel_size(mesh)
+    if cfg.micro_batch % dp:
+        raise ValueError(
+            f"micro-batch {cfg.micro_batch} (--batch {cfg.batch} / --grad-accum {cfg.grad_accum}) must be "
+            f"a multiple of the data-parallel size {dp} (data x fsdp of --mesh {cfg.mesh!r})."
+        )
+    if cfg.data != "movie-reviews":
+        from lora_jax.data import files
+
+        files.parse_data_arg(cfg.data)  # the paths exist and are data files (a DataError names the problem)
 
 
 def _from_orbax(exc: BaseException | None, obj: Any = None) -> bool:
-  """Whether an exception Python could not report (or its coroutine) is a leftover of an orbax read."""
-  code = getattr(obj, "cr_code", None)
-  if code is not None and "orbax" in code.co_filename:
-    return True
-  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-    return True
-  tb = getattr(exc, "__traceback__", None)
-  while tb is not None:
-    if "orbax" in tb.tb_frame.f_code.co_filename:
-      return True
-    tb = tb.tb_next
-  return False
+    """Whether an exception Python could not report (or its coroutine) is a leftover of an orbax read."""
+    code = getattr(obj, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True
+    tb = getattr(exc, "__traceback__", None)
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class _OrbaxLeftovers(logging.Filter):
-  def filter(self, record: logging.LogRecord) -> bool:
-    leftover = record.getMessage().startswith("Task exception was never retrieved")
-    return not (leftover and _from_orbax(record.exc_info[1] if record.exc_info else None))
+    def filter(self, record: logging.LogRecord) -> bool:
+        leftover = record.getMessage().startswith("Task exception was never retrieved")
+        return not (leftover and _from_orbax(record.exc_info[1] if record.exc_info else None))
 
 
 @contextlib.contextmanager
 def _quiet_failed_reads():
-  """Around a checkpoint read. When an orbax read fails, its other reads still in flight end later, as
-  coroutines never finished and callbacks into a closed event loop, which Python prints to stderr
-  ("Exception ignored in ...", "Event loop is closed", "Task exception was never retrieved") after the
-  error is raised, repeating it as pages of tensorstore specs. Those are dropped; everything else goes to
-  the previous hooks. After a failure the filter stays (the leftovers surface whenever they are collected).
-  """
-  previous = sys.unraisablehook
+    """Around a checkpoint read. When an orbax read fails, its other reads still in flight end later, as
+    coroutines never finished and callbacks into a closed event loop, which Python prints to stderr
+    ("Exception ignored in ...", "Event loop is closed", "Task exception was never retrieved") after the
+    error is raised, repeating it as pages of tensorstore specs. Those are dropped; everything else goes to
+    the previous hooks. After a failure the filter stays (the leftovers surface whenever they are collected).
+    """
+    previous = sys.unraisablehook
 
-  def hook(unraisable):
-    if not _from_orbax(unraisable.exc_value, unraisable.object):
-      previous(unraisable)
+    def hook(unraisable):
+        if not _from_orbax(unraisable.exc_value, unraisable.object):
+            previous(unraisable)
 
-  sys.unraisablehook = hook
-  leftovers = _OrbaxLeftovers()
-  logging.getLogger("asyncio").addFilter(leftovers)
-  try:
-    yield
-  except BaseException:
-    raise
-  else:
-    sys.unraisablehook = previous
-    logging.getLogger("asyncio").removeFilter(leftovers)
+    sys.unraisablehook = hook
+    leftovers = _OrbaxLeftovers()
+    logging.getLogger("asyncio").addFilter(leftovers)
+    try:
+        yield
+    except BaseException:
+        raise
+    else:
+        sys.unraisablehook = previous
+        logging.getLogger("asyncio").removeFilter(leftovers)
 
 
 def _resume_hint(ckpt: checkpoint.TrainCheckpointer, error: Exception, step: int) -> str:
-  """A checkpoint error of `ckpt` at `step`, with the library's hint replaced by the ``--resume-from`` one."""
-  text = re.sub(r"\.?\s*See full TensorStore details:.*?(?=\. Nothing was)", "", str(error), flags=re.S)
-  text = re.split(r"(?:restore an earlier step \(|there is no earlier checkpoint here;|move the folder away to "
-                  r"restart from an earlier step)", text)[0].rstrip()
-  if not text.endswith(";"):
-    return str(error)  # not the library's corruption message: leave it as it is
-  earlier = [s for s in ckpt.all_steps() if s < step]
-  out = ckpt.directory.parent
-  if earlier:
-    return (f"{text} to go back to the checkpoint of step {earlier[-1]}, rerun with --resume-from {earlier[-1]} "
+    """A checkpoint error of `ckpt` at `step`, with the library's hint replaced by the ``--resume-from`` one."""
+    text = re.sub(r"\.?\s*See full TensorStore details:.*?(?=\. Nothing was)", "", str(error), flags=re.S)
+    text = re.split(
+        r"(?:restore an earlier step \(|there is no earlier checkpoint here;|move the folder away to "
+        r"restart from an earlier step)",
+        text,
+    )[0].rstrip()
+    if not text.endswith(";"):
+        return str(error)  # not the library's corruption message: leave it as it is
+    earlier = [s for s in ckpt.all_steps() if s < step]
+    out = ckpt.directory.parent
+    if earlier:
+        return (
+            f"{text} to go back to the checkpoint of step {earlier[-1]}, rerun with --resume-from {earlier[-1]} "
             f"(the newer checkpoints are moved to {ckpt.directory / 'set_aside'}, nothing is deleted), or use "
-            f"another --out to start over.")
-  return f"{text} there is no earlier checkpoint: use another --out (or move {str(out)!r} away) to start over."
+            f"another --out to start over."
+        )
+    return (
+        f"{text} there is no earlier checkpoint: use another --out (or move {str(out)!r} away) to start over."
+    )
 
 
 def check_resume(ckpt: checkpoint.TrainCheckpointer, cfg: TrainConfig) -> bool:
-  """Whether `ckpt` holds a run of `cfg` to resume (False: none there): its latest checkpoint, or the one
-  of step ``cfg.resume_from``.
+    """Whether `ckpt` holds a run of `cfg` to resume (False: none there): its latest checkpoint, or the one
+    of step ``cfg.resume_from``.
 
-  Raises:
-    ValueError: the checkpoint was made with other values of `TRAJECTORY_FIELDS` (every difference
-      listed); its metadata cannot be read or fails its checksum (the message says which
-      ``--resume-from`` goes back to the previous checkpoint); ``resume_from`` is not a saved step.
-      Nothing is restored or deleted.
-  """
-  step = cfg.resume_from
-  if step is None:
-    step = ckpt.latest_step()
+    Raises:
+      ValueError: the checkpoint was made with other values of `TRAJECTORY_FIELDS` (every difference
+        listed); its metadata cannot be read or fails its checksum (the message says which
+        ``--resume-from`` goes back to the previous checkpoint); ``resume_from`` is not a saved step.
+        Nothing is restored or deleted.
+    """
+    step = cfg.resume_from
     if step is None:
-      return False
-  elif step not in ckpt.all_steps():
-    raise ValueError(f"--resume-from {step}: there is no checkpoint of step {step} in {str(ckpt.directory)!r}; the "
-                     f"steps there are {ckpt.all_steps()}.")
-  try:
-    with _quiet_failed_reads():
-      saved = ckpt.metadata(step)
-    stored = {**{k: getattr(TrainConfig, k) for k in DATA_FIELDS}, **saved.get("config", {})}
-  except ValueError as e:
-    raise ValueError(_resume_hint(ckpt, e, step)) from None
-  now = dataclasses.asdict(cfg)
-  diff = {k: (stored.get(k), now[k]) for k in TRAJECTORY_FIELDS if stored.get(k) != now[k]}
-  if diff:
-    raise ValueError(f"{ckpt.directory} holds a run with other settings; nothing was restored or "
-                     f"deleted. Differences (checkpoint, now): {diff}. Use the same flags or another --out.")
-  if saved.get("data_fingerprint") and cfg.data != "movie-reviews":
-    from lora_jax.data import files
-    if saved["data_fingerprint"] != files.data_fingerprint(cfg.data):
-      raise ValueError(f"{ckpt.directory} holds a run on other data: the files of --data {cfg.data!r} changed since "
-                       f"it was saved; nothing was restored or deleted. Use the same files or another --out.")
-  return True
+        step = ckpt.latest_step()
+        if step is None:
+            return False
+    elif step not in ckpt.all_steps():
+        raise ValueError(
+            f"--resume-from {step}: there is no checkpoint of step {step} in {str(ckpt.directory)!r}; the "
+            f"steps there are {ckpt.all_steps()}."
+        )
+    try:
+        with _quiet_failed_reads():
+            saved = ckpt.metadata(step)
+        stored = {**{k: getattr(TrainConfig, k) for k in DATA_FIELDS}, **saved.get("config", {})}
+    except ValueError as e:
+        raise ValueError(_resume_hint(ckpt, e, step)) from None
+    now = dataclasses.asdict(cfg)
+    diff = {k: (stored.get(k), now[k]) for k in TRAJECTORY_FIELDS if stored.get(k) != now[k]}
+    if diff:
+        raise ValueError(
+            f"{ckpt.directory} holds a run with other settings; nothing was restored or "
+            f"deleted. Differences (checkpoint, now): {diff}. Use the same flags or another --out."
+        )
+    if saved.get("data_fingerprint") and cfg.data != "movie-reviews":
+        from lora_jax.data import files
+
+        if saved["data_fingerprint"] != files.data_fingerprint(cfg.data):
+            raise ValueError(
+                f"{ckpt.directory} holds a run on other data: the files of --data {cfg.data!r} changed since "
+                f"it was saved; nothing was restored or deleted. Use the same files or another --out."
+            )
+    return True
 
 
-def restore(ckpt: checkpoint.TrainCheckpointer, setup: Setup, step: int | None = None
-            ) -> tuple[Any, Any, int, dict | None]:
-  """``(deltas, opt_state, step, base_detail)`` of the latest checkpoint (or that of `step`), placed like
-  `setup`'s. With `step`, the newer checkpoints are then moved to ``checkpoints/set_aside/`` (only after
-  the restore succeeded), so the run continues from `step`.
+def restore(
+    ckpt: checkpoint.TrainCheckpointer, setup: Setup, step: int | None = None
+) -> tuple[Any, Any, int, dict | None]:
+    """``(deltas, opt_state, step, base_detail)`` of the latest checkpoint (or that of `step`), placed like
+    `setup`'s. With `step`, the newer checkpoints are then moved to ``checkpoints/set_aside/`` (only after
+    the restore succeeded), so the run continues from `step`.
 
-  ``base_detail`` is the base model's test evaluation stored with the run (None if it had none yet).
+    ``base_detail`` is the base model's test evaluation stored with the run (None if it had none yet).
 
-  Raises:
-    ValueError: the checkpoint does not match the setup, cannot be read, or fails its checksums (the
-      message says which ``--resume-from`` goes back further). Nothing is deleted.
-  """
-  which = ckpt.latest_step() if step is None else step
-  try:
-    with _quiet_failed_reads():
-      state, meta = ckpt.restore({"deltas": setup.deltas, "opt_state": setup.opt_state}, step=which)
-  except ValueError as e:
-    raise ValueError(_resume_hint(ckpt, e, which)) from None
-  step = int(meta["step"])
-  moved = ckpt.set_aside_after(step) if which != ckpt.latest_step() else []
-  if moved:
-    log(f"moved the checkpoints after step {step} to {moved[0].parent}")
-  log(f"resumed from step {step} ({ckpt.directory})")
-  return state["deltas"], state["opt_state"], step, meta.get("base_detail")
+    Raises:
+      ValueError: the checkpoint does not match the setup, cannot be read, or fails its checksums (the
+        message says which ``--resume-from`` goes back further). Nothing is deleted.
+    """
+    which = ckpt.latest_step() if step is None else step
+    try:
+        with _quiet_failed_reads():
+            state, meta = ckpt.restore({"deltas": setup.deltas, "opt_state": setup.opt_state}, step=which)
+    except ValueError as e:
+        raise ValueError(_resume_hint(ckpt, e, which)) from None
+    step = int(meta["step"])
+    moved = ckpt.set_aside_after(step) if which != ckpt.latest_step() else []
+    if moved:
+        log(f"moved the checkpoints after step {step} to {moved[0].parent}")
+    log(f"resumed from step {step} ({ckpt.directory})")
+    return state["deltas"], state["opt_state"], step, meta.get("base_detail")
 
 
 def evaluate_test(setup: Setup, deltas, arrays: dict[str, np.ndarray], cfg: TrainConfig, what: str) -> dict:
-  """`evaluate` with details on the test subset, logged as ``"{what} accuracy on N test reviews: ..."``."""
-  t = time.time()
-  detail = evaluate(setup, deltas, arrays, cfg.eval_batch, details=True)
-  log(f"{what} accuracy on {len(arrays['labels'])} test reviews: {detail['accuracy']:.4f} ({time.time() - t:.1f}s); "
-      f"{_per_class(detail)}")
-  return detail
+    """`evaluate` with details on the test subset, logged as ``"{what} accuracy on N test reviews: ..."``."""
+    t = time.time()
+    detail = evaluate(setup, deltas, arrays, cfg.eval_batch, details=True)
+    log(
+        f"{what} accuracy on {len(arrays['labels'])} test reviews: {detail['accuracy']:.4f} ({time.time() - t:.1f}s); "
+        f"{_per_class(detail)}"
+    )
+    return detail
 
 
 def _nonfinite_leaves(tree) -> list[str]:
-  """Key paths of the floating-point leaves of `tree` that hold a NaN or inf (one small jitted reduction)."""
-  leaves = [(lj.spec.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  if not leaves:
-    return []
-  flags = jax.device_get(_all_finite([x for _, x in leaves]))
-  return [p for (p, _), ok in zip(leaves, flags, strict=True) if not ok]
+    """Key paths of the floating-point leaves of `tree` that hold a NaN or inf (one small jitted reduction)."""
+    leaves = [
+        (lj.spec.path_str(p), x)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    if not leaves:
+        return []
+    flags = jax.device_get(_all_finite([x for _, x in leaves]))
+    return [p for (p, _), ok in zip(leaves, flags, strict=True) if not ok]
 
 
 @jax.jit
 def _all_finite(xs):
-  return [jnp.all(jnp.isfinite(x)) for x in xs]
+    return [jnp.all(jnp.isfinite(x)) for x in xs]
 
 
 def _any_process(flag: bool) -> bool:
-  """Whether `flag` is set on any process (a tiny collective with several processes)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+    """Whether `flag` is set on any process (a tiny collective with several processes)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
-def train_loop(cfg: TrainConfig, setup: Setup, deltas, opt_state, splits: Splits, *, start: int,
-               ckpt: checkpoint.TrainCheckpointer, meta: dict, metrics_file: pathlib.Path,
-               stop: rundir.StopSignals | None = None):
-  """Steps ``start .. cfg.steps`` from `deltas`, `opt_state`: one JSONL record per step (and per
-  validation) in `metrics_file` (cut back to step `start` and appended to when resuming), a checkpoint
-  with `meta` every ``checkpoint_every`` steps and at the end.
+def train_loop(
+    cfg: TrainConfig,
+    setup: Setup,
+    deltas,
+    opt_state,
+    splits: Splits,
+    *,
+    start: int,
+    ckpt: checkpoint.TrainCheckpointer,
+    meta: dict,
+    metrics_file: pathlib.Path,
+    stop: rundir.StopSignals | None = None,
+):
+    """Steps ``start .. cfg.steps`` from `deltas`, `opt_state`: one JSONL record per step (and per
+    validation) in `metrics_file` (cut back to step `start` and appended to when resuming), a checkpoint
+    with `meta` every ``checkpoint_every`` steps and at the end.
 
-  Step ``k`` trains on batch ``k`` of the seeded order of `data.batches`, with the PRNG key
-  ``fold_in(fold_in(key(seed), 1), k)``, so a resumed run repeats exactly what an uninterrupted one does.
+    Step ``k`` trains on batch ``k`` of the seeded order of `data.batches`, with the PRNG key
+    ``fold_in(fold_in(key(seed), 1), k)``, so a resumed run repeats exactly what an uninterrupted one does.
 
-  Guards: a step whose loss or gradient norm is not finite stops the run with `Diverged` (its record is
-  the last line of the metrics), and so does a non-finite state about to be saved: nothing of that step
-  is saved, so the latest checkpoint stays the last good one. With `stop` (a `rundir.StopSignals`), a
-  SIGINT / SIGTERM ends the run after the step in progress: its state is saved (and waited for) and
-  `rundir.Interrupted` is raised.
+    Guards: a step whose loss or gradient norm is not finite stops the run with `Diverged` (its record is
+    the last line of the metrics), and so does a non-finite state about to be saved: nothing of that step
+    is saved, so the latest checkpoint stays the last good one. With `stop` (a `rundir.StopSignals`), a
+    SIGINT / SIGTERM ends the run after the step in progress: its state is saved (and waited for) and
+    `rundir.Interrupted` is raised.
 
-  Returns:
-    ``(deltas, opt_state, step_seconds)``: the trained state and the wall time of each step run here.
+    Returns:
+      ``(deltas, opt_state, step_seconds)``: the trained state and the wall time of each step run here.
 
-  Raises:
-    Diverged: a non-finite loss, gradient norm or state (names the step and the last good checkpoint).
-    rundir.Interrupted: `stop` caught a signal (names the step saved).
-  """
-  batches = splits.train_batches(cfg, setup, start)
-  key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
-  step_times, t_last = [], time.time()
-  if start and _is_main():
-    rundir.trim_metrics(metrics_file, start)  # no step twice, no partial line from a killed run
+    Raises:
+      Diverged: a non-finite loss, gradient norm or state (names the step and the last good checkpoint).
+      rundir.Interrupted: `stop` caught a signal (names the step saved).
+    """
+    batches = splits.train_batches(cfg, setup, start)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    step_times, t_last = [], time.time()
+    if start and _is_main():
+        rundir.trim_metrics(metrics_file, start)  # no step twice, no partial line from a killed run
 
-  def save(n: int, *, force: bool = False) -> bool:
-    if not force and not ckpt.manager.should_save(n):
-      return False
-    state = {"deltas": deltas, "opt_state": opt_state}
-    bad = _nonfinite_leaves(state)
-    if bad:
-      diverged(n, f"the trained state has non-finite values in {bad[:4]}{' ...' if len(bad) > 4 else ''}")
-    return ckpt.save(n, state, {**meta, "data_position": n}, force=force)
+    def save(n: int, *, force: bool = False) -> bool:
+        if not force and not ckpt.manager.should_save(n):
+            return False
+        state = {"deltas": deltas, "opt_state": opt_state}
+        bad = _nonfinite_leaves(state)
+        if bad:
+            diverged(
+                n, f"the trained state has non-finite values in {bad[:4]}{' ...' if len(bad) > 4 else ''}"
+            )
+        return ckpt.save(n, state, {**meta, "data_position": n}, force=force)
 
-  def diverged(n: int, what: str):
-    ckpt.wait()
-    last = ckpt.latest_step()
-    fix = f"a lower --lr (now {cfg.lr:g}) or --alpha (now {cfg.alpha:g})"
-    if last:
-      kept = (f"the last good checkpoint is step {last} ({ckpt.directory}), and no adapter was written. A rerun with "
-              f"these settings would repeat the same steps: start again with another --out and {fix}")
-    else:
-      kept = f"no checkpoint was saved and no adapter written. Rerun with {fix}"
-    raise Diverged(f"training diverged at step {n}: {what}. Stopped before saving step {n}: {kept}.", n, last)
-
-  # Process 0 writes the metrics: a resumed run appends to them, a fresh one starts the file anew.
-  with (
-      open(metrics_file, "a" if start else "w") if _is_main() else contextlib.nullcontext() as writer,
-      _progress(cfg, start) as pbar,
-  ):
-
-    def record(rec):
-      if writer:
-        writer.write(json.dumps(rec) + "\n")
-        writer.flush()
-
-    for step in range(start, cfg.steps):
-      gb = next(batches)
-      deltas, opt_state, m = setup.train_step(deltas, opt_state, setup.params, gb, jax.random.fold_in(key, step))
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
-      now = time.time()
-      record({"kind": "train", "step": step + 1, "loss": m["loss"], "lr": float(setup.schedule(step)),
-              "grad_norm": m["grad_norm"], "tokens": m["tokens"], "step_s": now - t_last,
-              "tokens_per_s": m["tokens"] / max(now - t_last, 1e-9)})
-      if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-        diverged(step + 1, f"the loss is {m['loss']} and the gradient norm {m['grad_norm']}")
-      step_times.append(now - t_last)
-      t_last = now
-      if pbar is not None:
-        pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens'] / max(step_times[-1], 1e-9):.0f}")
-        pbar.update(1)
-      if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-        rec = splits.validate(cfg, setup, deltas)
-        record({"kind": "eval", "step": step + 1, **rec})
-        if pbar is not None:
-          pbar.write(f"step {step + 1}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in rec.items()))
-      saved = save(step + 1)
-      if writer and saved:
-        os.fsync(writer.fileno())  # the metrics up to a checkpoint survive what the checkpoint survives
-      if stop is not None and _any_process(stop.signum is not None):
-        if not saved:
-          save(step + 1, force=True)
+    def diverged(n: int, what: str):
         ckpt.wait()
-        raise rundir.Interrupted(stop.signum or signal.SIGTERM, step + 1, str(ckpt.directory))
-  if ckpt.latest_step() != cfg.steps:
-    save(cfg.steps, force=True)
-  return deltas, opt_state, step_times
+        last = ckpt.latest_step()
+        fix = f"a lower --lr (now {cfg.lr:g}) or --alpha (now {cfg.alpha:g})"
+        if last:
+            kept = (
+                f"the last good checkpoint is step {last} ({ckpt.directory}), and no adapter was written. A rerun with "
+                f"these settings would repeat the same steps: start again with another --out and {fix}"
+            )
+        else:
+            kept = f"no checkpoint was saved and no adapter written. Rerun with {fix}"
+        raise Diverged(
+            f"training diverged at step {n}: {what}. Stopped before saving step {n}: {kept}.", n, last
+        )
+
+    # Process 0 writes the metrics: a resumed run appends to them, a fresh one starts the file anew.
+    with (
+        open(metrics_file, "a" if start else "w") if _is_main() else contextlib.nullcontext() as writer,
+        _progress(cfg, start) as pbar,
+    ):
+
+        def record(rec):
+            if writer:
+                writer.write(json.dumps(rec) + "\n")
+                writer.flush()
+
+        for step in range(start, cfg.steps):
+            gb = next(batches)
+            deltas, opt_state, m = setup.train_step(
+                deltas, opt_state, setup.params, gb, jax.random.fold_in(key, step)
+            )
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            now = time.time()
+            record(
+                {
+                    "kind": "train",
+                    "step": step + 1,
+                    "loss": m["loss"],
+                    "lr": float(setup.schedule(step)),
+                    "grad_norm": m["grad_norm"],
+                    "tokens": m["tokens"],
+                    "step_s": now - t_last,
+                    "tokens_per_s": m["tokens"] / max(now - t_last, 1e-9),
+                }
+            )
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                diverged(step + 1, f"the loss is {m['loss']} and the gradient norm {m['grad_norm']}")
+            step_times.append(now - t_last)
+            t_last = now
+            if pbar is not None:
+                pbar.set_postfix(
+                    loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens'] / max(step_times[-1], 1e-9):.0f}"
+                )
+                pbar.update(1)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                rec = splits.validate(cfg, setup, deltas)
+                record({"kind": "eval", "step": step + 1, **rec})
+                if pbar is not None:
+                    pbar.write(
+                        f"step {step + 1}: "
+                        + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in rec.items())
+                    )
+            saved = save(step + 1)
+            if writer and saved:
+                os.fsync(
+                    writer.fileno()
+                )  # the metrics up to a checkpoint survive what the checkpoint survives
+            if stop is not None and _any_process(stop.signum is not None):
+                if not saved:
+                    save(step + 1, force=True)
+                ckpt.wait()
+                raise rundir.Interrupted(stop.signum or signal.SIGTERM, step + 1, str(ckpt.directory))
+    if ckpt.latest_step() != cfg.steps:
+        save(cfg.steps, force=True)
+    return deltas, opt_state, step_times
 
 
 @contextlib.contextmanager
 def _progress(cfg: TrainConfig, start: int):
-  """A tqdm bar over the steps on process 0 with ``cfg.progress`` and steps left; None otherwise."""
-  if not (cfg.progress and _is_main() and start < cfg.steps):
-    yield None
-    return
-  from tqdm.auto import tqdm
+    """A tqdm bar over the steps on process 0 with ``cfg.progress`` and steps left; None otherwise."""
+    if not (cfg.progress and _is_main() and start < cfg.steps):
+        yield None
+        return
+    from tqdm.auto import tqdm
 
-  desc = "finetune" if not cfg.quantize else f"finetune ({cfg.quantize} base)"
-  with tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True) as pbar:
-    yield pbar
+    desc = "finetune" if not cfg.quantize else f"finetune ({cfg.quantize} base)"
+    with tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True) as pbar:
+        yield pbar
 
 
 def export(cfg: TrainConfig, out: pathlib.Path, setup: Setup, deltas, identity: dict, results: dict) -> dict:
-  """Writes the run's products under `out` from process 0: the adapter (with the trajectory settings
-  and `results`), the merged params with ``export_merged``, ``loss.png``; returns `results` with the
-  adapter's size. Every process must call it (gathering sharded arrays is a collective)."""
-  host_deltas = _gather(deltas)
-  host_params = _gather(setup.params) if cfg.export_merged else None  # a collective: every process joins
-  if not _is_main():
+    """Writes the run's products under `out` from process 0: the adapter (with the trajectory settings
+    and `results`), the merged params with ``export_merged``, ``loss.png``; returns `results` with the
+    adapter's size. Every process must call it (gathering sharded arrays is a collective)."""
+    host_deltas = _gather(deltas)
+    host_params = _gather(setup.params) if cfg.export_merged else None  # a collective: every process joins
+    if not _is_main():
+        return results
+    config_json = dataclasses.asdict(cfg)
+    shipped = {k: config_json[k] for k in TRAJECTORY_FIELDS}  # no local paths in a file meant to be shared
+    from lora_jax.data import files
+
+    shipped["data"] = files.public_name(shipped["data"])  # data files: their names only
+    adapter = checkpoint.save_adapter(
+        out / "adapter",
+        host_deltas,
+        setup.spec,
+        base_model=identity,
+        extra={"config": shipped, "results": results},
+    )
+    results = {**results, "adapter_bytes": adapter.stat().st_size}
+    if cfg.export_merged:
+        merged = checkpoint.save_merged(out / "merged", host_params, host_deltas, metadata=identity)
+        log(f"merged params: {merged}")
+    plot_metrics(out / "metrics.jsonl", out / "loss.png")
     return results
-  config_json = dataclasses.asdict(cfg)
-  shipped = {k: config_json[k] for k in TRAJECTORY_FIELDS}  # no local paths in a file meant to be shared
-  from lora_jax.data import files
-  shipped["data"] = files.public_name(shipped["data"])  # data files: their names only
-  adapter = checkpoint.save_adapter(out / "adapter", host_deltas, setup.spec, base_model=identity,
-                                    extra={"config": shipped, "results": results})
-  results = {**results, "adapter_bytes": adapter.stat().st_size}
-  if cfg.export_merged:
-    merged = checkpoint.save_merged(out / "merged", host_params, host_deltas, metadata=identity)
-    log(f"merged params: {merged}")
-  plot_metrics(out / "metrics.jsonl", out / "loss.png")
-  return results
 
 
 def finetune(cfg: TrainConfig) -> dict:
-  """Runs (or resumes) a fine-tuning job; returns the results dict (also written to ``out/results.json``).
+    """Runs (or resumes) a fine-tuning job; returns the results dict (also written to ``out/results.json``).
 
-  Everything that can be checked without the model is checked first (the model's family, the output
-  folder, the mesh, the settings against the checkpoint there). The output folder is locked for the whole
-  run; its checkpoints are closed (pending saves finished) however the run ends.
+    Everything that can be checked without the model is checked first (the model's family, the output
+    folder, the mesh, the settings against the checkpoint there). The output folder is locked for the whole
+    run; its checkpoints are closed (pending saves finished) however the run ends.
 
-  Raises:
-    ValueError: a setting that cannot run, an unusable output folder, a checkpoint of other settings
-      or a corrupted one (nothing deleted).
-    rundir.FolderInUse: another run holds the output folder.
-    Diverged: a non-finite loss or gradient norm; no adapter was written.
-    rundir.Interrupted: SIGINT / SIGTERM; the step in progress was saved.
-  """
-  check_model(cfg.model)
-  try:
-    out = rundir.check_folder(cfg.out)
-  except ValueError as e:
-    raise ValueError(f"--out: {e}") from None
-  with _locked(out), contextlib.ExitStack() as on_exit:
-    return _finetune(cfg, out, on_exit)
+    Raises:
+      ValueError: a setting that cannot run, an unusable output folder, a checkpoint of other settings
+        or a corrupted one (nothing deleted).
+      rundir.FolderInUse: another run holds the output folder.
+      Diverged: a non-finite loss or gradient norm; no adapter was written.
+      rundir.Interrupted: SIGINT / SIGTERM; the step in progress was saved.
+    """
+    check_model(cfg.model)
+    try:
+        out = rundir.check_folder(cfg.out)
+    except ValueError as e:
+        raise ValueError(f"--out: {e}") from None
+    with _locked(out), contextlib.ExitStack() as on_exit:
+        return _finetune(cfg, out, on_exit)
 
 
 @contextlib.contextmanager
 def _locked(out: pathlib.Path):
-  """Holds the run folder's `rundir.RunLock` (taken by process 0; every process stops if it is refused)."""
-  lock, refused = None, None
-  if _is_main():  # the other processes learn the outcome below (raising here alone would hang them)
+    """Holds the run folder's `rundir.RunLock` (taken by process 0; every process stops if it is refused)."""
+    lock, refused = None, None
+    if _is_main():  # the other processes learn the outcome below (raising here alone would hang them)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = rundir.RunLock(out)
+            lock.acquire()
+            rundir.remove_stale_temporaries(out)
+        except rundir.FolderInUse as e:
+            refused = e
+        except OSError as e:
+            refused = ValueError(f"--out: cannot create or lock {str(out)!r}: {e.strerror or e}.")
+    if _any_process(refused is not None):
+        raise refused or rundir.FolderInUse(
+            f"{str(out)!r} is in use by another run (process 0 could not lock it).", {}
+        )
     try:
-      out.mkdir(parents=True, exist_ok=True)
-      lock = rundir.RunLock(out)
-      lock.acquire()
-      rundir.remove_stale_temporaries(out)
-    except rundir.FolderInUse as e:
-      refused = e
-    except OSError as e:
-      refused = ValueError(f"--out: cannot create or lock {str(out)!r}: {e.strerror or e}.")
-  if _any_process(refused is not None):
-    raise refused or rundir.FolderInUse(f"{str(out)!r} is in use by another run (process 0 could not lock it).", {})
-  try:
-    yield
-  finally:
-    if lock is not None:
-      lock.release()
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _finetune(cfg: TrainConfig, out: pathlib.Path, on_exit: contextlib.ExitStack) -> dict:
-  t_start = time.time()
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  check_config(cfg, mesh)
-  ckpt = checkpoint.TrainCheckpointer(out / "checkpoints", every=cfg.checkpoint_every, keep=cfg.keep)
-  on_exit.callback(ckpt.close)  # pending async saves finish however the run ends
-  resuming = check_resume(ckpt, cfg)  # refuse a checkpoint made with other settings before any expensive work
+    t_start = time.time()
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    check_config(cfg, mesh)
+    ckpt = checkpoint.TrainCheckpointer(out / "checkpoints", every=cfg.checkpoint_every, keep=cfg.keep)
+    on_exit.callback(ckpt.close)  # pending async saves finish however the run ends
+    resuming = check_resume(
+        ckpt, cfg
+    )  # refuse a checkpoint made with other settings before any expensive work
 
-  model, variables, tok, identity = load_model(cfg, mesh)
-  splits = load_task(cfg, tok, mesh, out)
-  if splits.train_rows < cfg.batch:
-    raise ValueError(f"--batch {cfg.batch} is larger than the training set ({splits.train_rows} "
-                     f"examples): not one batch can be drawn.")
-  base_bytes = lj.quant.base_bytes(variables)
-  setup = build(model, variables, lora_spec(cfg, variables), mesh=mesh, lr=cfg.lr, steps=cfg.steps,
-                warmup=cfg.warmup, weight_decay=cfg.weight_decay, seed=cfg.seed, num_targets=splits.num_targets,
-                candidate_ids=splits.candidate_ids, dropout=cfg.dropout > 0, apply_fn=splits.train_apply(model.apply),
-                quantize=quant_spec(cfg))
-  del variables
-  base_bytes = {"before": base_bytes, "after": lj.quant.base_bytes(setup.params)}
-  if cfg.quantize:
-    log(f"base quantized to {cfg.quantize}: {base_bytes['before'] / 2**20:,.1f} MiB -> "
-        f"{base_bytes['after'] / 2**20:,.1f} MiB")
-  n_train = lj.count_params(setup.deltas)
-  n_base = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(setup.params, is_leaf=lj.quant.is_quantized))
-  log(f"model {cfg.model}: {n_base:,} params; "
-      f"LoRA r={cfg.rank} alpha={cfg.alpha} on {cfg.targets}: {n_train:,} trainable; mesh {dict(mesh.shape)} "
-      f"on {jax.device_count()} devices / {jax.process_count()} processes")
+    model, variables, tok, identity = load_model(cfg, mesh)
+    splits = load_task(cfg, tok, mesh, out)
+    if splits.train_rows < cfg.batch:
+        raise ValueError(
+            f"--batch {cfg.batch} is larger than the training set ({splits.train_rows} "
+            f"examples): not one batch can be drawn."
+        )
+    base_bytes = lj.quant.base_bytes(variables)
+    setup = build(
+        model,
+        variables,
+        lora_spec(cfg, variables),
+        mesh=mesh,
+        lr=cfg.lr,
+        steps=cfg.steps,
+        warmup=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        num_targets=splits.num_targets,
+        candidate_ids=splits.candidate_ids,
+        dropout=cfg.dropout > 0,
+        apply_fn=splits.train_apply(model.apply),
+        quantize=quant_spec(cfg),
+    )
+    del variables
+    base_bytes = {"before": base_bytes, "after": lj.quant.base_bytes(setup.params)}
+    if cfg.quantize:
+        log(
+            f"base quantized to {cfg.quantize}: {base_bytes['before'] / 2**20:,.1f} MiB -> "
+            f"{base_bytes['after'] / 2**20:,.1f} MiB"
+        )
+    n_train = lj.count_params(setup.deltas)
+    n_base = sum(
+        int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(setup.params, is_leaf=lj.quant.is_quantized)
+    )
+    log(
+        f"model {cfg.model}: {n_base:,} params; "
+        f"LoRA r={cfg.rank} alpha={cfg.alpha} on {cfg.targets}: {n_train:,} trainable; mesh {dict(mesh.shape)} "
+        f"on {jax.device_count()} devices / {jax.process_count()} processes"
+    )
 
-  deltas, opt_state, start, base = setup.deltas, setup.opt_state, 0, None
-  if resuming:
-    deltas, opt_state, start, base = restore(ckpt, setup, cfg.resume_from)
-    if cfg.resume_from is not None and _is_main():  # the products of the run that went further are stale
-      moved = rundir.set_aside(out, ("adapter", "merged", "results.json", "loss.png"), f"after-step-{start}")
-      if moved:
-        log(f"moved the products of the earlier run to {moved[0].parent}")
-  if base is None:
-    base = splits.evaluate(cfg, setup, deltas, "base model")  # b = 0: exactly the base model
+    deltas, opt_state, start, base = setup.deltas, setup.opt_state, 0, None
+    if resuming:
+        deltas, opt_state, start, base = restore(ckpt, setup, cfg.resume_from)
+        if cfg.resume_from is not None and _is_main():  # the products of the run that went further are stale
+            moved = rundir.set_aside(
+                out, ("adapter", "merged", "results.json", "loss.png"), f"after-step-{start}"
+            )
+            if moved:
+                log(f"moved the products of the earlier run to {moved[0].parent}")
+    if base is None:
+        base = splits.evaluate(cfg, setup, deltas, "base model")  # b = 0: exactly the base model
 
-  meta = {"config": dataclasses.asdict(cfg), "base_accuracy": base.get("accuracy"), "base_detail": base,
-          "identity": identity, "data_fingerprint": getattr(splits, "fingerprint", None)}
-  t_train = time.time()
-  with rundir.StopSignals() as stop:
-    deltas, opt_state, step_times = train_loop(cfg, setup, deltas, opt_state, splits, start=start, ckpt=ckpt,
-                                               meta=meta, metrics_file=out / "metrics.jsonl", stop=stop)
-  train_s = time.time() - t_train
-  ckpt.close()
+    meta = {
+        "config": dataclasses.asdict(cfg),
+        "base_accuracy": base.get("accuracy"),
+        "base_detail": base,
+        "identity": identity,
+        "data_fingerprint": getattr(splits, "fingerprint", None),
+    }
+    t_train = time.time()
+    with rundir.StopSignals() as stop:
+        deltas, opt_state, step_times = train_loop(
+            cfg,
+            setup,
+            deltas,
+            opt_state,
+            splits,
+            start=start,
+            ckpt=ckpt,
+            meta=meta,
+            metrics_file=out / "metrics.jsonl",
+            stop=stop,
+        )
+    train_s = time.time() - t_train
+    ckpt.close()
 
-  lora = splits.evaluate(cfg, setup, deltas, "LoRA")
-  if _is_main() and splits.eval_records(base, lora, cfg.steps):  # held-out loss before and after
-    with open(out / "metrics.jsonl", "a") as f:
-      f.write("".join(json.dumps(r) + "\n" for r in splits.eval_records(base, lora, cfg.steps)))
-  results = {**splits.results(base, lora), "trainable_params": n_train, "steps": cfg.steps, "quantize": cfg.quantize,
-             "base_bytes_before": base_bytes["before"], "base_bytes_after": base_bytes["after"],
-             "train_seconds_this_run": train_s,
-             "median_step_seconds": float(np.median(step_times[1:] or step_times)) if step_times else None}
-  results = export(cfg, out, setup, deltas, identity, results)
-  if _is_main():
-    results["wall_seconds_this_run"] = time.time() - t_start
-    rundir.write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    log(json.dumps(results, indent=2))
-  return results
+    lora = splits.evaluate(cfg, setup, deltas, "LoRA")
+    if _is_main() and splits.eval_records(base, lora, cfg.steps):  # held-out loss before and after
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in splits.eval_records(base, lora, cfg.steps)))
+    results = {
+        **splits.results(base, lora),
+        "trainable_params": n_train,
+        "steps": cfg.steps,
+        "quantize": cfg.quantize,
+        "base_bytes_before": base_bytes["before"],
+        "base_bytes_after": base_bytes["after"],
+        "train_seconds_this_run": train_s,
+        "median_step_seconds": float(np.median(step_times[1:] or step_times)) if step_times else None,
+    }
+    results = export(cfg, out, setup, deltas, identity, results)
+    if _is_main():
+        results["wall_seconds_this_run"] = time.time() - t_start
+        rundir.write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+        log(json.dumps(results, indent=2))
+    return results
 
 
 def plot_metrics(metrics_file, png) -> None:
-  """Loss curve (and validation accuracy, if any) from a metrics JSONL, as a PNG (written atomically).
+    """Loss curve (and validation accuracy, if any) from a metrics JSONL, as a PNG (written atomically).
 
-  The metrics are read with `rundir.read_metrics`: a partial last line (a killed writer) is ignored.
-  """
-  try:
-    import matplotlib
-  except ImportError:
-    log(f"matplotlib is not installed: no {png} (pip install matplotlib, or lora_jax[examples])")
-    return
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+    The metrics are read with `rundir.read_metrics`: a partial last line (a killed writer) is ignored.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        log(f"matplotlib is not installed: no {png} (pip install matplotlib, or lora_jax[examples])")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-  train, evals, losses = {}, {}, {}
-  for r in rundir.read_metrics(metrics_file):
-    if r.get("kind") == "train" and "loss" in r and "step" in r:
-      train[r["step"]] = r  # a step repeated by a resumed run: the later record wins
-    elif r.get("kind") == "eval" and "val_accuracy" in r and "step" in r:
-      evals[r["step"]] = r
-    if r.get("kind") == "eval" and "val_loss" in r and "step" in r:  # data files: the held-out loss too
-      losses[r["step"]] = r["val_loss"]
-  fig, ax = plt.subplots(figsize=(6, 4))
-  steps = sorted(train)
-  ax.plot(steps, [train[s]["loss"] for s in steps], label="train loss")
-  ax.set_xlabel("step")
-  ax.set_ylabel("loss (label token cross-entropy)")
-  if losses:
-    ls = sorted(losses)
-    ax.plot(ls, [losses[s] for s in ls], "s--", color="C2", label="held-out loss")
-    ax.set_ylabel("loss (per-token cross-entropy)")
-    ax.legend(loc="upper right")
-  if evals:
-    ax2 = ax.twinx()
-    es = sorted(evals)
-    ax2.plot(es, [evals[s]["val_accuracy"] for s in es], "o-", color="C1", label="val accuracy")
-    ax2.set_ylabel("validation accuracy")
-  ax.set_title("LoRA fine-tuning")
-  fig.tight_layout()
-  with rundir.atomic_path(png) as tmp:
-    fig.savefig(tmp, dpi=100)
-  plt.close(fig)
+    train, evals, losses = {}, {}, {}
+    for r in rundir.read_metrics(metrics_file):
+        if r.get("kind") == "train" and "loss" in r and "step" in r:
+            train[r["step"]] = r  # a step repeated by a resumed run: the later record wins
+        elif r.get("kind") == "eval" and "val_accuracy" in r and "step" in r:
+            evals[r["step"]] = r
+        if r.get("kind") == "eval" and "val_loss" in r and "step" in r:  # data files: the held-out loss too
+            losses[r["step"]] = r["val_loss"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = sorted(train)
+    ax.plot(steps, [train[s]["loss"] for s in steps], label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (label token cross-entropy)")
+    if losses:
+        ls = sorted(losses)
+        ax.plot(ls, [losses[s] for s in ls], "s--", color="C2", label="held-out loss")
+        ax.set_ylabel("loss (per-token cross-entropy)")
+        ax.legend(loc="upper right")
+    if evals:
+        ax2 = ax.twinx()
+        es = sorted(evals)
+        ax2.plot(es, [evals[s]["val_accuracy"] for s in es], "o-", color="C1", label="val accuracy")
+        ax2.set_ylabel("validation accuracy")
+    ax.set_title("LoRA fine-tuning")
+    fig.tight_layout()
+    with rundir.atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)

@@ -29,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -70,9 +70,14 @@ def _chunk_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> ja
     return jnp.sum((lse - picked) * weights)
 
 
-def chunked_token_loss(hidden: jax.Array, head: Callable[[jax.Array], jax.Array] | jax.Array,
-                       targets: jax.Array, weights: jax.Array, *, chunk: int = 512
-                       ) -> tuple[jax.Array, jax.Array]:
+def chunked_token_loss(
+    hidden: jax.Array,
+    head: Callable[[jax.Array], jax.Array] | jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    chunk: int = 512,
+) -> tuple[jax.Array, jax.Array]:
     """:func:`token_loss` of ``head(hidden)``, computed ``chunk`` positions at a time.
 
     Args:
@@ -91,15 +96,19 @@ def chunked_token_loss(hidden: jax.Array, head: Callable[[jax.Array], jax.Array]
       ValueError: mismatched shapes or a non-positive ``chunk``.
     """
     if hidden.ndim != 3 or targets.shape != hidden.shape[:2] or weights.shape != hidden.shape[:2]:
-        raise ValueError(f"chunked_token_loss: expected hidden (B, T, d) and targets, weights (B, T); got "
-                         f"hidden {hidden.shape}, targets {targets.shape}, weights {weights.shape}.")
+        raise ValueError(
+            f"chunked_token_loss: expected hidden (B, T, d) and targets, weights (B, T); got "
+            f"hidden {hidden.shape}, targets {targets.shape}, weights {weights.shape}."
+        )
     if chunk < 1:
         raise ValueError(f"chunked_token_loss: chunk must be >= 1, got {chunk}.")
     if not callable(head):
         kernel = jnp.asarray(head)
         if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
-            raise ValueError(f"chunked_token_loss: a kernel head must be (d, V) with d = {hidden.shape[-1]}, "
-                             f"got {kernel.shape}.")
+            raise ValueError(
+                f"chunked_token_loss: a kernel head must be (d, V) with d = {hidden.shape[-1]}, "
+                f"got {kernel.shape}."
+            )
         head = lambda h: h @ kernel.astype(h.dtype)
     b, t, d = hidden.shape
     chunk = min(chunk, t)

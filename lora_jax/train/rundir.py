@@ -44,8 +44,20 @@ import time
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["LOCK_FILE", "FolderInUse", "Interrupted", "RunLock", "StopSignals", "atomic_path", "check_folder",
-           "read_metrics", "remove_stale_temporaries", "set_aside", "trim_metrics", "write_atomic"]
+__all__ = [
+    "LOCK_FILE",
+    "FolderInUse",
+    "Interrupted",
+    "RunLock",
+    "StopSignals",
+    "atomic_path",
+    "check_folder",
+    "read_metrics",
+    "remove_stale_temporaries",
+    "set_aside",
+    "trim_metrics",
+    "write_atomic",
+]
 
 LOCK_FILE = ".lock"
 _TMP_MARK = ".tmp"
@@ -156,8 +168,11 @@ class RunLock:
                 got = _try_flock(fd)
                 if got is False or (got is None and _held_by_live_process(_read_holder(fd))):
                     holder = _read_holder(fd)
-                    raise FolderInUse(f"{str(self.folder)!r} is in use by another run ({_holder_text(holder)}); "
-                                      f"wait for it to finish, or write to another folder.", holder)
+                    raise FolderInUse(
+                        f"{str(self.folder)!r} is in use by another run ({_holder_text(holder)}); "
+                        f"wait for it to finish, or write to another folder.",
+                        holder,
+                    )
                 # A holder that released the lock unlinked the file after we opened it: lock the new one.
                 try:
                     same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -166,8 +181,11 @@ class RunLock:
                 if not same:
                     os.close(fd)
                     continue
-                me = {"pid": os.getpid(), "host": socket.gethostname(),
-                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                me = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps(me).encode(), 0)
                 os.fsync(fd)
@@ -402,8 +420,12 @@ class StopSignals:
         self.signum = signum
         if self.announce:
             name = signal.Signals(signum).name
-            print(f"lora-jax: {name}: saving a checkpoint after the step in progress, then stopping "
-                  f"({name} again stops at once, without saving).", file=sys.stderr, flush=True)
+            print(
+                f"lora-jax: {name}: saving a checkpoint after the step in progress, then stopping "
+                f"({name} again stops at once, without saving).",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _restore(self) -> None:
         for s, handler in self._previous.items():

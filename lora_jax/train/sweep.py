@@ -55,8 +55,19 @@ from lora_jax import data
 from lora_jax.spec import path_str
 from lora_jax.train import step as step_lib
 
-__all__ = ["Config", "Result", "Task", "classifier_task", "evaluate", "init", "lm_task", "run", "seed_batches",
-           "table", "train"]
+__all__ = [
+    "Config",
+    "Result",
+    "Task",
+    "classifier_task",
+    "evaluate",
+    "init",
+    "lm_task",
+    "run",
+    "seed_batches",
+    "table",
+    "train",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +93,10 @@ class Task:
 
     def __post_init__(self):
         if (self.head_key is None) != (self.init_head is None):
-            raise ValueError(f"Task: head_key ({self.head_key!r}) and init_head ({self.init_head!r}) go together: "
-                             f"give both for a task with a new head, or neither.")
+            raise ValueError(
+                f"Task: head_key ({self.head_key!r}) and init_head ({self.init_head!r}) go together: "
+                f"give both for a task with a new head, or neither."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +121,10 @@ class Config:
 
     def __post_init__(self):
         if self.full and self.spec is not None:
-            raise ValueError(f"Config {self.name!r}: full=True trains every parameter, so it takes no LoRA spec; "
-                             f"drop spec= or full=True.")
+            raise ValueError(
+                f"Config {self.name!r}: full=True trains every parameter, so it takes no LoRA spec; "
+                f"drop spec= or full=True."
+            )
 
 
 @dataclasses.dataclass
@@ -148,19 +163,31 @@ class Result:
         acc = None if self.accuracy is None else [float(a) for a in self.accuracy]
         tail = None
         if len(self.losses):
-            tail = [float(x) for x in self.losses[-max(1, len(self.losses) // 10):].mean(0)]
-        return {"name": self.config.name, "trainable_params": self.trainable_params,
-                "adapter_params": self.adapter_params, "acc": acc,
-                "acc_mean": None if acc is None else float(np.mean(acc)),
-                "acc_std": None if acc is None else float(np.std(acc)),
-                "final_train_loss": tail, "seeds": list(self.seeds), "train_s": self.train_s,
-                "total_s": self.total_s}
+            tail = [float(x) for x in self.losses[-max(1, len(self.losses) // 10) :].mean(0)]
+        return {
+            "name": self.config.name,
+            "trainable_params": self.trainable_params,
+            "adapter_params": self.adapter_params,
+            "acc": acc,
+            "acc_mean": None if acc is None else float(np.mean(acc)),
+            "acc_std": None if acc is None else float(np.std(acc)),
+            "final_train_loss": tail,
+            "seeds": list(self.seeds),
+            "train_s": self.train_s,
+            "total_s": self.total_s,
+        }
 
 
 # --- tasks --------------------------------------------------------------------------------------------
 
-def classifier_task(apply: Callable, *, head_key: str | None = None, init_head: Callable | None = None,
-                    inputs: Sequence[str] = ("input_ids", "attention_mask")) -> Task:
+
+def classifier_task(
+    apply: Callable,
+    *,
+    head_key: str | None = None,
+    init_head: Callable | None = None,
+    inputs: Sequence[str] = ("input_ids", "attention_mask"),
+) -> Task:
     """Sequence classification: ``apply(variables, *batch[inputs]) -> logits (B, C)``.
 
     The loss is the softmax cross-entropy against ``batch["labels"] (B,)``, averaged over rows with
@@ -215,6 +242,7 @@ def lm_task(apply: Callable, candidate_ids: Sequence[int], *, num_targets: int =
 
 # --- one run ------------------------------------------------------------------------------------------
 
+
 def _init_one(task: Task, config: Config, variables, seed) -> dict:
     """The trainable tree of one run: deltas from ``key(seed)`` (as the engine), the head from
     ``fold_in(key(seed), 1)``."""
@@ -257,8 +285,9 @@ def _optimizer(task: Task, config: Config, steps: int, warmup: int) -> optax.Gra
     def label(path, _):
         return "head" if path_str(path).startswith(heads) else "body"
 
-    return optax.multi_transform({"body": body, "head": head},
-                                 lambda tree: jax.tree_util.tree_map_with_path(label, tree))
+    return optax.multi_transform(
+        {"body": body, "head": head}, lambda tree: jax.tree_util.tree_map_with_path(label, tree)
+    )
 
 
 def _num_runs(trainable) -> int | None:
@@ -292,15 +321,24 @@ def seed_batches(arrays: Mapping[str, np.ndarray], batch_size: int, seeds: Seque
     Run ``i`` sees ``data.batches(arrays, batch_size, seed=seeds[i], shuffle=True, num_epochs=None,
     drop_remainder=True)``, the engine's training order for ``--seed seeds[i]``.
     """
-    its = [data.batches(arrays, batch_size, seed=int(s), shuffle=True, num_epochs=None, drop_remainder=True)
-           for s in seeds]
+    its = [
+        data.batches(arrays, batch_size, seed=int(s), shuffle=True, num_epochs=None, drop_remainder=True)
+        for s in seeds
+    ]
     while True:
         parts = [next(it) for it in its]
         yield {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
 
-def evaluate(task: Task, trainable, variables, arrays: Mapping[str, np.ndarray], batch_size: int, *,
-             num_runs: int | None = None) -> np.ndarray:
+def evaluate(
+    task: Task,
+    trainable,
+    variables,
+    arrays: Mapping[str, np.ndarray],
+    batch_size: int,
+    *,
+    num_runs: int | None = None,
+) -> np.ndarray:
     """Accuracy of every run over all rows of `arrays` (padding rows excluded): ``(S,)``.
 
     Args:
@@ -311,9 +349,14 @@ def evaluate(task: Task, trainable, variables, arrays: Mapping[str, np.ndarray],
     wrapped = lj.wrap(task.apply)
     n = _num_runs(trainable) or num_runs
     if n is None:
-        raise ValueError("evaluate: trainable has no leaves, so the number of runs is unknown; pass num_runs=.")
-    scores = jax.jit(jax.vmap(lambda t, v, b: task.scores(_model(task, wrapped, t, v), b),
-                              in_axes=(0, None, None), axis_size=n))
+        raise ValueError(
+            "evaluate: trainable has no leaves, so the number of runs is unknown; pass num_runs=."
+        )
+    scores = jax.jit(
+        jax.vmap(
+            lambda t, v, b: task.scores(_model(task, wrapped, t, v), b), in_axes=(0, None, None), axis_size=n
+        )
+    )
     correct, total = np.zeros(n), 0.0
     for batch in data.batches(arrays, batch_size):
         pred = np.asarray(scores(trainable, variables, batch)).argmax(-1)  # (S, B)
@@ -328,10 +371,20 @@ def _count(tree) -> int:
     return int(sum(np.prod(x.shape[1:]) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def train(task: Task, config: Config, variables, train_arrays: Mapping[str, np.ndarray],
-          eval_arrays: Mapping[str, np.ndarray] | None = None, *, seeds: Sequence[int], steps: int,
-          batch_size: int, warmup: int = 0, eval_batch_size: int = 128,
-          log: Callable[[str], Any] | None = None) -> Result:
+def train(
+    task: Task,
+    config: Config,
+    variables,
+    train_arrays: Mapping[str, np.ndarray],
+    eval_arrays: Mapping[str, np.ndarray] | None = None,
+    *,
+    seeds: Sequence[int],
+    steps: int,
+    batch_size: int,
+    warmup: int = 0,
+    eval_batch_size: int = 128,
+    log: Callable[[str], Any] | None = None,
+) -> Result:
     """Trains `config` for every seed at once (one vmapped, jitted step) and evaluates each run.
 
     Args:
@@ -353,26 +406,44 @@ def train(task: Task, config: Config, variables, train_arrays: Mapping[str, np.n
     """
     seeds = _check_seeds(seeds)
     if steps < 0 or batch_size < 1:
-        raise ValueError(f"steps must be >= 0 and batch_size >= 1, got steps={steps}, batch_size={batch_size}.")
+        raise ValueError(
+            f"steps must be >= 0 and batch_size >= 1, got steps={steps}, batch_size={batch_size}."
+        )
     log = log or (lambda _: None)
     t0 = time.time()
     trainable = init(task, config, variables, seeds)
     trains = bool(jax.tree_util.tree_leaves(trainable))
     losses = np.zeros((0, len(seeds)), np.float32)
     if trains and steps > 0:
-        trainable, losses = _train_loop(task, config, variables, trainable, train_arrays, seeds, steps, batch_size,
-                                        warmup, lambda: log(f"  {config.name}: compiled + first step "
-                                                            f"{time.time() - t0:.1f}s"))
+        trainable, losses = _train_loop(
+            task,
+            config,
+            variables,
+            trainable,
+            train_arrays,
+            seeds,
+            steps,
+            batch_size,
+            warmup,
+            lambda: log(f"  {config.name}: compiled + first step {time.time() - t0:.1f}s"),
+        )
     train_s = time.time() - t0
     acc = None
     if eval_arrays is not None:
         acc = evaluate(task, trainable, variables, eval_arrays, eval_batch_size, num_runs=len(seeds))
-    counts = (_count(trainable), 0 if config.full or trainable["deltas"] is None else _count(trainable["deltas"]))
+    counts = (
+        _count(trainable),
+        0 if config.full or trainable["deltas"] is None else _count(trainable["deltas"]),
+    )
     result = Result(config, seeds, trainable, losses, acc, *counts, train_s, time.time() - t0)
     if acc is not None:
-        loss_msg = f"loss {np.mean(result.summary()['final_train_loss']):.3f}" if len(losses) else "no training"
-        log(f"  {config.name}: acc {100 * np.mean(acc):.2f} ± {100 * np.std(acc):.2f}  "
-            f"({loss_msg}, {result.total_s:.0f}s)")
+        loss_msg = (
+            f"loss {np.mean(result.summary()['final_train_loss']):.3f}" if len(losses) else "no training"
+        )
+        log(
+            f"  {config.name}: acc {100 * np.mean(acc):.2f} ± {100 * np.std(acc):.2f}  "
+            f"({loss_msg}, {result.total_s:.0f}s)"
+        )
     return result
 
 
@@ -404,26 +475,52 @@ def _train_loop(task, config, variables, trainable, arrays, seeds, steps, batch_
     return trainable, np.asarray(jax.device_get(jnp.stack(losses)), np.float32)
 
 
-def run(task: Task, configs: Sequence[Config], variables, train_arrays, eval_arrays=None, *,
-        seeds: Sequence[int], steps: int, batch_size: int, **kwargs) -> list[Result]:
+def run(
+    task: Task,
+    configs: Sequence[Config],
+    variables,
+    train_arrays,
+    eval_arrays=None,
+    *,
+    seeds: Sequence[int],
+    steps: int,
+    batch_size: int,
+    **kwargs,
+) -> list[Result]:
     """:func:`train` for each configuration (different ranks, targets, learning rates, full fine-tuning,
     head only), one after another; the seeds of each run at once. Keyword arguments go to `train`."""
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names repeat: {names}; give each configuration its own name.")
-    return [train(task, c, variables, train_arrays, eval_arrays, seeds=seeds, steps=steps, batch_size=batch_size,
-                  **kwargs) for c in configs]
+    return [
+        train(
+            task,
+            c,
+            variables,
+            train_arrays,
+            eval_arrays,
+            seeds=seeds,
+            steps=steps,
+            batch_size=batch_size,
+            **kwargs,
+        )
+        for c in configs
+    ]
 
 
 def table(results: Sequence[Result | dict]) -> str:
     """A Markdown table of results (or their :meth:`Result.summary` dicts): accuracy mean ± std over
     seeds, seeds, trainable and adapter parameters per run, the adapter's size in float32."""
-    lines = ["| configuration | accuracy (%) | seeds | trainable params | adapter params | adapter size (fp32) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| configuration | accuracy (%) | seeds | trainable params | adapter params | adapter size (fp32) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         r = r.summary() if isinstance(r, Result) else r
         size = f"{r['adapter_params'] * 4 / 1024:.1f} KiB" if r["adapter_params"] else "–"
         acc = "–" if r["acc"] is None else f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}"
-        lines.append(f"| {r['name']} | {acc} | {len(r['seeds'])} | {r['trainable_params']:,} | "
-                     f"{r['adapter_params']:,} | {size} |")
+        lines.append(
+            f"| {r['name']} | {acc} | {len(r['seeds'])} | {r['trainable_params']:,} | "
+            f"{r['adapter_params']:,} | {size} |"
+        )
     return "\n".join(lines) + "\n"

@@ -65,8 +65,9 @@ def _agree(uses) -> tuple[dict, dict]:
     return agreed, {ax: sorted(rs) for ax, rs in bad.items()}
 
 
-def infer_axes(fn: Callable, params: Any, paths, args: tuple = (), kwargs: dict | None = None, *,
-               optional=()) -> dict[str, LoraAxes]:
+def infer_axes(
+    fn: Callable, params: Any, paths, args: tuple = (), kwargs: dict | None = None, *, optional=()
+) -> dict[str, LoraAxes]:
     """Stacked, input and output axes of each kernel in `paths`, from how ``fn(params, *args)`` uses it.
 
     Traced abstractly: no FLOPs, no memory. Contracted axes are inputs, free axes outputs, batch axes (and
@@ -98,8 +99,10 @@ def infer_axes(fn: Callable, params: Any, paths, args: tuple = (), kwargs: dict 
 
     def run(p_leaves):
         closed, _, dyn = trace(fn, p_leaves, treedef, args, kwargs or {})
-        invals = [LoraValue(w, None, None, own_axes(np.ndim(w)), n) if n in paths else w
-                  for n, w in zip(names, p_leaves, strict=True)]
+        invals = [
+            LoraValue(w, None, None, own_axes(np.ndim(w)), n) if n in paths else w
+            for n, w in zip(names, p_leaves, strict=True)
+        ]
         ctx = Ctx(_rules, record=record)
         return eval_jaxpr(ctx, closed.jaxpr, closed.consts, [*invals, *dyn])
 
@@ -119,7 +122,8 @@ def infer_axes(fn: Callable, params: Any, paths, args: tuple = (), kwargs: dict 
                 f"lora_jax.init: {n} (shape {tuple(np.shape(w))}) is used with axes {result[n]}, not as an "
                 f"(in, out) kernel (an (out, in) layout, as equinox and PyTorch store weights?): `a` goes on "
                 f"its input axes {result[n].inputs}. Pass LoraSpec(axes={{{n!r}: LoraAxes(...)}}) to choose.",
-                stacklevel=3)
+                stacklevel=3,
+            )
     return result
 
 
@@ -130,16 +134,24 @@ def _decide(n: str, shape: tuple, uses: list) -> LoraAxes:
     if not any(k in _CONTRACTING_USES for k in kinds):
         raise ValueError(
             f"cannot infer LoRA axes for {where}: fn never contracts it (uses: {kinds or 'none'}). Give "
-            f"them explicitly: LoraSpec(axes={{{n!r}: LoraAxes(stack=..., inputs=..., outputs=...)}}).")
+            f"them explicitly: LoraSpec(axes={{{n!r}: LoraAxes(stack=..., inputs=..., outputs=...)}})."
+        )
     roles, bad = _agree(uses)
     if bad:
         raise ValueError(
             f"cannot infer LoRA axes for {where}: its uses ({kinds}) disagree about axes {bad}. Give "
-            f"them explicitly: LoraSpec(axes={{{n!r}: LoraAxes(stack=..., inputs=..., outputs=...)}}).")
+            f"them explicitly: LoraSpec(axes={{{n!r}: LoraAxes(stack=..., inputs=..., outputs=...)}})."
+        )
     missing = [ax for ax in range(len(shape)) if ax not in roles]
     if missing:
-        raise ValueError(f"cannot infer LoRA axes for {where}: axes {missing} are never used by "
-                         f"{kinds}. Give them explicitly with LoraSpec(axes=...).")
-    axes = LoraAxes(*(tuple(ax for ax in range(len(shape)) if roles[ax] == role)
-                      for role in ("stack", "inputs", "outputs")))
+        raise ValueError(
+            f"cannot infer LoRA axes for {where}: axes {missing} are never used by "
+            f"{kinds}. Give them explicitly with LoraSpec(axes=...)."
+        )
+    axes = LoraAxes(
+        *(
+            tuple(ax for ax in range(len(shape)) if roles[ax] == role)
+            for role in ("stack", "inputs", "outputs")
+        )
+    )
     return axes.check(len(shape), n)

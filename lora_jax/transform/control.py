@@ -54,8 +54,9 @@ def checkpoint(ctx, eqn, invals):
 
     def body(plain_ins, parts):
         it_p, it_t = iter(plain_ins), iter(parts)
-        vals = [tracked[i].with_arrays(next(it_t)) if i in tracked else next(it_p)
-                for i in range(len(invals))]
+        vals = [
+            tracked[i].with_arrays(next(it_t)) if i in tracked else next(it_p) for i in range(len(invals))
+        ]
         outs = eval_jaxpr(ctx, jaxpr, (), vals)
         templates[:] = [o if isinstance(o, TrackedValue) else None for o in outs]
         # A weight returned through the checkpoint (NNX's remat returns the layer's params) leaves as its
@@ -63,7 +64,8 @@ def checkpoint(ctx, eqn, invals):
         return [o.arrays() if isinstance(o, TrackedValue) else o for o in outs]
 
     outs = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))(
-        plain_ins, parts)
+        plain_ins, parts
+    )
     return [o if t is None else t.with_arrays(tuple(o)) for o, t in zip(outs, templates, strict=True)]
 
 
@@ -71,7 +73,7 @@ def scan(ctx, eqn, invals):
     """``lax.scan``: a tracked value scanned over (a stack of layers) is sliced along with its factors."""
     p = eqn.params
     closed, nc, nk = p["jaxpr"], p["num_consts"], p["num_carry"]
-    consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+    consts, init, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
     init = plain(ctx, init, "scan carry")
     length = p["length"]
     xs_parts = []
@@ -86,14 +88,17 @@ def scan(ctx, eqn, invals):
     def body(carry, scanned):
         key, parts = scanned
         sub = ctx if key is None else ctx.sub(key)
-        xs_vals = [x.with_arrays(part, origin=x.origin[1:]) if isinstance(x, TrackedValue) else part
-                   for x, part in zip(xs, parts, strict=True)]
+        xs_vals = [
+            x.with_arrays(part, origin=x.origin[1:]) if isinstance(x, TrackedValue) else part
+            for x, part in zip(xs, parts, strict=True)
+        ]
         outs = eval_jaxpr(sub, closed.jaxpr, closed.consts, [*consts, *carry, *xs_vals])
         outs = plain(sub, outs, "scan output")
         return outs[:nk], outs[nk:]
 
-    carry, ys = lax.scan(body, list(init), (keys, xs_parts), length=length, reverse=p["reverse"],
-                         unroll=p["unroll"])
+    carry, ys = lax.scan(
+        body, list(init), (keys, xs_parts), length=length, reverse=p["reverse"], unroll=p["unroll"]
+    )
     return [*carry, *ys]
 
 
@@ -101,7 +106,7 @@ def while_loop(ctx, eqn, invals):
     """``lax.while_loop``: cond and body interpreted; tracked values are closed over, not carried."""
     p = eqn.params
     cj, bj, cn, bn = p["cond_jaxpr"], p["body_jaxpr"], p["cond_nconsts"], p["body_nconsts"]
-    cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
+    cconsts, bconsts, init = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
     init = plain(ctx, init, "while carry")
 
     def cond_fun(carry):
@@ -126,6 +131,7 @@ def cond(ctx, eqn, invals):
             it = iter(plain_ops)
             vals = [tracked[i] if i in tracked else next(it) for i in range(len(ops))]
             return plain(ctx, eval_jaxpr(ctx, br.jaxpr, br.consts, vals), "cond output")
+
         return f
 
     return list(lax.switch(index, [branch_fn(br) for br in eqn.params["branches"]], *plain_ops))

@@ -87,8 +87,17 @@ class DoraValue(TrackedValue):
 
 # The view-like ops for which a LoraValue rule applies the same function to W and to both factors
 # (so g, riding in b's place, goes through the very same view as V).
-VIEWS = ("transpose", "broadcast_in_dim", "reshape", "squeeze", "slice", "dynamic_slice", "sharding_constraint",
-         "copy", "rev")
+VIEWS = (
+    "transpose",
+    "broadcast_in_dim",
+    "reshape",
+    "squeeze",
+    "slice",
+    "dynamic_slice",
+    "sharding_constraint",
+    "copy",
+    "rev",
+)
 
 
 def view(ctx, eqn, invals):
@@ -133,8 +142,10 @@ def dot_general(ctx, eqn, invals):
     order = [*wb, *wfree]
     gt = jnp.transpose(g, order + list(wc)).reshape([g.shape[i] for i in order])
     nxfree = len(x.shape) - len(xc) - len(xb)
-    gt = gt.reshape(gt.shape[:len(wb)] + ((1,) * nxfree + gt.shape[len(wb):] if w_is_rhs
-                                          else gt.shape[len(wb):] + (1,) * nxfree))
+    gt = gt.reshape(
+        gt.shape[: len(wb)]
+        + ((1,) * nxfree + gt.shape[len(wb) :] if w_is_rhs else gt.shape[len(wb) :] + (1,) * nxfree)
+    )
     return [(y.astype(jnp.float32) * gt).astype(y.dtype)]
 
 
@@ -145,4 +156,5 @@ def unsupported(ctx, eqn, invals):
     raise ValueError(
         f"{dv.path}: DoRA is not supported for {what.get(eqn.primitive.name, eqn.primitive.name)}; it is "
         f"implemented for Dense / DenseGeneral / einsum kernels (also scan-stacked). Use LoraSpec(dora=False) "
-        f"for this path, or leave it out of the DoRA spec's targets.")
+        f"for this path, or leave it out of the DoRA spec's targets."
+    )

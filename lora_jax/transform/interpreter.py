@@ -24,8 +24,17 @@ from jax.extend import core as jcore
 
 from lora_jax.transform.value import TrackedValue
 
-__all__ = ["FallbackWarning", "Ctx", "Rule", "eval_jaxpr", "bind", "materialize", "plain", "fallback",
-           "trace"]
+__all__ = [
+    "FallbackWarning",
+    "Ctx",
+    "Rule",
+    "eval_jaxpr",
+    "bind",
+    "materialize",
+    "plain",
+    "fallback",
+    "trace",
+]
 
 
 class FallbackWarning(UserWarning):
@@ -119,13 +128,17 @@ def materialize(ctx: Ctx, v, prim: str):
         raise ValueError(
             f"lora_jax.wrap(strict=True): {v.path} is used by primitive `{prim}`, which has no factored "
             f"LoRA rule, so W + s·a·b would have to be materialised. Use wrap(fn) to allow it, or change "
-            f"the model so the weight reaches a dot_general/conv/gather through view-like ops only.")
+            f"the model so the weight reaches a dot_general/conv/gather through view-like ops only."
+        )
     elif (prim, v.path) not in ctx.warned:
         ctx.warned.add((prim, v.path))
         warnings.warn(
             f"lora_jax.wrap: {v.path} is used by primitive `{prim}`, which has no factored LoRA rule; "
             f"W + s·a·b is materialised for this use (slower, more memory). Pass strict=True to make "
-            f"this an error.", FallbackWarning, stacklevel=2)
+            f"this an error.",
+            FallbackWarning,
+            stacklevel=2,
+        )
     return v.dense()
 
 
@@ -186,7 +199,9 @@ def trace(fn: Callable, param_leaves, treedef, args: tuple, kwargs: dict):
         return fn(jax.tree_util.tree_unflatten(treedef, p_leaves), *a, **k)
 
     spec = lambda x: jax.ShapeDtypeStruct(  # noqa: E731
-        np.shape(x), jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype)
+        np.shape(x), jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype
+    )
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
-        [spec(w) for w in param_leaves], [spec(arg_leaves[i]) for i in dyn_pos])
+        [spec(w) for w in param_leaves], [spec(arg_leaves[i]) for i in dyn_pos]
+    )
     return closed, out_shape, [arg_leaves[i] for i in dyn_pos]

@@ -78,8 +78,14 @@ class DotPlan:
     dense: bool = False
 
 
-def plan_dot_general(dimension_numbers, x_shape: Sequence[int], w_shape: Sequence[int], w_is_rhs: bool,
-                     a_shape: Sequence[int] | None = None, b_shape: Sequence[int] | None = None) -> DotPlan:
+def plan_dot_general(
+    dimension_numbers,
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    w_is_rhs: bool,
+    a_shape: Sequence[int] | None = None,
+    b_shape: Sequence[int] | None = None,
+) -> DotPlan:
     """The `DotPlan` of ``dot_general`` between a plain operand x and an adapted weight view W.
 
     Args:
@@ -127,11 +133,16 @@ def plan_dot_general(dimension_numbers, x_shape: Sequence[int], w_shape: Sequenc
     out = [xl[j] for j in xb] + (out_xl + out_v if w_is_rhs else out_v + out_xl)
     have = set(t_axes) | set(second_l)
     out_present = "".join(c for c in out if c in have)
-    return DotPlan(w_is_rhs, roles, out_shape, LowRankPath(
-        first=first,
-        first_axes=tuple(pf),
-        second_axes=tuple(ps),
-        first_spec=f"{''.join(xl)},{first_l}->{''.join(t_axes)}",
-        second_spec=f"{''.join(t_axes)},{second_l}->{out_present}",
-        low_shape=tuple(out_shape[k] if c in have else 1 for k, c in enumerate(out)),
-    ))
+    return DotPlan(
+        w_is_rhs,
+        roles,
+        out_shape,
+        LowRankPath(
+            first=first,
+            first_axes=tuple(pf),
+            second_axes=tuple(ps),
+            first_spec=f"{''.join(xl)},{first_l}->{''.join(t_axes)}",
+            second_spec=f"{''.join(t_axes)},{second_l}->{out_present}",
+            low_shape=tuple(out_shape[k] if c in have else 1 for k, c in enumerate(out)),
+        ),
+    )

@@ -40,7 +40,14 @@ from lora_jax.delta import LoraDelta
 from lora_jax.quant.array import QuantizedArray, QuantMeta, dequantize_arrays
 from lora_jax.transform.interpreter import bind, fallback, materialize
 from lora_jax.transform.plan import plan_dot_general
-from lora_jax.transform.value import LoraValue, TrackedValue, aligned_factors, dense_delta, own_axes, squeeze_to
+from lora_jax.transform.value import (
+    LoraValue,
+    TrackedValue,
+    aligned_factors,
+    dense_delta,
+    own_axes,
+    squeeze_to,
+)
 
 __all__ = ["QuantValue", "view", "dot_general", "gather"]
 
@@ -80,15 +87,25 @@ class QuantValue(TrackedValue):
         a = b = None
         if d is not None:
             a, b = aligned_factors(jax.ShapeDtypeStruct(q.shape, q.dtype), d)
-        return cls(q.arrays, q.meta, (), q.shape, q.dtype, a, b, own_axes(len(q.shape)), path,
-                   0.0 if d is None else d.dropout)
+        return cls(
+            q.arrays,
+            q.meta,
+            (),
+            q.shape,
+            q.dtype,
+            a,
+            b,
+            own_axes(len(q.shape)),
+            path,
+            0.0 if d is None else d.dropout,
+        )
 
     def base(self, q=None):
         """The decoded base weight's current view (no low-rank part), from `q` (default: ``self.q``)."""
         q = self.q if q is None else q
         w = dequantize_arrays(tuple(None if x is None else jax.lax.stop_gradient(x) for x in q), self.meta)
         for eqn, invals, i in self.ops:
-            w = bind(eqn, [*invals[:i], w, *invals[i + 1:]])[0]
+            w = bind(eqn, [*invals[:i], w, *invals[i + 1 :]])[0]
         return w
 
     def dense(self):
@@ -106,14 +123,17 @@ class QuantValue(TrackedValue):
         if q[0].ndim == len(self.meta.shape) - 1:  # a slice of a stack (the body of a scan over layers)
             m = self.meta
             kw = dict(meta=dataclasses.replace(m, shape=m.shape[1:], axis=m.axis - 1), shape=self.shape[1:])
-        return dataclasses.replace(self, q=q, a=a, b=b, origin=self.origin if origin is None else origin, **kw)
+        return dataclasses.replace(
+            self, q=q, a=a, b=b, origin=self.origin if origin is None else origin, **kw
+        )
 
     def stacked_arrays(self, length: int) -> tuple:
         if self.ops or self.meta.axis == 0 or self.meta.shape[0] != length:
             raise ValueError(
                 f"lora_jax.wrap: {self.path} is scanned over its axis 0, which must be a leading axis of every "
                 f"quantized array: quantize it with a block axis after the stacked axis (QuantSpec(block_axis="
-                f"{{{self.path!r}: 1}}) for a (layers, in, out) kernel), and pass it to the scan untouched.")
+                f"{{{self.path!r}: 1}}) for a (layers, in, out) kernel), and pass it to the scan untouched."
+            )
         if self.a is None:
             return (*self.q, None, None)
         grow = lambda f: jnp.broadcast_to(f, (length,) + f.shape[1:]) if f.shape[0] == 1 else f  # noqa: E731
@@ -121,7 +141,9 @@ class QuantValue(TrackedValue):
 
     def standin(self) -> LoraValue:
         """A `LoraValue` with a zero W of this view's shape and the same factors (for the factor rules)."""
-        return LoraValue(jnp.zeros(self.shape, self.dtype), self.a, self.b, self.origin, self.path, self.dropout)
+        return LoraValue(
+            jnp.zeros(self.shape, self.dtype), self.a, self.b, self.origin, self.path, self.dropout
+        )
 
 
 def view(ctx, eqn, invals):
@@ -131,14 +153,23 @@ def view(ctx, eqn, invals):
         return fallback(ctx, eqn, invals)
     i = where[0]
     v = invals[i]
-    sub = [*invals[:i], v.standin(), *invals[i + 1:]]
+    sub = [*invals[:i], v.standin(), *invals[i + 1 :]]
     rule = ctx.rule_for(eqn.primitive.name, sub)
     out = rule(ctx, eqn, sub) if rule is not None else None
     if out is None or len(out) != 1 or not isinstance(out[0], LoraValue):
         return fallback(ctx, eqn, invals)
     o = out[0]
-    return [dataclasses.replace(v, ops=v.ops + ((eqn, tuple(invals), i),), shape=tuple(o.w.shape), dtype=o.w.dtype,
-                                a=o.a, b=o.b, origin=o.origin)]
+    return [
+        dataclasses.replace(
+            v,
+            ops=v.ops + ((eqn, tuple(invals), i),),
+            shape=tuple(o.w.shape),
+            dtype=o.w.dtype,
+            a=o.a,
+            b=o.b,
+            origin=o.origin,
+        )
+    ]
 
 
 def _dropout(ctx, v: QuantValue, x):
@@ -183,8 +214,8 @@ def _base_use(eqn, v: QuantValue, operands: list, i: int):
     compiler can neither hoist the decode nor share the forward's). The
     quantized arrays get a zero cotangent: the base is frozen, no W-shaped gradient is formed.
     """
-    others = operands[:i] + operands[i + 1:]
-    op_args = tuple(tuple(inv[:j] + inv[j + 1:]) for _, inv, j in v.ops)
+    others = operands[:i] + operands[i + 1 :]
+    op_args = tuple(tuple(inv[:j] + inv[j + 1 :]) for _, inv, j in v.ops)
 
     def run(others, op_args, q):
         return bind(eqn, [*others[:i], _decode_view(v, q, op_args), *others[i:]])[0]
@@ -222,8 +253,14 @@ def dot_general(ctx, eqn, invals):
     w_is_rhs = isinstance(rhs, QuantValue)
     v, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
     p = eqn.params
-    plan = plan_dot_general(p["dimension_numbers"], x.shape, v.shape, w_is_rhs,
-                            None if v.a is None else v.a.shape, None if v.b is None else v.b.shape)
+    plan = plan_dot_general(
+        p["dimension_numbers"],
+        x.shape,
+        v.shape,
+        w_is_rhs,
+        None if v.a is None else v.a.shape,
+        None if v.b is None else v.b.shape,
+    )
     if plan.dense:
         return fallback(ctx, eqn, invals)
     base = _base_use(eqn, v, list(invals), 1 if w_is_rhs else 0)
@@ -231,10 +268,20 @@ def dot_general(ctx, eqn, invals):
         return [base]
     path, dt, pet, prec = plan.low_rank, x.dtype, p.get("preferred_element_type"), p.get("precision")
     first, second = (v.b, v.a) if path.first == "b" else (v.a, v.b)
-    t = jnp.einsum(path.first_spec, _dropout(ctx, v, x), squeeze_to(first, path.first_axes).astype(dt),
-                   precision=prec, preferred_element_type=pet).astype(dt)
-    low = jnp.einsum(path.second_spec, t, squeeze_to(second, path.second_axes).astype(dt), precision=prec,
-                     preferred_element_type=pet)
+    t = jnp.einsum(
+        path.first_spec,
+        _dropout(ctx, v, x),
+        squeeze_to(first, path.first_axes).astype(dt),
+        precision=prec,
+        preferred_element_type=pet,
+    ).astype(dt)
+    low = jnp.einsum(
+        path.second_spec,
+        t,
+        squeeze_to(second, path.second_axes).astype(dt),
+        precision=prec,
+        preferred_element_type=pet,
+    )
     return [base + jnp.broadcast_to(low.reshape(path.low_shape), base.shape).astype(base.dtype)]
 
 
@@ -243,14 +290,21 @@ def _row_lookup(eqn, v: QuantValue, idx) -> Any:
     m, p = v.meta, eqn.params
     dn = p["dimension_numbers"]
     nb = idx.ndim - 1
-    if (v.ops or m.axis == 0 or idx.shape[-1] != 1 or getattr(dn, "operand_batching_dims", ())
-            or tuple(dn.start_index_map) != (0,) or tuple(dn.collapsed_slice_dims) != (0,)
-            or tuple(dn.offset_dims) != tuple(range(nb, nb + len(m.shape) - 1))
-            or tuple(p["slice_sizes"]) != (1, *m.shape[1:])):
+    if (
+        v.ops
+        or m.axis == 0
+        or idx.shape[-1] != 1
+        or getattr(dn, "operand_batching_dims", ())
+        or tuple(dn.start_index_map) != (0,)
+        or tuple(dn.collapsed_slice_dims) != (0,)
+        or tuple(dn.offset_dims) != tuple(range(nb, nb + len(m.shape) - 1))
+        or tuple(p["slice_sizes"]) != (1, *m.shape[1:])
+    ):
         return None
     ids = idx[..., 0]
-    parts = tuple(None if x is None else jnp.take(jax.lax.stop_gradient(x), ids, axis=0, mode="clip")
-                  for x in v.q)
+    parts = tuple(
+        None if x is None else jnp.take(jax.lax.stop_gradient(x), ids, axis=0, mode="clip") for x in v.q
+    )
     rows = dataclasses.replace(m, shape=tuple(ids.shape) + m.shape[1:], axis=m.axis - 1 + ids.ndim)
     return dequantize_arrays(parts, rows)
 

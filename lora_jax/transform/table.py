@@ -28,12 +28,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lora_jax.transform import control, quantized, uses, views
-from lora_jax.transform.interpreter import Rule
-from lora_jax.transform.value import LoraValue, TrackedValue, own_axes  # noqa: F401 (own_axes: doctest)
-from lora_jax.transform.quantized import QuantValue
-from lora_jax.transform import dora
+from lora_jax.transform import control, dora, quantized, uses, views
 from lora_jax.transform.dora import DoraValue
+from lora_jax.transform.interpreter import Rule
+from lora_jax.transform.quantized import QuantValue
+from lora_jax.transform.value import LoraValue, TrackedValue, own_axes  # noqa: F401 (own_axes: doctest)
 
 __all__ = ["RULES", "JAX_VERSIONED", "rule_for"]
 
@@ -69,18 +68,18 @@ RULES: dict[str, dict[type, Rule]] = {
     "dot_general": {LoraValue: uses.dot_general},
     "conv_general_dilated": {LoraValue: uses.conv_general_dilated},
     "gather": {LoraValue: uses.gather},
-    "square": {LoraValue: uses.square},                # V·V, V**2: weight norm's |V|², summed below
+    "square": {LoraValue: uses.square},  # V·V, V**2: weight norm's |V|², summed below
     "integer_pow": {LoraValue: uses.square},
     "reduce_sum": {uses.SquareValue: uses.sum_of_squares},
     # Control flow: re-entered with the interpreter inside, for any kind.
-    "jit": {_ANY: control.inline},                     # JAX >= 0.7.0
-    "pjit": {_ANY: control.inline},                    # JAX < 0.7.0
-    "closed_call": {_ANY: control.inline},             # JAX <= 0.11.0
-    "eval_jaxpr": {_ANY: control.inline},              # JAX > 0.11.0
+    "jit": {_ANY: control.inline},  # JAX >= 0.7.0
+    "pjit": {_ANY: control.inline},  # JAX < 0.7.0
+    "closed_call": {_ANY: control.inline},  # JAX <= 0.11.0
+    "eval_jaxpr": {_ANY: control.inline},  # JAX > 0.11.0
     "custom_jvp_call": {_ANY: control.custom_call},
     "custom_vjp_call": {_ANY: control.custom_call},
     "custom_vjp_call_jaxpr": {_ANY: control.custom_call},  # JAX < 0.6.1
-    "remat2": {_ANY: control.checkpoint},              # jax.checkpoint / jax.remat
+    "remat2": {_ANY: control.checkpoint},  # jax.checkpoint / jax.remat
     "scan": {_ANY: control.scan},
     "while": {_ANY: control.while_loop},
     "cond": {_ANY: control.cond},

@@ -55,8 +55,14 @@ def dot_general(ctx, eqn, invals):
     w_is_rhs = isinstance(rhs, LoraValue)
     v, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
     p = eqn.params
-    plan = plan_dot_general(p["dimension_numbers"], x.shape, v.w.shape, w_is_rhs,
-                            None if v.a is None else v.a.shape, None if v.b is None else v.b.shape)
+    plan = plan_dot_general(
+        p["dimension_numbers"],
+        x.shape,
+        v.w.shape,
+        w_is_rhs,
+        None if v.a is None else v.a.shape,
+        None if v.b is None else v.b.shape,
+    )
     _note_roles(ctx, v, plan)
     if plan.dense:
         # Contracting over axes of both factors at once (a trace-like use): no cheaper than dense.
@@ -74,11 +80,21 @@ def dot_general(ctx, eqn, invals):
     base = bind(eqn.replace(params={**p, "preferred_element_type": acc}) if widen else eqn, operands)[0]
     first, second = (v.b, v.a) if path.first == "b" else (v.a, v.b)
     xin = _dropout(ctx, v, x)
-    t = jnp.einsum(path.first_spec, xin, squeeze_to(first, path.first_axes).astype(dt), precision=prec,
-                   preferred_element_type=acc)
+    t = jnp.einsum(
+        path.first_spec,
+        xin,
+        squeeze_to(first, path.first_axes).astype(dt),
+        precision=prec,
+        preferred_element_type=acc,
+    )
     t = t if widen else t.astype(dt)
-    low = jnp.einsum(path.second_spec, t, squeeze_to(second, path.second_axes).astype(t.dtype), precision=prec,
-                     preferred_element_type=acc)
+    low = jnp.einsum(
+        path.second_spec,
+        t,
+        squeeze_to(second, path.second_axes).astype(t.dtype),
+        precision=prec,
+        preferred_element_type=acc,
+    )
     low = low.reshape(path.low_shape)
     return [(base + jnp.broadcast_to(low, base.shape).astype(base.dtype)).astype(out_dt)]
 
@@ -91,8 +107,14 @@ def conv_general_dilated(ctx, eqn, invals):
         return fallback(ctx, eqn, invals)
     dn = p["dimension_numbers"]
     out_dim, in_dim, *spatial = dn.rhs_spec
-    ctx.note(v, "conv", {**{ax: "inputs" for i in (in_dim, *spatial) for ax in v.origin[i]},
-                         **{ax: "outputs" for ax in v.origin[out_dim]}})
+    ctx.note(
+        v,
+        "conv",
+        {
+            **{ax: "inputs" for i in (in_dim, *spatial) for ax in v.origin[i]},
+            **{ax: "outputs" for ax in v.origin[out_dim]},
+        },
+    )
     base = bind(eqn, [x, v.w])[0]
     if v.a is None:
         return [base]
@@ -111,9 +133,18 @@ def conv_general_dilated(ctx, eqn, invals):
     if groups > 1:
         a_k = jnp.tile(a_k, [groups if i == out_dim else 1 for i in range(a_k.ndim)])
     xin = _dropout(ctx, v, x)
-    low = lax.conv_general_dilated(xin, a_k, p["window_strides"], p["padding"], p["lhs_dilation"],
-                                   p["rhs_dilation"], dn, feature_group_count=groups, precision=p["precision"],
-                                   preferred_element_type=p["preferred_element_type"]).astype(x.dtype)
+    low = lax.conv_general_dilated(
+        xin,
+        a_k,
+        p["window_strides"],
+        p["padding"],
+        p["lhs_dilation"],
+        p["rhs_dilation"],
+        dn,
+        feature_group_count=groups,
+        precision=p["precision"],
+        preferred_element_type=p["preferred_element_type"],
+    ).astype(x.dtype)
     feat = dn.out_spec[1]
     b_mat = v.b.reshape(groups, shape[out_dim] // groups, r).astype(x.dtype)  # (G, out/G, r)
     low = jnp.moveaxis(low, feat, -1)
@@ -132,9 +163,14 @@ def gather(ctx, eqn, invals):
     shape = v.w.shape
     sizes = p["slice_sizes"]
     gathered = [d for d in range(len(shape)) if d in dn.start_index_map and sizes[d] < shape[d]]
-    ctx.note(v, "gather", {**{ax: "inputs" for d in gathered for ax in v.origin[d]},
-                           **{ax: "outputs" for d in range(len(shape)) if d not in gathered
-                              for ax in v.origin[d]}})
+    ctx.note(
+        v,
+        "gather",
+        {
+            **{ax: "inputs" for d in gathered for ax in v.origin[d]},
+            **{ax: "outputs" for d in range(len(shape)) if d not in gathered for ax in v.origin[d]},
+        },
+    )
     base = bind(eqn, [v.w, idx])[0]
     if v.a is None:
         return [base]
@@ -147,8 +183,16 @@ def gather(ctx, eqn, invals):
         fidx = idx * jnp.asarray(keep, idx.dtype)  # a factor constant along an axis is read at index 0
         fsizes = tuple(1 if f.shape[d] == 1 else sizes[d] for d in range(len(shape))) + (f.shape[-1],)
         fdn = dn._replace(offset_dims=tuple(dn.offset_dims) + (base.ndim,))
-        return lax.gather(f, fidx, fdn, fsizes, mode=p["mode"], fill_value=p.get("fill_value"),
-                          indices_are_sorted=p["indices_are_sorted"], unique_indices=p["unique_indices"])
+        return lax.gather(
+            f,
+            fidx,
+            fdn,
+            fsizes,
+            mode=p["mode"],
+            fill_value=p.get("fill_value"),
+            indices_are_sorted=p["indices_are_sorted"],
+            unique_indices=p["unique_indices"],
+        )
 
     low = dense_delta(gather_factor(v.a), gather_factor(v.b), base.shape, base.dtype)
     return [base + low]
@@ -216,7 +260,9 @@ def sum_of_squares(ctx, eqn, invals):
 
     def term(spec_in, ops, have):
         out = [i for i in keep if i in have]
-        res = jnp.einsum(f"{spec_in}->{''.join(lab[i] for i in out)}", *ops, preferred_element_type=jnp.float32)
+        res = jnp.einsum(
+            f"{spec_in}->{''.join(lab[i] for i in out)}", *ops, preferred_element_type=jnp.float32
+        )
         return res.reshape([shape[i] if i in out else 1 for i in keep])
 
     total = term(f"{full},{full}", (v.w, v.w), set(range(n)))

@@ -33,8 +33,16 @@ import numpy as np
 
 from lora_jax.delta import LoraDelta
 
-__all__ = ["TrackedValue", "LoraValue", "own_axes", "aligned_factors", "dense_delta", "labels", "present",
-           "squeeze_to"]
+__all__ = [
+    "TrackedValue",
+    "LoraValue",
+    "own_axes",
+    "aligned_factors",
+    "dense_delta",
+    "labels",
+    "present",
+    "squeeze_to",
+]
 
 
 class TrackedValue:
@@ -159,8 +167,10 @@ def dense_delta(a, b, shape, dtype):
     lab = labels(n + 1)
     pa, pb = present(a.shape, shape), present(b.shape, shape)
     out = sorted(set(pa) | set(pb))
-    spec = (f"{''.join(lab[i] for i in pa)}{lab[n]},{''.join(lab[i] for i in pb)}{lab[n]}"
-            f"->{''.join(lab[i] for i in out)}")
+    spec = (
+        f"{''.join(lab[i] for i in pa)}{lab[n]},{''.join(lab[i] for i in pb)}{lab[n]}"
+        f"->{''.join(lab[i] for i in out)}"
+    )
     res = jnp.einsum(spec, squeeze_to(a, pa), squeeze_to(b, pb), preferred_element_type=jnp.float32)
     res = res.reshape([shape[i] if i in out else 1 for i in range(n)])
     return jnp.broadcast_to(res, shape).astype(dtype)

@@ -20,8 +20,22 @@ from lora_jax.transform.interpreter import bind, fallback
 from lora_jax.transform.uses import square
 from lora_jax.transform.value import LoraValue, TrackedValue, present
 
-__all__ = ["view", "convert_element_type", "transpose", "broadcast_in_dim", "reshape", "squeeze", "slice_",
-           "dynamic_slice", "identity", "scale", "rev", "concatenate", "neg", "device_put"]
+__all__ = [
+    "view",
+    "convert_element_type",
+    "transpose",
+    "broadcast_in_dim",
+    "reshape",
+    "squeeze",
+    "slice_",
+    "dynamic_slice",
+    "identity",
+    "scale",
+    "rev",
+    "concatenate",
+    "neg",
+    "device_put",
+]
 
 
 def view(fn_factor, new_origin):
@@ -156,7 +170,7 @@ def _slice_factor(eqn, f, v, invals):
 
 
 def _dynamic_slice_factor(eqn, f, v, invals):
-    starts = invals[1:1 + v.w.ndim]
+    starts = invals[1 : 1 + v.w.ndim]
     sizes = eqn.params["slice_sizes"]
     idx = [jnp.zeros((), jnp.int32) if f.shape[i] == 1 else starts[i] for i in range(v.w.ndim)]
     idx = [jnp.asarray(i).astype(jnp.int32) for i in idx]
@@ -262,10 +276,18 @@ def concatenate(ctx, eqn, invals):
         if a_varies:
             a = jnp.pad(a, pad)
         if not a_varies or b.shape[k] == n > 1:  # b carries the block (broadcast along k if constant)
-            b = jnp.pad(jnp.broadcast_to(b, b.shape[:k] + (n,) + b.shape[k + 1:]), pad)
+            b = jnp.pad(jnp.broadcast_to(b, b.shape[:k] + (n,) + b.shape[k + 1 :]), pad)
         parts.append((a, b))
-    full = lambda fs: [jnp.broadcast_to(f, tuple(max(g.shape[i] for g in fs) for i in range(w.ndim))  # noqa: E731
-                                        + f.shape[-1:]) for f in fs]
+    full = (
+        lambda fs: [
+            jnp.broadcast_to(
+                f,
+                tuple(max(g.shape[i] for g in fs) for i in range(w.ndim))  # noqa: E731
+                + f.shape[-1:],
+            )
+            for f in fs
+        ]
+    )
     a = jnp.concatenate(full([p[0] for p in parts]), axis=-1)
     b = jnp.concatenate(full([p[1] for p in parts]), axis=-1)
     return [out.replace(a=a, b=b)]
@@ -281,4 +303,3 @@ def device_put(ctx, eqn, invals):
     """device_put may carry several operands; tracked ones pass through (it is a no-op on values)."""
     outs = bind(eqn, [x.w if isinstance(x, LoraValue) else x for x in invals])
     return [x.replace(w=o) if isinstance(x, LoraValue) else o for x, o in zip(invals, outs, strict=True)]
-

@@ -8,11 +8,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from lora_jax.dora import is_dora
 from lora_jax.pairing import paired_leaves
 from lora_jax.quant.array import QuantLeaf, box_quantized
-from lora_jax.transform.interpreter import Ctx, eval_jaxpr, materialize, trace
-from lora_jax.dora import is_dora
 from lora_jax.transform.dora import DoraValue
+from lora_jax.transform.interpreter import Ctx, eval_jaxpr, materialize, trace
 from lora_jax.transform.quantized import QuantValue
 from lora_jax.transform.table import rule_for
 from lora_jax.transform.value import LoraValue
@@ -54,9 +54,16 @@ def wrap(fn: Callable, *, strict: bool = False) -> Callable:
         # enter the interpreter as a QuantValue, decoded at each use.
         treedef, pairs = paired_leaves(box_quantized(params), deltas)
         closed, out_shape, dyn = trace(fn, [w for _, w, _ in pairs], treedef, args, kwargs)
-        invals = [QuantValue.of(w.q, d, path) if isinstance(w, QuantLeaf) else
-                  jnp.asarray(w) if d is None else DoraValue.of(w, d, path) if is_dora(d) else
-                  LoraValue.of(w, d, path) for path, w, d in pairs]
+        invals = [
+            QuantValue.of(w.q, d, path)
+            if isinstance(w, QuantLeaf)
+            else jnp.asarray(w)
+            if d is None
+            else DoraValue.of(w, d, path)
+            if is_dora(d)
+            else LoraValue.of(w, d, path)
+            for path, w, d in pairs
+        ]
         ctx = Ctx(rule_for, strict=strict, warned=warned, key=dropout_key)
         outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, [*invals, *dyn])
         outs = [materialize(ctx, o, "output of fn") for o in outs]  # fn returned a weight: warns
