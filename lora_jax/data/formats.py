@@ -27,7 +27,7 @@ Example:
     ...           "messages", "chat.jsonl line 3")
     Traceback (most recent call last):
     ...
-    lora_jax.data.files.DataError: chat.jsonl line 3: field 'messages[1].role': 'bot' is not one of 'system', 'user', 'assistant'.
+    lora_jax.data.errors.DataError: chat.jsonl line 3: field 'messages[1].role': 'bot' is not one of 'system', 'user', 'assistant'.
 """
 
 from __future__ import annotations
