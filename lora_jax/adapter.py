@@ -1,7 +1,8 @@
 """Adapter files: the deltas alone (MBs, not GBs), and the merged model for export; never a pickle.
 
 - **Adapter** (`save_adapter` / `load_adapter` / `adapter_info`): the deltas as safetensors, tensors
-  ``{key path}/a`` and ``{key path}/b``, with a JSON header (``lora_jax`` entry, format
+  ``{key path}/a`` and ``{key path}/b`` (a DoRA magnitude ``{key path}/m``, a fully trained leaf
+  ``{key path}/full``), with a JSON header (``lora_jax`` entry, format
   ``ADAPTER_FORMAT``) holding the `LoraSpec`, the base model's identity and, per delta, its scale, axes,
   rank, kernel shape and a CRC32 of each array, and a CRC32 of the whole header (``header_crc32``), so
   an edited scale, axis, target or dropout is refused like a flipped bit in an array. Loading checks
@@ -49,6 +50,7 @@ from lora_jax.core import _fit_problem, merge
 from lora_jax.coverage import check_coverage
 from lora_jax.delta import LoraDelta, is_delta
 from lora_jax.dora import DoraDelta, is_dora
+from lora_jax.full import FullLeaf, full_problem, is_full
 from lora_jax.spec import LoraAxes, LoraSpec, path_str
 
 __all__ = [
@@ -86,7 +88,7 @@ _SPEC_FIELDS = (
     "axes",
 )
 # LoraSpec fields written only when they differ from their defaults (older headers lack them).
-_SPEC_OPTIONAL = {"dora": False, "dora_detach_norm": True}
+_SPEC_OPTIONAL = {"dora": False, "dora_detach_norm": True, "train_full": []}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,7 +117,11 @@ def spec_to_json(spec: LoraSpec) -> dict:
         "axes": {k: dataclasses.asdict(v) for k, v in dict(spec.axes).items()},
         **{
             k: v
-            for k, v in (("dora", spec.dora), ("dora_detach_norm", spec.dora_detach_norm))
+            for k, v in (
+                ("dora", spec.dora),
+                ("dora_detach_norm", spec.dora_detach_norm),
+                ("train_full", list(spec.train_full)),
+            )
             if v != _SPEC_OPTIONAL[k]
         },
     }
@@ -139,6 +145,7 @@ def spec_from_json(d: dict) -> LoraSpec:
         raise ValueError("spec_from_json: the spec has no 'targets' field (which parameters it adapts).")
     d["axes"] = {k: LoraAxes(**v) for k, v in d.get("axes", {}).items()}
     d["targets"], d["exclude"] = tuple(d["targets"]), tuple(d.get("exclude", ()))
+    d["train_full"] = tuple(d.get("train_full", ()))
     return LoraSpec(**d)
 
 
@@ -190,9 +197,11 @@ def save_adapter(
         extra: any other JSON-able metadata (e.g. accuracy).
         verbose: print the file size.
 
-    Tensors are named ``{key path}/a`` and ``{key path}/b``; the header ``lora_jax`` entry holds
+    Tensors are named ``{key path}/a`` and ``{key path}/b``, and ``{key path}/full`` for a fully trained
+    leaf (`FullLeaf`, ``LoraSpec.train_full``); the header ``lora_jax`` entry holds
     ``{"format", "spec", "base_model", "deltas": {path: {scale, axes, dropout, rank, weight_shape,
-    crc32_a, crc32_b}}, "extra", "header_crc32"}``, the last a CRC32 of the others as canonical JSON
+    crc32_a, crc32_b}}, "extra", "header_crc32"}`` (and ``"full": {path: {shape, dtype, crc32}}`` when
+    there are fully trained leaves), the last a CRC32 of the others as canonical JSON
     (sorted keys, no spaces): any change to the header after saving, `extra` included, is refused on
     load. (A checksum against accidents and careless edits, not a signature.) The file is written to a
     temporary name and renamed, so a reader never sees half an adapter.
@@ -206,10 +215,15 @@ def save_adapter(
 
     file = _adapter_file(path)
     file.parent.mkdir(parents=True, exist_ok=True)
-    flat = jax.tree_util.tree_flatten_with_path(deltas, is_leaf=is_delta)[0]
-    tensors, record = {}, {}
+    flat = jax.tree_util.tree_flatten_with_path(deltas, is_leaf=lambda x: is_delta(x) or is_full(x))[0]
+    tensors, record, full = {}, {}, {}
     for p, d in flat:
         if d is None:
+            continue
+        if is_full(d):  # a fully trained leaf: tensor {name}/full
+            x = np.asarray(jax.device_get(d.value))
+            tensors[f"{path_str(p)}/full"] = x
+            full[path_str(p)] = {"shape": list(x.shape), "dtype": x.dtype.name, "crc32": crc32(x)}
             continue
         if not is_delta(d):
             raise TypeError(
@@ -240,6 +254,7 @@ def save_adapter(
         "base_model": base_model or {},
         "deltas": record,
         "extra": extra or {},
+        **({"full": full} if full else {}),
     }
     try:  # the round trip normalizes what JSON changes (tuples, int keys), as a reader will see it
         header = json.loads(json.dumps(header))
@@ -252,7 +267,7 @@ def save_adapter(
     if verbose:
         size = file.stat().st_size
         print(
-            f"adapter: {file} ({size / 2**20:.2f} MiB, {len(record)} deltas, "
+            f"adapter: {file} ({size / 2**20:.2f} MiB, {len(record)} deltas{f', {len(full)} fully trained leaves' if full else ''}, "
             f"{sum(t.size for t in tensors.values()):,} parameters)"
         )
     return file
@@ -422,6 +437,28 @@ def load_adapter(path, params: Any, *, base_model: dict | None = None, allow_par
                     problems.append(f"{name}: does not fit the model's kernel of shape {expected}: {why}")
                     continue
                 out[by_path[name]] = d
+            for name, rec in (header.get("full") or {}).items():  # fully trained leaves
+                if name not in by_path:
+                    problems.append(
+                        f"{name}: not a parameter of this model (closest: {closest(name, by_path, n=3)})"
+                    )
+                    continue
+                if f"{name}/full" not in names:
+                    problems.append(f"{name}: tensor {name}/full missing from the file (corrupted?)")
+                    continue
+                x = f.get_tensor(f"{name}/full")
+                if not isinstance(rec, dict) or crc32(x) != rec.get("crc32"):
+                    problems.append(
+                        f"{name}: checksum mismatch of the fully trained leaf, the file is corrupted"
+                    )
+                    continue
+                d = FullLeaf(jnp.asarray(x))
+                expected = tuple(getattr(leaves[by_path[name]][1], "shape", ()))
+                why = full_problem(d, expected)
+                if why:
+                    problems.append(f"{name}: does not fit the model's parameter of shape {expected}: {why}")
+                    continue
+                out[by_path[name]] = d
     except ValueError:
         raise
     except Exception as e:
@@ -439,7 +476,13 @@ def load_adapter(path, params: Any, *, base_model: dict | None = None, allow_par
             f"adapter {str(file)!r}: its stored spec is malformed ({type(e).__name__}: {e}); "
             f"nothing was loaded."
         ) from None
-    check_coverage(params, deltas, spec, allow_partial=allow_partial, source=f"adapter {str(file)!r}")
+    check_coverage(
+        params,
+        deltas,
+        lambda p: spec.matches(p) or spec.full_matches(p),
+        allow_partial=allow_partial,
+        source=f"adapter {str(file)!r}",
+    )
     return deltas
 
 

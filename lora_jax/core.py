@@ -17,6 +17,7 @@ import numpy as np
 
 from lora_jax.delta import LoraDelta, delta_weight, init_delta, is_delta
 from lora_jax.dora import dora_fold, init_magnitude, is_dora
+from lora_jax.full import init_full, is_full
 from lora_jax.pairing import fit_problem, paired_leaves
 from lora_jax.quant.array import QuantLeaf, box_quantized, is_quantized
 from lora_jax.spec import LoraAxes, LoraSpec, path_str, residual_init
@@ -103,7 +104,8 @@ def init(
 
     Returns:
       A tree with params' structure: `LoraDelta` at targets (b = 0, so ``merge(params, deltas) == params``
-      exactly), None elsewhere.
+      exactly), a `FullLeaf` copy (float32, or ``spec.dtype``) at the leaves ``spec.train_full`` selects,
+      None elsewhere.
 
     Raises:
       TypeError: the arguments are not (key, params, LoraSpec), e.g. ``init(key, spec, params)``; the
@@ -126,10 +128,20 @@ def init(
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
     paths = [path_str(p) for p, _ in leaves]
     chosen = set(spec.select(paths))
+    full = set(spec.select_full(paths, [p for p in paths if p in chosen]))
     inferred = None
     dtype = jnp.float32 if spec.dtype is None else jnp.dtype(spec.dtype)
     out = []
     for path, (_, w) in zip(paths, leaves, strict=True):
+        if path in full:
+            if isinstance(w, jax.ShapeDtypeStruct):
+                raise TypeError(
+                    f"{path}: LoraSpec.train_full copies the base value of this leaf, but params hold only its "
+                    f"shape (a jax.ShapeDtypeStruct). Call lj.init with the real params (under jax.jit if "
+                    f"they are sharded)."
+                )
+            out.append(init_full(w, dtype, where=path))
+            continue
         if path not in chosen:
             out.append(None)
             continue
@@ -209,8 +221,16 @@ def _add_exact_jvp(primals, tangents):
     return _add_exact(*primals), tangents[0] + tangents[1]
 
 
-def _fold(w, d: LoraDelta, sign: float):
+def _fold(w, d: LoraDelta, sign: float, path: str = ""):
     # W ± s·a·b in float32 (float64 for float64 W), cast once back to W's dtype.
+    if is_full(d):  # a fully trained leaf replaces W
+        if sign < 0:
+            raise ValueError(
+                f"unmerge: {path} is trained in full (LoraSpec.train_full): merge replaced the base value by "
+                f"the trained one, so the base cannot be recovered from the merged params. Keep the original "
+                f"params instead of unmerging."
+            )
+        return d.value.astype(w.dtype)
     acc = w.dtype if jnp.finfo(w.dtype).bits > 32 else jnp.float32
     if is_dora(d):  # DoRA: (m / ‖V‖_col) ⊙ V with V = W + s·a·b
         if sign < 0:
@@ -228,6 +248,14 @@ def _fold_jit(sign: float, donate: bool, sharding):
     return jax.jit(functools.partial(_fold, sign=sign), donate_argnums=(0,) if donate else (), **kw)
 
 
+def _replace_full(w, d, sign: float, path: str):
+    """A fully trained leaf, eagerly: its value in W's dtype and sharding (no W-sized jit per leaf)."""
+    out = _fold(w, d, sign, path)
+    if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
+        return out
+    return jax.device_put(out, w.sharding)
+
+
 def _apply(params, deltas, sign: float, donate: bool, dtype=None):
     treedef, pairs = paired_leaves(box_quantized(params), deltas)
     out = []
@@ -241,6 +269,8 @@ def _apply(params, deltas, sign: float, donate: bool, dtype=None):
             )
         if d is None:
             out.append(w)
+        elif is_full(d):
+            out.append(_replace_full(w, d, sign, path))
         elif isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
             out.append(_fold(jnp.asarray(w), d, sign))  # inside a trace: plain ops, the caller's jit decides
         else:
@@ -271,19 +301,26 @@ def merge(params: Any, deltas: Any, *, donate: bool = False, dtype: Any = None) 
 
 
 def unmerge(params: Any, deltas: Any, *, donate: bool = False) -> Any:
-    """Inverse of `merge`: ``W - s·a·b``; ``unmerge(merge(p, d), d) ≈ p`` up to one rounding of W's dtype."""
+    """Inverse of `merge`: ``W - s·a·b``; ``unmerge(merge(p, d), d) ≈ p`` up to one rounding of W's dtype.
+
+    Raises:
+        ValueError: the deltas hold a DoRA delta or a fully trained leaf (``LoraSpec.train_full``): their
+            merge cannot be undone (the path is named); keep the original params instead.
+    """
     return _apply(params, deltas, -1.0, donate)
 
 
 def count_params(deltas: Any) -> int:
-    """Number of trainable scalars in the deltas (elements of every a and b)."""
+    """Number of trainable scalars in the deltas (elements of every a and b, DoRA magnitude and fully
+    trained leaf)."""
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(deltas)))
 
 
 def delta_weights(deltas: Any, dtype=jnp.float32) -> Any:
-    """``s·a·b`` per targeted leaf, shaped like the kernel (None elsewhere), for analysis."""
+    """``s·a·b`` per targeted leaf, shaped like the kernel (None elsewhere, fully trained leaves
+    included: they have no low-rank update), for analysis."""
     return jax.tree_util.tree_map(
-        lambda d: None if d is None else delta_weight(d, dtype),
+        lambda d: None if d is None or is_full(d) else delta_weight(d, dtype),
         deltas,
-        is_leaf=lambda x: x is None or is_delta(x),
+        is_leaf=lambda x: x is None or is_delta(x) or is_full(x),
     )

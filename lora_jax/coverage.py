@@ -25,6 +25,7 @@ from typing import Any
 import jax
 
 from lora_jax.delta import is_delta
+from lora_jax.full import is_full
 from lora_jax.spec import LoraSpec, path_str
 
 __all__ = ["check_coverage", "uncovered_targets"]
@@ -61,10 +62,9 @@ def uncovered_targets(params: Any, deltas: Any, targets: Targets) -> list[str]:
         The "/"-joined key paths left without a delta; empty when the adapter covers every target.
     """
     match = _predicate(targets)
+    adapted = lambda x: is_delta(x) or is_full(x)  # noqa: E731
     covered = {
-        path_str(p)
-        for p, d in jax.tree_util.tree_flatten_with_path(deltas, is_leaf=is_delta)[0]
-        if is_delta(d)
+        path_str(p) for p, d in jax.tree_util.tree_flatten_with_path(deltas, is_leaf=adapted)[0] if adapted(d)
     }
     paths = (path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
     return [p for p in paths if p not in covered and match(p)]

@@ -20,13 +20,16 @@ from typing import Any
 import jax
 import optax
 
+from lora_jax.bank import is_bank
 from lora_jax.delta import is_delta
+from lora_jax.full import is_full
 
 __all__ = ["trainable_mask", "optimizer", "loraplus"]
 
 
 def trainable_mask(tree: Any) -> Any:
-    """A tree of bools with `tree`'s leaves: True for the ``a``/``b`` of every `LoraDelta`, else False.
+    """A tree of bools with `tree`'s leaves: True for the ``a``/``b`` (and DoRA ``m``) of every `LoraDelta`
+    and the value of every `FullLeaf` (``LoraSpec.train_full``), else False.
 
     Example:
       >>> import jax.numpy as jnp
@@ -37,15 +40,17 @@ def trainable_mask(tree: Any) -> Any:
     """
 
     def mark(x):
-        if is_delta(x):
+        if is_bank(x):  # an AdapterBank: its a and b train, its per-slot scale and rank do not
+            return x.trainable_mask()
+        if is_delta(x) or is_full(x):
             return jax.tree_util.tree_map(lambda _: True, x)
         return False
 
-    return jax.tree_util.tree_map(mark, tree, is_leaf=is_delta)
+    return jax.tree_util.tree_map(mark, tree, is_leaf=lambda x: is_delta(x) or is_full(x) or is_bank(x))
 
 
 def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`tx` on delta leaves only; zero updates and no state for every other leaf of the tree."""
+    """`tx` on delta leaves (and fully trained leaves) only; zero updates and no state for every other leaf."""
 
     def labels(tree):
         return jax.tree_util.tree_map(lambda m: "lora" if m else "frozen", trainable_mask(tree))
@@ -73,7 +78,8 @@ def loraplus(tx: optax.GradientTransformation, ratio: float = 16.0) -> optax.Gra
     (section 5; PEFT's ``create_loraplus_optimizer`` uses the same value). `tx`'s update is scaled
     afterwards, which is the same as scaling b's learning rate for every optax optimizer whose update is
     proportional to its learning rate (sgd, adam, adamw with its weight decay, ...). A DoRA magnitude ``m``
-    gets b's rate, as in PEFT (its 1-D LoRA parameters join b's group). Leaves outside deltas are passed
+    gets b's rate, as in PEFT (its 1-D LoRA parameters join b's group). A fully trained leaf
+    (``LoraSpec.train_full``) gets a's rate, the base one (PEFT gives 1-D ones, biases, b's). Leaves outside deltas are passed
     through, so compose with `optimizer` for a combined tree: ``optimizer(loraplus(tx))``.
 
     Args:

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 
 from lora_jax.delta import LoraDelta, is_delta
+from lora_jax.full import full_problem, is_full
 from lora_jax.spec import path_str
 
 __all__ = ["paired_leaves", "fit_problem"]
@@ -121,7 +122,7 @@ def paired_leaves(params: Any, deltas: Any, what: str = "deltas"):
         got = {
             path_str(p)
             for p, _ in jax.tree_util.tree_flatten_with_path(
-                deltas, is_leaf=lambda x: x is None or is_delta(x)
+                deltas, is_leaf=lambda x: x is None or is_delta(x) or is_full(x)
             )[0]
         }
         raise ValueError(
@@ -133,12 +134,15 @@ def paired_leaves(params: Any, deltas: Any, what: str = "deltas"):
     for (p, w), d in zip(leaves, ds, strict=True):
         path = path_str(p)
         if d is not None:
-            if not is_delta(d):
-                raise TypeError(f"{path}: expected a LoraDelta or None in {what}, found {type(d).__name__}")
+            if not (is_delta(d) or is_full(d)):
+                raise TypeError(
+                    f"{path}: expected a LoraDelta or None in {what}, found {type(d).__name__} (or a FullLeaf "
+                    f"for a leaf trained in full)"
+                )
             if not hasattr(w, "shape"):  # e.g. a tree of shardings: nothing to check against
                 pairs.append((path, w, d))
                 continue
-            problem = fit_problem(d, tuple(w.shape))
+            problem = full_problem(d, tuple(w.shape)) if is_full(d) else fit_problem(d, tuple(w.shape))
             if problem:
                 raise ValueError(
                     f"{path}: delta does not fit the parameter of shape {tuple(w.shape)}: {problem}. "

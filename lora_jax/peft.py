@@ -6,8 +6,18 @@ adapted ``nn.Linear`` (weight ``(out, in)``), ``<module>.lora_A.weight: (r, in)`
 Flax kernels are ``(in, out)``, so ``lora_A = aᵀ`` and ``lora_B = bᵀ``; per-leaf scales are written as
 PEFT ``rank_pattern`` / ``alpha_pattern`` entries so that every module's ``alpha / r`` equals our scale.
 
-Supported model families: those of `lora_jax.models.registry` with a PEFT task type, today ``"llama"``
-(also with ``nn.scan``-stacked layers) and ``"bert"``, i.e. Hugging Face ``LlamaForCausalLM`` /
+Fully trained leaves (`FullLeaf`, ``LoraSpec.train_full``) are PEFT's ``modules_to_save``: the whole
+module is listed in the config and its parameters are stored under the module's own name,
+``base_model.model.<module>.weight`` / ``.bias`` (PEFT keeps them in memory as
+``<module>.modules_to_save.default.weight`` and drops the ``modules_to_save.<adapter>.`` part on disk;
+both spellings are read). A parameter of the module that was not trained in full is not written, and
+PEFT then keeps the base value for it, as lora_jax does. Names come from the family's tables
+(projections, norms, embeddings); a top-level module of ours with no Hugging Face counterpart, such as
+`BertClassifier`'s ``classifier`` head, keeps its own name (the PyTorch model must call it the same).
+
+Supported model families: those of `lora_jax.models.registry` with a PEFT task type, e.g. ``"llama"``,
+``"mistral"``, ``"qwen2"``, ``"qwen3"`` (also with ``nn.scan``-stacked layers) and ``"bert"``, i.e. Hugging
+Face ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` /
 ``BertModel``. The module names come from each family's ``hf_projections`` table.
 
     lj.peft.save_peft("adapter/", deltas, model_type="llama")     # PeftModel.from_pretrained(hf, "adapter/")
@@ -29,6 +39,7 @@ import numpy as np
 from lora_jax.coverage import check_coverage
 from lora_jax.delta import LoraDelta
 from lora_jax.dora import DoraDelta, is_dora
+from lora_jax.full import FullLeaf, is_full
 from lora_jax.spec import LoraAxes, path_str
 
 __all__ = ["save_peft", "load_peft", "to_peft", "module_name"]
@@ -64,12 +75,74 @@ def module_name(path: str, model_type: str, layer: int | None = None) -> str:
     return family.hf_module(m.group(2), i)
 
 
+_HF_PARAM = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+def _full_name(path: str, family) -> tuple[str, str, bool] | None:
+    """``(HF module, parameter, transpose)`` of our leaf `path` as a PEFT ``modules_to_save`` tensor, or
+    None when it has no Hugging Face name (a scan-stacked leaf, a leaf we cannot name).
+
+    Per-layer projections and norms, embeddings and top-level modules come from the family's name
+    tables; any other top-level module (a classification head) keeps its own name.
+    """
+    import sys
+
+    tables = sys.modules[family.from_hf.__module__]
+    parts = path.split("/")
+    parts = parts[1:] if parts[0] == "params" else parts
+    if len(parts) < 2 or parts[-1] not in _HF_PARAM:
+        return None
+    module, leaf = "/".join(parts[:-1]), parts[-1]
+    norms = getattr(tables, "HF_NORMS", {})
+    top = {k: v[0] for k, v in getattr(tables, "HF_TOP", {}).items()}
+    top.update({f"embeddings/{k}": v for k, v in getattr(tables, "HF_EMBEDDINGS", {}).items()})
+    m = re.fullmatch(rf"{re.escape(family.layers)}_(\d+)/(.+)", module)
+    if m:
+        rest = m.group(2)
+        if rest in family.hf_projections:
+            hf = family.hf_module(rest, int(m.group(1)))
+        elif rest in norms:
+            hf = family.hf_layer.format(i=int(m.group(1))) + norms[rest]
+        else:
+            return None
+    elif module in top:
+        hf = top[module]
+    elif "/" in module or module == family.layers:
+        return None
+    else:
+        hf = module
+    return hf, _HF_PARAM[leaf], leaf == "kernel"
+
+
+def _full_tensor(path: str, f: FullLeaf, family, model_type: str) -> tuple[str, str, np.ndarray]:
+    """``(HF module, tensor name, array)`` of a fully trained leaf for `to_peft` (transposed kernel)."""
+    name = _full_name(path, family)
+    if name is None:
+        raise ValueError(
+            f"{path}: this fully trained leaf (LoraSpec.train_full) has no Hugging Face {model_type} module "
+            f"name, so it cannot be a PEFT modules_to_save entry. PEFT export supports per-layer "
+            f"projections and norms, embeddings and top-level modules (a classification head), with layers "
+            f"unstacked (scan_layers=False). Save it with lj.adapter.save_adapter instead."
+        )
+    module, param, transpose = name
+    x = np.asarray(f.value, np.float32)
+    return module, f"base_model.model.{module}.{param}", np.ascontiguousarray(x.T if transpose else x)
+
+
 def to_peft(deltas: Any, model_type: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(adapter_config, tensors)`` in PEFT's format for the deltas of a llama/bert model."""
+    """``(adapter_config, tensors)`` in PEFT's format for the deltas of a llama/bert model (fully trained
+    leaves as ``modules_to_save``)."""
     family = _family(model_type)
-    leaves = jax.tree_util.tree_flatten_with_path(deltas, is_leaf=lambda x: isinstance(x, LoraDelta))[0]
-    tensors, per_module, dropouts, doras = {}, {}, set(), set()
+    leaves = jax.tree_util.tree_flatten_with_path(
+        deltas, is_leaf=lambda x: isinstance(x, LoraDelta) or is_full(x)
+    )[0]
+    tensors, per_module, dropouts, doras, to_save = {}, {}, set(), set(), set()
     for p, d in leaves:
+        if is_full(d):
+            module, key, x = _full_tensor(path_str(p), d, family, model_type)
+            tensors[key] = x
+            to_save.add(module)
+            continue
         if not isinstance(d, LoraDelta):
             continue
         path = path_str(p)
@@ -113,7 +186,7 @@ def to_peft(deltas: Any, model_type: str) -> tuple[dict, dict[str, np.ndarray]]:
         "lora_dropout": max(dropouts),  # PEFT has one rate for all modules
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted(to_save) or None,
         "use_dora": doras == {True},
         "rank_pattern": {re.escape(n): int(v[0]) for n, v in per_module.items() if v[0] != r},
         "alpha_pattern": {re.escape(n): float(v[1]) for n, v in per_module.items() if v[1] != alpha},
@@ -183,7 +256,7 @@ def _read_config(path: str) -> dict:
     for k in ("rank_pattern", "alpha_pattern"):
         if not isinstance(cfg.get(k) or {}, dict):
             problems.append(f"{k!r} must be an object (module pattern -> value), found {cfg[k]!r}")
-    for k in ("target_modules", "exclude_modules"):
+    for k in ("target_modules", "exclude_modules", "modules_to_save"):
         v = cfg.get(k)
         if not (
             v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v))
@@ -282,7 +355,14 @@ def load_peft(folder: str | os.PathLike, params: Any, model_type: str, *, allow_
             f"{st_path}: cannot read the adapter tensors ({e}); the file is corrupted or not safetensors"
         ) from None
     found: dict[str, dict[str, np.ndarray]] = {}
+    full_found: dict[str, np.ndarray] = {}  # modules_to_save tensors: "<module>.<param>" -> array
+    to_save = cfg.get("modules_to_save") or []
+    to_save = [to_save] if isinstance(to_save, str) else to_save
     for key, x in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+?)(?:\.modules_to_save\.[^.]+)?\.([^.]+)", key)
+        if m and ".lora_" not in key and _matches(to_save, m.group(1)):
+            full_found[f"{m.group(1)}.{m.group(2)}"] = x
+            continue
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?", key)
         if m:  # DoRA magnitude
             found.setdefault(m.group(1), {})["M"] = x
@@ -296,6 +376,21 @@ def load_peft(folder: str | os.PathLike, params: Any, model_type: str, *, allow_
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     used, out = set(), []
     for path, w in ((path_str(p), w) for p, w in leaves):
+        name = _full_name(path, family) if full_found else None
+        if name is not None and f"{name[0]}.{name[1]}" in full_found:  # a modules_to_save parameter
+            key = f"{name[0]}.{name[1]}"
+            x = full_found[key]
+            x = x.T if name[2] and x.ndim == 2 else x
+            if tuple(x.shape) != tuple(np.shape(w)):
+                raise ValueError(
+                    f"{key} -> {path}: the adapter's modules_to_save tensor has shape {tuple(full_found[key].shape)}"
+                    f", which does not fit the parameter of shape {tuple(np.shape(w))}"
+                    f"{' (transposed: an nn.Linear weight is (out, in))' if name[2] else ''}. The adapter was "
+                    f"made for another model (e.g. another number of labels)."
+                )
+            used.add(key)
+            out.append(FullLeaf(jax.numpy.asarray(x, np.float32)))
+            continue
         m = kernel_path.fullmatch(path)
         if not m or m.group(2) not in family.hf_projections:
             out.append(None)
@@ -366,7 +461,7 @@ def load_peft(folder: str | os.PathLike, params: Any, model_type: str, *, allow_
             m = jax.numpy.asarray(np.stack(m_l) if stacked else m_l[0], np.float32)
             d = DoraDelta(d.a, d.b, scale=d.scale, axes=d.axes, dropout=d.dropout, m=m)
         out.append(d)
-    unused = sorted(set(found) - used)
+    unused = sorted((set(found) | set(full_found)) - used)
     if unused:
         raise ValueError(
             f"{folder}: adapter modules {unused[:5]} (of {len(unused)}) match no parameter of this "

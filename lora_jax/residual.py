@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.delta import LoraDelta, delta_weight, is_delta
+from lora_jax.full import is_full
 from lora_jax.pairing import paired_leaves
 from lora_jax.spec import LoraSpec, residual_init
 
@@ -107,9 +108,9 @@ def init_with_residual(
     treedef, pairs = paired_leaves(params, plain)
     residual, deltas = [], []
     for path, w, d in pairs:
-        if d is None:
+        if d is None or is_full(d):  # untouched, or trained in full (its copy replaces W as it is)
             residual.append(w)
-            deltas.append(None)
+            deltas.append(d)
             continue
         if not isinstance(w, (jax.Array, np.ndarray)):
             raise TypeError(f"{path}: {spec.init} needs a dense kernel, found {type(w).__name__}")
@@ -148,8 +149,8 @@ def to_original_base(deltas: Any, initial: Any) -> Any:
     """
 
     def one(d, d0):
-        if d is None:
-            return None
+        if d is None or is_full(d):
+            return d
         if getattr(d, "m", None) is not None:
             raise ValueError(
                 "to_original_base: a DoRA delta does not convert to plain LoRA (its magnitude "
@@ -160,4 +161,6 @@ def to_original_base(deltas: Any, initial: Any) -> Any:
         b = jnp.concatenate([d.b, -d0.b.astype(d.b.dtype)], axis=ns)
         return LoraDelta(a, b, scale=d.scale, axes=d.axes, dropout=d.dropout)
 
-    return jax.tree_util.tree_map(one, deltas, initial, is_leaf=lambda x: x is None or is_delta(x))
+    return jax.tree_util.tree_map(
+        one, deltas, initial, is_leaf=lambda x: x is None or is_delta(x) or is_full(x)
+    )

@@ -3,7 +3,8 @@
 For W sharded as ``P(*spec)`` (one entry per W axis), the delta's ``a: (*stack, *in, r)`` takes the
 entries of W's stack and input axes and ``b: (*stack, r, *out)`` those of its stack and output axes; the
 rank axis is replicated. So ``x @ a`` contracts like ``x @ W`` and ``(x @ a) @ b`` comes out sharded like
-``x @ W``: no extra resharding of activations.
+``x @ W``: no extra resharding of activations. A fully trained leaf (`FullLeaf`, ``LoraSpec.train_full``)
+takes W's sharding as it is.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lora_jax.delta import LoraDelta
+from lora_jax.full import FullLeaf, is_full
 from lora_jax.pairing import paired_leaves
 
 __all__ = ["delta_shardings", "delta_partition_specs"]
@@ -48,6 +50,9 @@ def delta_partition_specs(deltas: Any, param_specs: Any) -> Any:
             continue
         if not isinstance(spec, PartitionSpec):
             raise TypeError(f"{path}: expected a PartitionSpec, found {spec!r}")
+        if is_full(d):  # a fully trained leaf: sharded like W
+            out.append(FullLeaf(spec))
+            continue
         a, b = _delta_spec(d, spec, len(d.weight_shape()))
         out.append(_like(d, a, b, lambda x: x))
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -82,6 +87,9 @@ def delta_shardings(deltas: Any, param_shardings: Any) -> Any:
                 f"{path}: expected a jax.sharding.NamedSharding for the base weight, found {sh!r}. "
                 f"Give NamedShardings (mesh + PartitionSpec), or use delta_partition_specs with PartitionSpecs."
             )
+        if is_full(d):  # a fully trained leaf: sharded like W
+            out.append(FullLeaf(sh))
+            continue
         a, b = _delta_spec(d, sh.spec, len(d.weight_shape()))
         out.append(_like(d, a, b, lambda x, mesh=sh.mesh: NamedSharding(mesh, x)))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -118,6 +118,9 @@ class LoraSpec:
         `lora_jax.dora`).
       dora_detach_norm: with DoRA, treat ‖W + s·a·b‖_col as a constant in the backward pass (the
         paper's section 4.3; PEFT does the same).
+      train_full: regex or regexes of leaves trained in full (PEFT's ``modules_to_save``): a classifier
+        head, norms, biases, a resized embedding. `init` puts a `FullLeaf` copy of each at its path (see
+        `lora_jax.full`); they may not overlap the LoRA targets.
 
     Example:
       >>> spec = LoraSpec(rank=4, alpha=8.0, targets=r".*/(query|value)/kernel")
@@ -138,6 +141,7 @@ class LoraSpec:
     axes: Mapping[str, LoraAxes] = dataclasses.field(default_factory=dict)
     dora: bool = False
     dora_detach_norm: bool = True
+    train_full: str | Sequence[str] = ()
 
     def __post_init__(self):
         for name in ("dora", "dora_detach_norm"):
@@ -145,6 +149,7 @@ class LoraSpec:
                 raise TypeError(f"LoraSpec.{name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "targets", _as_patterns(self.targets, "targets"))
         object.__setattr__(self, "exclude", _as_patterns(self.exclude, "exclude"))
+        object.__setattr__(self, "train_full", _as_patterns(self.train_full, "train_full"))
         if not self.targets:
             raise ValueError(
                 "LoraSpec.targets is empty: give at least one regex, e.g. r'.*/(query|value)/kernel'."
@@ -198,6 +203,7 @@ class LoraSpec:
                 tuple(dict(self.axes).items()),
                 self.dora,
                 self.dora_detach_norm,
+                self.train_full,
             )
         )
 
@@ -205,6 +211,40 @@ class LoraSpec:
         """Whether the "/"-joined key path is targeted (and not excluded)."""
         full = lambda pats: any(re.fullmatch(p, path) for p in pats)
         return full(self.targets) and not full(self.exclude)
+
+    def full_matches(self, path: str) -> bool:
+        """Whether the "/"-joined key path is trained in full (``train_full``)."""
+        return any(re.fullmatch(p, path) for p in self.train_full)
+
+    def select_full(self, paths: Sequence[str], targeted: Sequence[str] = ()) -> list[str]:
+        """The paths among `paths` that ``train_full`` selects (none when it is empty).
+
+        Raises:
+            ValueError: a ``train_full`` pattern matches no path (with the closest paths), or a selected
+                path is also a LoRA target (listed in `targeted`): a leaf is trained in full or low-rank.
+
+        Example:
+            >>> spec = LoraSpec(targets=".*/kernel", train_full="head/bias")
+            >>> spec.select_full(["head/kernel", "head/bias"], ["head/kernel"])
+            ['head/bias']
+        """
+        if not self.train_full:
+            return []
+        for pat in self.train_full:
+            if not any(re.fullmatch(pat, p) for p in paths):
+                raise ValueError(
+                    f"LoraSpec.train_full pattern {pat!r} matches no parameter. Patterns must match the whole "
+                    f"'/'-joined key path. Closest available paths: {closest(pat, paths, regex=True)}"
+                )
+        chosen = [p for p in paths if self.full_matches(p)]
+        both = [p for p in chosen if p in set(targeted)]
+        if both:
+            raise ValueError(
+                f"LoraSpec.train_full {list(self.train_full)} and the LoRA targets {list(self.targets)} both "
+                f"select {both[:8]}{' ...' if len(both) > 8 else ''}: a leaf is either trained in full or "
+                f"adapted low-rank. Narrow one of them, e.g. add these paths to LoraSpec.exclude."
+            )
+        return chosen
 
     def _override(self, patterns: Mapping[str, Any], path: str, default):
         for pat, value in dict(patterns).items():
