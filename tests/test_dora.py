@@ -189,6 +189,10 @@ def test_errors():
     q = lj.quantize({"w": jnp.ones((64, 3))}, lj.QuantSpec(targets="w"))
     with pytest.raises(ValueError, match=r"w: DoRA is not supported for a quantized base kernel"):
         lj.init(jax.random.key(0), q, lj.LoraSpec(rank=2, targets="w", dora=True))
+    # Quantized after init: wrap must refuse rather than drop the magnitude (silently plain LoRA).
+    qd = lj.init(jax.random.key(0), {"w": jnp.ones((64, 3))}, lj.LoraSpec(rank=2, targets="w", dora=True))
+    with pytest.raises(ValueError, match=r"w is a quantized base leaf with a DoRA delta"):
+        lj.wrap(lambda p, x: x @ p["w"])(q, qd, jnp.ones((2, 64)))
     with pytest.raises(TypeError, match=r"LoraSpec.dora must be True or False"):
         lj.LoraSpec(dora="yes")
 
