@@ -213,7 +213,7 @@ def test_check_model(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"--model 'minilm' is a bert model: lora-jax finetune/eval/generate train "
-        r"and score causal language models of the llama family",
+        r"and score causal language models of the llama/mistral/qwen2/qwen3.* family",
     ):
         loop.check_model("minilm")
     with pytest.raises(

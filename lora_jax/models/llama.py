@@ -1,8 +1,22 @@
-"""Llama in Flax Linen: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, KV-cache decoding.
+"""Llama-style decoders in Flax Linen: Llama 2/3, Mistral, Qwen2/2.5, Qwen3 from one configurable module.
 
 The architecture of Touvron et al. 2023 (arXiv 2302.13971) as implemented by Hugging Face
 ``LlamaForCausalLM`` (rotary embeddings in the ``rotate_half`` layout), so Hugging Face checkpoints load
 with transposes only (:func:`from_hf`). SmolLM2-135M is one (``lora_jax.models.load("smollm2-135m")``).
+The other families differ from it by a few :class:`LlamaConfig` switches, read from ``config.json``
+(:func:`config_from_hf`, chosen by its ``model_type``):
+
+==========  ==================================================================================
+model_type  differences from Llama 2
+==========  ==================================================================================
+llama       Llama 3.x: ``rope_scaling`` of type ``"llama3"`` (:class:`RopeScaling`)
+mistral     ``sliding_window``: a token attends to itself and the ``W - 1`` tokens before it
+qwen2       biases on the query/key/value projections (``qkv_bias``); Qwen2.5 is the same type
+qwen3       RMSNorm over each query and key head before the rotary embedding (``qk_norm``)
+==========  ==================================================================================
+
+Each type is a :class:`~lora_jax.models.family.ModelFamily` (:data:`FAMILIES`) with the same
+Hugging Face module names, so PEFT adapter files name the same modules.
 
 Parameter paths (``L`` layers, ``d`` hidden, ``H``/``K`` query/key-value heads of size ``D``, ``F`` MLP):
 
@@ -13,6 +27,9 @@ path                                   shape        logical axes
 ``layers_{i}/attn_norm/scale``         (d,)         (norm,)
 ``layers_{i}/attn/query/kernel``       (d, H·D)     (embed, heads)
 ``layers_{i}/attn/{key,value}/kernel`` (d, K·D)     (embed, kv_heads)
+``layers_{i}/attn/query/bias`` (qwen2) (H·D,)       (heads,)
+``layers_{i}/attn/{key,value}/bias``   (K·D,)       (kv_heads,)
+``layers_{i}/attn/{q,k}_norm/scale``   (D,)         (norm,) (qwen3)
 ``layers_{i}/attn/out/kernel``         (H·D, d)     (heads, embed)
 ``layers_{i}/mlp_norm/scale``          (d,)         (norm,)
 ``layers_{i}/mlp/{gate,up}/kernel``    (d, F)       (embed, mlp)
@@ -42,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -57,15 +75,25 @@ from lora_jax.models.weights import hf_leaf_names
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "FAMILIES",
     "FAMILY",
     "HF_PROJECTIONS",
     "LOGICAL_AXIS_RULES_DEFAULT",
+    "MODEL_TYPES",
+    "REMAT_POLICIES",
     "KVCache",
     "Llama",
     "LlamaConfig",
+    "RMSNorm",
+    "RopeScaling",
+    "apply_rotary",
+    "attend",
+    "config_from_hf",
     "from_hf",
     "generate",
     "logical_partition_specs",
+    "rope_inv_freq",
+    "rotary_cos_sin",
     "stack_layers",
     "to_hf",
     "unstack_layers",
@@ -97,6 +125,34 @@ DEFAULT_TARGETS = r".*/attn/(query|value)/kernel"
 
 _NEG = float(np.finfo(np.float32).min)
 
+# The Hugging Face model types this module builds (config.json `model_type`).
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# `LlamaConfig.remat` -> the `jax.checkpoint` policy of each block (None: save nothing, recompute all).
+# "dots" saves the results of matmuls without batch dimensions, i.e. the projections x·W (and their
+# LoRA paths), and recomputes the attention scores, softmax, norms and activations in the backward pass.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x rotary frequency scaling (``rope_scaling: {"rope_type": "llama3", ...}``).
+
+    Wavelengths shorter than ``original_max_position_embeddings / high_freq_factor`` are kept, those
+    longer than ``original_max_position_embeddings / low_freq_factor`` are stretched by ``factor``, and
+    the ones in between are interpolated smoothly (what Hugging Face's ``_compute_llama3_parameters``
+    computes).
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -104,6 +160,16 @@ class LlamaConfig:
 
     ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); norms, softmax and logits are float32.
     ``param_dtype`` is the dtype of freshly initialised parameters.
+
+    ``remat``: ``"none"``, ``"full"`` (each block recomputed in the backward pass, only its input kept)
+    or ``"dots"`` (each block rematerialised with :data:`REMAT_POLICIES` ``["dots"]``, i.e.
+    ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``: the projection matmuls are kept, the
+    rest is recomputed); ``True``/``False`` mean ``"full"``/``"none"``.
+
+    The family switches (see the module docstring): ``model_type`` (which Hugging Face architecture
+    :func:`to_hf` writes), ``rope_scaling`` (Llama 3.x), ``sliding_window`` (Mistral: a query at slot
+    ``i`` sees the key slots ``i - W < j <= i``, counted in cache slots as Hugging Face does),
+    ``qkv_bias`` (Qwen2) and ``qk_norm`` (Qwen3).
     """
 
     vocab_size: int = 32000
@@ -118,17 +184,38 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     scan_layers: bool = False
-    remat: bool = False
+    remat: bool | str = "none"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    model_type: str = "llama"
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    qkv_bias: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self):
+        """Fills ``head_dim``, turns a bool ``remat`` into ``"full"``/``"none"`` and checks the fields."""
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if isinstance(self.rope_scaling, Mapping):  # e.g. read back from JSON (dataclasses.asdict)
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}."
             )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat={self.remat!r} is not a remat policy; use one of {list(REMAT_POLICIES)} "
+                f"(or True = 'full', False = 'none')."
+            )
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"model_type={self.model_type!r} is not built by this module; use one of {MODEL_TYPES}."
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 (or None: full attention).")
 
 
 class KVCache(NamedTuple):
@@ -152,13 +239,13 @@ class KVCache(NamedTuple):
         return cls(None, None, jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32))
 
 
-def _dense(features: int, axes: tuple[str, str], name: str, cfg: LlamaConfig) -> nn.Dense:
+def _dense(features: int, axes: tuple[str, str], name: str, cfg: LlamaConfig, bias: bool = False) -> nn.Dense:
     return layers.dense(
         features,
         axes,
         name,
         init=nn.initializers.lecun_normal(),
-        use_bias=False,
+        use_bias=bias,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
     )
@@ -184,9 +271,34 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))).astype(self.dtype)
 
 
-def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """``positions: (B, T)`` -> ``cos, sin: (B, T, D)`` float32 (Hugging Face layout, halves repeated)."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """The ``(D/2,)`` float32 rotary frequencies ``theta^(-2i/D)``, rescaled for Llama 3.x by ``scaling``.
+
+    Example:
+        >>> f = rope_inv_freq(8, 10000.0, RopeScaling(factor=8.0, original_max_position_embeddings=16))
+        >>> [round(float(x), 4) for x in rope_inv_freq(8, 10000.0)]   # wavelengths 2π/f: 6.3, 63, 628, 6283
+        [1.0, 0.1, 0.01, 0.001]
+        >>> [round(float(x), 4) for x in f]   # > 16 positions: divided by 8; 4..16: interpolated
+        [0.5761, 0.0125, 0.0012, 0.0001]
+    """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary_cos_sin(
+    positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """``positions: (B, T)`` -> ``cos, sin: (B, T, D)`` float32 (Hugging Face layout, halves repeated)."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq.reshape((1,) * positions.ndim + (-1,))
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -200,6 +312,21 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, dtype: Any) -> jax.Array:
+    """Grouped-query softmax attention: ``q: (B, T, H, D)``, ``k, v: (B, S, K, D)`` -> ``(B, T, H·D)``.
+
+    Scores ``q·k / sqrt(D)`` and the softmax are float32; ``allowed`` (broadcastable to
+    ``(B, K, H/K, T, S)``, e.g. ``(B, 1, 1, T, S)``) masks the keys a query may see.
+    """
+    b, t, h, d = q.shape
+    k_heads = k.shape[2]
+    q = q.reshape(b, t, k_heads, h // k_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+    scores = jnp.where(allowed, scores * (d**-0.5), _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype)).reshape(b, t, h * d)
+
+
 class Attention(nn.Module):
     cfg: LlamaConfig
 
@@ -208,9 +335,13 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         h, k_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _dense(h * d, ("embed", "heads"), "query", cfg)(x).reshape(b, t, h, d)
-        k = _dense(k_heads * d, ("embed", "kv_heads"), "key", cfg)(x).reshape(b, t, k_heads, d)
-        v = _dense(k_heads * d, ("embed", "kv_heads"), "value", cfg)(x).reshape(b, t, k_heads, d)
+        bias = cfg.qkv_bias
+        q = _dense(h * d, ("embed", "heads"), "query", cfg, bias)(x).reshape(b, t, h, d)
+        k = _dense(k_heads * d, ("embed", "kv_heads"), "key", cfg, bias)(x).reshape(b, t, k_heads, d)
+        v = _dense(k_heads * d, ("embed", "kv_heads"), "value", cfg, bias)(x).reshape(b, t, k_heads, d)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's D features, before the rotary embedding
+            q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="k_norm")(k)
         q = nn.with_logical_constraint(q, _BTD[:2] + ("activation_heads", None))
         k, v = (nn.with_logical_constraint(y, _BTD[:2] + ("activation_kv_heads", None)) for y in (k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -219,11 +350,7 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
             kv = (k, v)
-        q = q.reshape(b, t, k_heads, h // k_heads, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = jnp.where(allowed, scores * (d**-0.5), _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.dtype)).reshape(b, t, h * d)
+        out = attend(q, k, v, allowed, cfg.dtype)
         return _dense(cfg.hidden_size, ("heads", "embed"), "out", cfg)(out), kv
 
 
@@ -303,10 +430,13 @@ class Llama(nn.Module):
             positions = steps - first  # restarts at each segment
         if positions is None:
             positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q_slot = index + jnp.arange(t)
         k_slot = jnp.arange(valid.shape[1])
-        allowed = (k_slot[None, :] <= q_slot[:, None])[None] & valid[:, None, :]  # (B, T, S)
+        causal = k_slot[None, :] <= q_slot[:, None]  # (T, S)
+        if cfg.sliding_window is not None:  # banded: the W most recent slots, this one included
+            causal = causal & (k_slot[None, :] > q_slot[:, None] - cfg.sliding_window)
+        allowed = causal[None] & valid[:, None, :]  # (B, T, S)
         if segment_ids is not None:  # block-diagonal: only within a segment
             allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
         allowed = allowed[:, None, None]  # (B, 1, 1, T, S) against scores (B, K, G, T, S)
@@ -323,8 +453,8 @@ class Llama(nn.Module):
         x = nn.with_logical_constraint(embed(input_ids), _BTD)
 
         block = Block
-        if cfg.remat:
-            block = nn.remat(Block, prevent_cse=not cfg.scan_layers)
+        if cfg.remat != "none":
+            block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
         if cfg.scan_layers:
             scanned = nn.scan(
                 block,
@@ -511,15 +641,116 @@ HF_TOP = {
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 
 
-def config_from_hf(config: Mapping[str, Any], **overrides) -> LlamaConfig:
-    """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict (``overrides`` win)."""
-    # transformers 5 writes RoPE settings under `rope_parameters`, older versions under `rope_scaling`.
+HF_QK_NORMS = {"attn/q_norm": "self_attn.q_norm", "attn/k_norm": "self_attn.k_norm"}  # qwen3
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_ROPE_TYPES = ("default", "llama3")
+_LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_from_hf(config: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """``(rope_theta, RopeScaling or None)`` from ``rope_scaling`` (transformers 4) or ``rope_parameters`` (5)."""
+    theta = config.get("rope_theta")
+    scaling = None
     for key in ("rope_scaling", "rope_parameters"):
-        scaling = config.get(key) or {}
-        if scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise ValueError(f"{key}={scaling} is not supported; only plain rotary embeddings are.")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise ValueError("Llama with attention_bias or mlp_bias is not supported (no biases here).")
+        rope = config.get(key) or {}
+        if not isinstance(rope, Mapping):
+            raise ValueError(f"{key}={rope!r} must be an object (rope_type and its parameters).")
+        theta = rope.get("rope_theta", theta)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in _ROPE_TYPES:
+            raise ValueError(
+                f"{key}={dict(rope)} is not supported: rope_type {rope_type!r}; supported rope types: "
+                f"{list(_ROPE_TYPES)} (plain rotary embeddings and Llama 3.x scaling)."
+            )
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                f"{key}.partial_rotary_factor={rope['partial_rotary_factor']} is not supported; "
+                f"the rotary embedding covers the whole head here (partial_rotary_factor=1.0)."
+            )
+        if rope_type == "llama3":
+            missing = [f for f in _LLAMA3_FIELDS if f not in rope]
+            if missing:
+                raise ValueError(
+                    f"{key}={dict(rope)}: rope_type 'llama3' needs {list(_LLAMA3_FIELDS)}; missing {missing}."
+                )
+            scaling = RopeScaling(*(rope[f] for f in _LLAMA3_FIELDS))
+    return float(1e4 if theta is None else theta), scaling
+
+
+def _sliding_window_from_hf(config: Mapping[str, Any], model_type: str) -> int | None:
+    """The one sliding window of every layer (None: full attention); mixed layer patterns are refused."""
+    if model_type == "mistral":
+        window, layer_types = config.get("sliding_window"), config.get("layer_types")
+    elif model_type in ("qwen2", "qwen3"):
+        window = config.get("sliding_window") if config.get("use_sliding_window") else None
+        layer_types = config.get("layer_types")
+        if layer_types is None and window is not None:  # transformers' rule for configs without layer_types
+            first = config.get("max_window_layers", 28)
+            layer_types = [
+                "sliding_attention" if i >= first else "full_attention"
+                for i in range(config["num_hidden_layers"])
+            ]
+    else:
+        window, layer_types = config.get("sliding_window"), config.get("layer_types")
+        if window is not None:
+            raise ValueError(
+                f"sliding_window={window} is not supported for model_type {model_type!r}; "
+                f"sliding-window attention is read for mistral, qwen2 and qwen3 configs."
+            )
+    kinds = set(layer_types or [])
+    if kinds - {"full_attention", "sliding_attention"} or len(kinds) > 1:
+        raise ValueError(
+            f"layer_types={layer_types} is not supported: this module gives every layer the same "
+            f"attention, all 'full_attention' or all 'sliding_attention' (for Qwen: use_sliding_window "
+            f"with max_window_layers=0, or use_sliding_window=false)."
+        )
+    if kinds == {"full_attention"}:
+        return None
+    if window is None and kinds == {"sliding_attention"}:
+        raise ValueError(
+            f"layer_types={layer_types} asks for sliding attention but sliding_window is not set."
+        )
+    return None if window is None else int(window)
+
+
+def config_from_hf(config: Mapping[str, Any], **overrides) -> LlamaConfig:
+    """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict (``overrides`` win).
+
+    ``model_type`` (default ``"llama"``) is one of :data:`MODEL_TYPES`; ``overrides`` set fields that
+    are not architecture (``scan_layers``, ``remat``, ``dtype``, ``param_dtype``; ``None`` is ignored).
+
+    Raises:
+      ValueError: an unsupported ``model_type``, or a field this module does not implement (the field
+        is named: a RoPE type other than default/llama3, attention or MLP biases where the family has
+        none, another activation, a per-layer mix of sliding and full attention).
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32,
+        ...                       "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4})
+        >>> cfg.qkv_bias, cfg.qk_norm, cfg.sliding_window
+        (True, False, None)
+    """
+    model_type = config.get("model_type") or "llama"
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} is not a Llama-style decoder; this module builds {list(MODEL_TYPES)}."
+        )
+    theta, scaling = _rope_from_hf(config)
+    if model_type == "qwen2":  # Qwen2's q/k/v projections always have biases, o_proj and the MLP none
+        unsupported = {}
+    else:
+        unsupported = {k: config.get(k) for k in ("attention_bias",) if config.get(k)}
+    unsupported.update({k: config.get(k) for k in ("mlp_bias",) if config.get(k)})
+    if unsupported:
+        raise ValueError(
+            f"{model_type} with attention_bias or mlp_bias is not supported ({unsupported}); "
+            f"biases are read only on Qwen2's q/k/v projections."
+        )
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported; Llama uses 'silu'.")
     num_heads = config["num_attention_heads"]
@@ -532,9 +763,14 @@ def config_from_hf(config: Mapping[str, Any], **overrides) -> LlamaConfig:
         num_kv_heads=config.get("num_key_value_heads") or num_heads,
         head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
         rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 1e4)),
+        rope_theta=theta,
         max_position_embeddings=config.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        model_type=model_type,
+        rope_scaling=scaling,
+        sliding_window=_sliding_window_from_hf(config, model_type),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
     )
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return LlamaConfig(**kw)
@@ -546,12 +782,15 @@ def _hf_names(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
     for ours, (hf, leaf) in HF_TOP.items():
         if not (ours == "lm_head" and cfg.tie_word_embeddings):
             names.update(hf_leaf_names((ours,), hf, (leaf,)))
+    biased = ("attn/query", "attn/key", "attn/value") if cfg.qkv_bias else ()
     for i in range(cfg.num_layers):
         layer, prefix = (f"layers_{i}",), HF_LAYER.format(i=i)
         for ours, hf in HF_PROJECTIONS.items():
-            names.update(hf_leaf_names(layer + tuple(ours.split("/")), prefix + hf, ("kernel",)))
-        for ours, hf in HF_NORMS.items():
-            names.update(hf_leaf_names(layer + (ours,), prefix + hf, ("scale",)))
+            leaves = ("kernel", "bias") if ours in biased else ("kernel",)
+            names.update(hf_leaf_names(layer + tuple(ours.split("/")), prefix + hf, leaves))
+        norms = {**HF_NORMS, **(HF_QK_NORMS if cfg.qk_norm else {})}
+        for ours, hf in norms.items():
+            names.update(hf_leaf_names(layer + tuple(ours.split("/")), prefix + hf, ("scale",)))
     return names
 
 
@@ -560,7 +799,7 @@ def _flax_shape(cfg: LlamaConfig, path: tuple[str, ...]) -> tuple[int, ...]:
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     module = "/".join(path[1:-1]) if path[0].startswith("layers_") else path[0]
-    return {
+    shape = {
         "embed": (v, d),
         "lm_head": (d, v),
         "final_norm": (d,),
@@ -570,10 +809,13 @@ def _flax_shape(cfg: LlamaConfig, path: tuple[str, ...]) -> tuple[int, ...]:
         "attn/key": (d, kv),
         "attn/value": (d, kv),
         "attn/out": (q, d),
+        "attn/q_norm": (cfg.head_dim,),
+        "attn/k_norm": (cfg.head_dim,),
         "mlp/gate": (d, f),
         "mlp/up": (d, f),
         "mlp/down": (f, d),
     }[module]
+    return shape[1:] if path[-1] == "bias" else shape
 
 
 def _expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -590,14 +832,14 @@ def from_hf(
     tensors: Mapping[str, np.ndarray],
     *,
     scan_layers: bool = False,
-    remat: bool = False,
+    remat: bool | str = False,
     dtype: Any = None,
     param_dtype: Any = None,
 ) -> tuple[Llama, dict]:
-    """A Hugging Face ``LlamaForCausalLM`` state dict -> ``(Llama model, {"params": ...})``.
+    """A Hugging Face ``LlamaForCausalLM`` (Mistral, Qwen2, Qwen3) state dict -> ``(Llama, {"params": ...})``.
 
     Args:
-      config: the ``config.json`` dict.
+      config: the ``config.json`` dict; its ``model_type`` picks the family (:func:`config_from_hf`).
       tensors: name -> array in PyTorch layout (``(out, in)`` weights), e.g. read from safetensors; or
         lazy tensors (:func:`lora_jax.models.weights.open_weights`), then the leaves are lazy views
         that :mod:`lora_jax.models.sharded` reads block by block.
@@ -605,7 +847,8 @@ def from_hf(
       param_dtype: dtype of the returned parameters (default float32).
 
     Raises:
-      ValueError: a missing, unexpected or wrongly-shaped tensor (all of them listed at once).
+      ValueError: a missing, unexpected or wrongly-shaped tensor (all of them listed at once, each
+        with its name and both shapes), or a config field :func:`config_from_hf` refuses.
     """
     cfg = config_from_hf(config, scan_layers=scan_layers, remat=remat, dtype=dtype, param_dtype=param_dtype)
     expected = _expected_hf_shapes(cfg)
@@ -624,7 +867,7 @@ def from_hf(
     ]
     problems += [f"unexpected tensor {n!r}" for n in sorted(extra)]
     if problems:
-        raise ValueError("Llama checkpoint does not fit the config:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{cfg.model_type} checkpoint does not fit its config:\n  " + "\n  ".join(problems))
 
     params: dict = {}
     for path, (name, transposed) in _hf_names(cfg).items():
@@ -649,9 +892,12 @@ def to_hf(cfg: LlamaConfig, variables: Mapping) -> tuple[dict, dict[str, np.ndar
     for path, (name, transposed) in _hf_names(cfg).items():
         x = np.array(functools.reduce(lambda t, k: t[k], path, params), np.float32)
         out[name] = x.T if transposed else x
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **dataclasses.asdict(cfg.rope_scaling)}
     config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": cfg.model_type,
+        "architectures": [HF_ARCHITECTURES[cfg.model_type]],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -664,22 +910,38 @@ def to_hf(cfg: LlamaConfig, variables: Mapping) -> tuple[dict, dict[str, np.ndar
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
     }
+    if cfg.rope_scaling is not None:
+        config["rope_scaling"] = rope
+    if cfg.model_type == "llama":
+        config.update(attention_bias=False, mlp_bias=False)
+    elif cfg.model_type == "mistral":
+        config["sliding_window"] = cfg.sliding_window
+    else:  # qwen2, qwen3: every layer alike
+        config.update(
+            use_sliding_window=cfg.sliding_window is not None,
+            sliding_window=cfg.sliding_window,
+            max_window_layers=0,
+        )
     return config, out
 
 
-FAMILY = ModelFamily(
-    model_type="llama",
-    model_classes=(Llama,),
-    layers="layers",
-    hf_layer=HF_LAYER,
-    hf_projections=HF_PROJECTIONS,
-    logical_axis_rules=LOGICAL_AXIS_RULES_DEFAULT,
-    default_targets=DEFAULT_TARGETS,
-    logical_partition_specs=logical_partition_specs,
-    from_hf=from_hf,
-    peft_task_type="CAUSAL_LM",
-    scan_layers=True,
-)
+def _family(model_type: str) -> ModelFamily:
+    return ModelFamily(
+        model_type=model_type,
+        model_classes=(Llama,),
+        layers="layers",
+        hf_layer=HF_LAYER,
+        hf_projections=HF_PROJECTIONS,
+        logical_axis_rules=LOGICAL_AXIS_RULES_DEFAULT,
+        default_targets=DEFAULT_TARGETS,
+        logical_partition_specs=logical_partition_specs,
+        from_hf=from_hf,
+        peft_task_type="CAUSAL_LM",
+        scan_layers=True,
+    )
+
+
+# One family per Hugging Face model type this module builds; they share the module and its names.
+FAMILIES: dict[str, ModelFamily] = {t: _family(t) for t in MODEL_TYPES}
+FAMILY = FAMILIES["llama"]

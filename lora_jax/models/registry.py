@@ -3,9 +3,14 @@
 Adding a family is one module that ends with ``FAMILY = ModelFamily(...)`` (see
 :class:`~lora_jax.models.family.ModelFamily`) and one line in :data:`FAMILIES`.
 
+Llama, Mistral, Qwen2 and Qwen3 are one decoder module (:mod:`lora_jax.models.llama`) with one family
+per ``model_type``; :func:`family_of` tells them apart by the model's ``config.model_type``.
+
 Example:
-    >>> sorted(FAMILIES)
-    ['bert', 'gpt2', 'llama']
+    >>> {"bert", "gpt2", "llama", "mistral", "qwen2", "qwen3"} <= set(FAMILIES)
+    True
+    >>> get("qwen2").hf_module("attn/query", 0)
+    'model.layers.0.self_attn.q_proj'
     >>> get("bert").hf_module("attn/query", 0)
     'encoder.layer.0.attention.self.query'
     >>> from lora_jax.models import llama
@@ -20,15 +25,18 @@ import os
 import pathlib
 from typing import Any
 
-from lora_jax.models import bert, gpt2, llama
+from lora_jax.models import bert, gemma, gpt2, llama
 from lora_jax.models.family import ModelFamily
 
-__all__ = ["ASSETS", "FAMILIES", "ModelFamily", "family_for", "family_of", "get"]
+__all__ = ["ASSETS", "FAMILIES", "ModelFamily", "family_for", "family_of", "get", "resolve_targets"]
 
 FAMILIES: dict[str, ModelFamily] = {
     "bert": bert.FAMILY,
+    "gemma2": gemma.FAMILY,
+    "gemma3": gemma.FAMILY_GEMMA3_MULTIMODAL,
+    "gemma3_text": gemma.FAMILY_GEMMA3,
     "gpt2": gpt2.FAMILY,
-    "llama": llama.FAMILY,
+    **llama.FAMILIES,  # llama, mistral, qwen2, qwen3
 }
 
 # The pretrained assets of `lora_jax.models.load` and their families.
@@ -47,11 +55,16 @@ def get(model_type: str) -> ModelFamily:
 
 
 def family_of(model: Any) -> ModelFamily | None:
-    """The family whose Flax module ``model`` is an instance of; ``None`` for a model outside the registry."""
-    for family in FAMILIES.values():
-        if isinstance(model, family.model_classes):
+    """The family whose Flax module ``model`` is an instance of; ``None`` for a model outside the registry.
+
+    Families sharing a module (Llama, Mistral, Qwen) are told apart by ``model.config.model_type``.
+    """
+    matches = [f for f in FAMILIES.values() if isinstance(model, f.model_classes)]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for family in matches:
+        if family.model_type == model_type:
             return family
-    return None
+    return matches[0] if matches else None
 
 
 def family_for(name_or_path: str | os.PathLike) -> ModelFamily | None:
@@ -67,3 +80,16 @@ def family_for(name_or_path: str | os.PathLike) -> ModelFamily | None:
     except (OSError, ValueError, AttributeError):
         return None
     return FAMILIES.get(model_type)
+
+
+def resolve_targets(model: str | os.PathLike, targets: str | None) -> str:
+    """The LoRA targets regex for ``model`` (asset name or folder): ``None`` -> its family's default
+    (attention query and value), ``"all-linear"`` -> every per-layer projection (PEFT's shorthand, the
+    output head excluded), a regex -> itself. A model outside the registry is treated as Llama.
+
+    Example:
+        >>> resolve_targets("smollm2-135m", None)
+        '.*/attn/(query|value)/kernel'
+    """
+    family = family_for(name_or_path=model) or FAMILIES["llama"]
+    return family.targets(targets)

@@ -189,7 +189,7 @@ def _global_array(view: Lazy, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_single_device_arrays(view.shape, sharding, shards)
 
 
-def materialize(model: Any, views: Any, mesh: jax.sharding.Mesh, *, rules=None) -> Any:
+def materialize(model: Any, views: Any, mesh: jax.sharding.Mesh, *, rules=None, quantize=None) -> Any:
     """Global ``jax.Array`` s from a tree of lazy tensors (or numpy arrays), each with its final sharding.
 
     Args:
@@ -198,9 +198,13 @@ def materialize(model: Any, views: Any, mesh: jax.sharding.Mesh, *, rules=None) 
             family's ``from_hf`` returns for :func:`~lora_jax.models.weights.open_weights`) or arrays.
         mesh: the device mesh (all processes pass the same one).
         rules: logical-axis rules; default the family's.
+        quantize: a `lora_jax.QuantSpec` (QLoRA): each parameter it targets is quantized as soon as it
+            is on its devices, its dense array dropped before the next is read, so the dense model is
+            never whole on the devices (its paths and shapes are checked before anything is read).
 
     Returns:
-        The same tree of global arrays; each process has read only its own devices' blocks.
+        The same tree of global arrays (`QuantizedArray` where `quantize` targets); each process has read
+        only its own devices' blocks.
 
     Raises:
         ValueError: a mesh axis does not divide a dimension it shards (checked before any read).
@@ -215,4 +219,18 @@ def materialize(model: Any, views: Any, mesh: jax.sharding.Mesh, *, rules=None) 
     )
     shardings = param_shardings(model, abstract, mesh, rules)
     check_divisible(model, abstract, shardings, mesh)
-    return jax.tree_util.tree_map(_global_array, views, shardings, is_leaf=lambda v: isinstance(v, Lazy))
+    if quantize is None:
+        return jax.tree_util.tree_map(_global_array, views, shardings, is_leaf=lambda v: isinstance(v, Lazy))
+    from lora_jax.quant.tree import check_targets, quantize_leaf
+    from lora_jax.spec import path_str
+
+    placed = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    check_targets(placed, quantize)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, v, s: quantize_leaf(path_str(p), _global_array(v, s), quantize),
+        views,
+        shardings,
+        is_leaf=lambda v: isinstance(v, Lazy),
+    )
