@@ -7,14 +7,30 @@ the LoRA train step (rank 8 on q and v, AdamW, batch 8 x 48 tokens, `nn.scan` la
 time and the compiled step's memory (arguments / temporaries). Everything runs through the library:
 `lj.quantize` for the base, the training engine's `loop.build` (``quantize=``) for the steps.
 
+Two more modes look into the NF4 accuracy gap:
+
+- ``--errors``: per kernel group (q, k, v, o, gate, up, down), the relative RMS error
+  ``|W - deq(quant(W))| / |W|`` of `lj.quantize` (nf4, nf4 + double quant), of a NumPy NF4 written from
+  the paper (float64, nearest of the printed levels, absmax per block of 64 along the input axis), of
+  qwix's nf4 when qwix is importable, and of ours on N(0, 1) data of the same shape; and how many distinct
+  values each block of 32 input rows holds (the GGUF asset is llama.cpp Q4_1: at most 16 per block).
+- ``--load-memory``: the peak of live device arrays while the model loads onto a mesh, dense, and
+  with each kernel quantized as soon as it is placed (`lora_jax.models.load(..., quantize=)`).
+- ``--ablation``: zero-shot accuracy and perplexity with nf4 + double quant on every kernel but one
+  group, that group kept float32 (no train step).
+
 Usage::
 
     python experiments/qlora.py --eval-size 256 --ppl-rows 64 --steps 3 --out experiments/results/qlora.json
+    python experiments/qlora.py --errors --out experiments/results/qlora_errors.json
+    python experiments/qlora.py --load-memory --out experiments/results/qlora_load_memory.json
+    python experiments/qlora.py --ablation --eval-size 256 --ppl-rows 64 --out experiments/results/qlora_ablation.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import time
@@ -36,6 +52,121 @@ VARIANTS = {  # name -> (param dtype, QuantSpec or None)
     "nf4": (jnp.float32, lj.QuantSpec(format="nf4", double_quant=False)),
     "nf4+dq": (jnp.float32, lj.QuantSpec(format="nf4", double_quant=True)),
 }
+
+
+GROUPS = {  # kernel group -> regex of its (nn.scan-stacked) kernel
+    "q": r".*/attn/query/kernel",
+    "k": r".*/attn/key/kernel",
+    "v": r".*/attn/value/kernel",
+    "o": r".*/attn/out/kernel",
+    "gate": r".*/mlp/gate/kernel",
+    "up": r".*/mlp/up/kernel",
+    "down": r".*/mlp/down/kernel",
+}
+
+# NF4 as printed in the QLoRA paper (Dettmers et al. 2023, Appendix E).
+PAPER_NF4 = np.array(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+     0.7229568362236023, 1.0]
+)  # fmt: skip
+
+
+def nf4_reference(w: np.ndarray, block: int = 64) -> np.ndarray:
+    """NF4 round trip of a ``(..., in, out)`` kernel in NumPy float64, from the paper's definition.
+
+    Blocks of `block` consecutive input rows, each divided by its absolute maximum; every value becomes
+    the nearest printed level (argmin of the distance), times the block's absmax.
+    """
+    w = np.asarray(w, np.float64)
+    *lead, n, m = w.shape
+    flat = w.reshape(-1, n // block, block, m)
+    out = np.empty_like(flat)
+    for i in range(flat.shape[0]):  # one layer at a time: the argmin holds 16 copies
+        b = flat[i]
+        absmax = np.abs(b).max(axis=1, keepdims=True)
+        x = b / np.where(absmax == 0, 1.0, absmax)
+        out[i] = PAPER_NF4[np.abs(x[..., None] - PAPER_NF4).argmin(-1)] * absmax
+    return out.reshape(w.shape)
+
+
+def qwix_nf4(w: np.ndarray, block: int = 64) -> np.ndarray | None:
+    """qwix's nf4 round trip (absmax tiles of `block` along the input axis), or None without qwix."""
+    try:
+        import qwix
+    except ImportError:
+        return None
+    nd = np.ndim(w)
+    out = []
+    for x in np.asarray(w, np.float32).reshape(-1, *np.shape(w)[-2:]):
+        q = qwix.quantize(jnp.asarray(x), "nf4", channelwise_axes=(1,), tiled_axes={0: block})
+        out.append(np.asarray(qwix.dequantize(q)))
+    return np.stack(out).reshape(np.shape(w)) if nd > 2 else out[0]
+
+
+def rel_rms(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.sqrt(np.sum((got - want) ** 2) / np.sum(want**2)))
+
+
+def max_distinct_per_block(w: np.ndarray, block: int = 32) -> int:
+    """The most distinct values any block of `block` consecutive input rows holds (16 for Q4_1 data)."""
+    w = np.asarray(w)
+    *lead, n, m = w.shape
+    b = np.sort(w.reshape(-1, n // block, block, m), axis=2)
+    return int((1 + np.count_nonzero(np.diff(b, axis=2), axis=2)).max())
+
+
+def errors(variables) -> dict:
+    """Relative RMS error per kernel group: ours, NumPy reference, qwix, ours on N(0, 1) of the same shape."""
+    flat = {lj.spec.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    out = {}
+    for g, pat in GROUPS.items():
+        (path,) = [p for p in flat if lj.QuantSpec(targets=pat).matches(p)]
+        w = np.asarray(flat[path], np.float32)
+        row = {"path": path, "shape": list(w.shape), "max_distinct_per_32": max_distinct_per_block(w)}
+        for name, dq in (("ours_nf4", False), ("ours_nf4_dq", True)):
+            q = lj.quantize({"w": jnp.asarray(w)}, lj.QuantSpec(format="nf4", double_quant=dq, targets="w"))
+            row[name] = rel_rms(lj.dequantize(q)["w"], w)
+        row["reference_nf4"] = rel_rms(nf4_reference(w), w)
+        qw = qwix_nf4(w)
+        row["qwix_nf4"] = None if qw is None else rel_rms(qw, w)
+        z = np.asarray(jax.random.normal(jax.random.key(0), w.shape))
+        qz = lj.quantize({"w": jnp.asarray(z)}, lj.QuantSpec(format="nf4", double_quant=False, targets="w"))
+        row["ours_nf4_on_normal"] = rel_rms(lj.dequantize(qz)["w"], z)
+        out[g] = row
+        print(g, json.dumps(row), flush=True)
+    return out
+
+
+def load_peak(quantize) -> dict:
+    """Peak bytes of live device arrays while `models.load` places SmolLM2 on a 1-device mesh, sampled
+    every 5 ms (``jax.live_arrays``), with or without quantizing each kernel as it is placed."""
+    import threading
+
+    before = {id(x) for x in jax.live_arrays()}
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], sum(x.nbytes for x in jax.live_arrays() if id(x) not in before))
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        _, variables, _ = models.load(
+            "smollm2-135m",
+            scan_layers=True,
+            mesh=mesh_lib.make_mesh("data=-1,fsdp=1,tensor=1"),
+            quantize=quantize,
+        )
+        jax.block_until_ready(variables)
+    finally:
+        done.set()
+        t.join()
+    return {"device_peak_bytes": peak[0], "loaded_bytes": lj.quant.base_bytes(variables)}
 
 
 def kernel_ratio(dense, params) -> float:
@@ -63,8 +194,11 @@ def perplexity(model, params, deltas, rows: dict) -> float:
     return float(np.exp(nll / count))
 
 
-def run(name: str, args, model, variables, tok, splits) -> dict:
+def run(name: str, args, model, variables, tok, splits, *, restore: str | None = None) -> dict:
+    """One variant's row; with `restore` (a `GROUPS` key) nf4 + double quant except that group, no step."""
     dtype, qspec = VARIANTS[name]
+    if restore is not None:
+        qspec = dataclasses.replace(qspec, exclude=(GROUPS[restore],))
     cfg = config_lib.TrainConfig(max_len=48)
     base = jax.tree_util.tree_map(lambda x: x.astype(dtype), variables)
     spec = loop.lora_spec(cfg, base)
@@ -80,6 +214,9 @@ def run(name: str, args, model, variables, tok, splits) -> dict:
     out["zero_shot_accuracy"] = loop.evaluate(setup, setup.deltas, splits["test"], 32)
     out["eval_seconds"] = time.time() - t
     out["perplexity"] = perplexity(model, setup.params, setup.deltas, splits["text"])
+    if restore is not None or args.ablation:
+        print(name if restore is None else f"{name}, {restore} float32", json.dumps(out), flush=True)
+        return out
     tr = splits["train"]
     b = {k: tr[k][None, :8] for k in ("input_ids", "attention_mask", "loss_mask")}
     gb = mesh_lib.global_batch(b, setup.shardings["batch"], axis=1)
@@ -108,10 +245,18 @@ def main():
     ap.add_argument("--eval-size", type=int, default=256, help="test reviews scored (0: all 1,056)")
     ap.add_argument("--ppl-rows", type=int, default=64, help="test reviews whose text gives the perplexity")
     ap.add_argument("--steps", type=int, default=3, help="timed train steps (after one warm-up)")
+    ap.add_argument("--errors", action="store_true", help="per-group quantization error only (no model run)")
+    ap.add_argument("--ablation", action="store_true", help="nf4+dq with each kernel group kept float32")
+    ap.add_argument("--load-memory", action="store_true", help="device peak while loading, dense vs nf4")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.load_memory:
+        qspec = loop.quant_spec(config_lib.TrainConfig(quantize="nf4"))
+        return _write(args, {"dense": load_peak(None), "nf4+dq": load_peak(qspec)})
     model, variables, tok = models.load("smollm2-135m", scan_layers=True)
     variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), variables)
+    if args.errors:
+        return _write(args, {"errors": errors(variables)})
     cfg = config_lib.TrainConfig(max_len=48)
     sets = data.load_sentiment()
     splits = {
@@ -126,8 +271,20 @@ def main():
         "devices": str(jax.devices()[0].platform),
         "variants": {},
     }
+    if args.ablation:
+        for name in ("float32", "nf4+dq"):
+            results["variants"][name] = run(name, args, model, variables, tok, splits)
+        for g in GROUPS:
+            results["variants"][f"nf4+dq, {g} float32"] = run(
+                "nf4+dq", args, model, variables, tok, splits, restore=g
+            )
+        return _write(args, results)
     for name in args.variants.split(","):
         results["variants"][name] = run(name, args, model, variables, tok, splits)
+    _write(args, results)
+
+
+def _write(args, results: dict) -> None:
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -105,6 +105,40 @@ def test_cpu_lora_below_full(tiny, capsys):
     assert "LoRA r=4" in text and "8 x cpu (cpu)" in text and "of 1.00 GiB: fits" in text
 
 
+def test_cpu_qlora_base_bytes(tiny):
+    """--method qlora: the base as NF4 codes and scales (abstract, sharded like each kernel); the step's
+    arguments are at most 0.3x LoRA's base bytes on the same mesh; counts and bytes from the parts."""
+    import jax
+    import jax.numpy as jnp
+
+    import lora_jax as lj
+
+    kw = dict(devices=2, mesh="fsdp=2", batch=2, dtype="float32")
+    lora = plan_lib.plan(_request(tiny, **kw))
+    qlora = plan_lib.plan(_request(tiny, method="qlora", **kw))
+    pd = qlora["per_device"]
+    assert qlora["status"] == "ok" and qlora["method"] == "qlora"
+    assert pd["params"] + pd["deltas"] + pd["opt_state"] + pd["batch"] == pd["arguments"]
+    assert pd["arguments"] <= 0.3 * lora["per_device"]["params"], (pd["arguments"], lora["per_device"])
+    assert (
+        pd["deltas"] == lora["per_device"]["deltas"] and qlora["trainable_params"] == lora["trainable_params"]
+    )
+    # The same figures from the dense shapes, computed here: every kernel but lm_head quantized.
+    d, f, L = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"]
+    kernels = L * (2 * d * d + 2 * d * 128 + 3 * d * f)
+    assert qlora["quantized_params"] == kernels and qlora["model_params"] == lora["model_params"]
+    shapes = [(L, d, d), (L, d, 128), (L, d, 128), (L, d, d), (L, d, f), (L, d, f), (L, f, d)]
+    q = lj.quant.tree.abstract_quantize(
+        {f"k{i}/kernel": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(shapes)},
+        plan_lib.QLORA_SPEC,
+    )
+    assert qlora["quantized_bytes"] == lj.quant.base_bytes(q)
+    nbits = 4 + 8 / 64 + 32 / 64 / 256  # codes, int8 scales, a float32 per 256 scales (+ 4 B per layer)
+    assert qlora["quantized_bytes"] == pytest.approx(kernels * nbits / 8, rel=2e-3)
+    assert qlora["base_bytes"] == qlora["quantized_bytes"] + lora["dense_base_bytes"] - 4 * kernels
+    assert "QLoRA (nf4, blocks of 64, double quant" in format_report(qlora)
+
+
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (the tpu extra)")
 def test_tpu_target_tiny(tiny):
     """The TPU compiler's own figures for a v5e 2x2 slice, with no TPU."""
@@ -179,7 +213,14 @@ def test_other_bad_input(tiny):
         plan_lib.parse_bytes("141 potatoes")
     with pytest.raises(ValueError, match=r"--mesh 'fsdp=-1' has a -1 axis: give --devices"):
         plan_lib.check(_request(tiny, devices=None, mesh="fsdp=-1"))
-    with pytest.raises(ValueError, match=r"--method 'qlora': expected 'lora' or 'full'"):
+    with pytest.raises(ValueError, match=r"--method 'qlora4': expected 'lora', 'qlora' or 'full'"):
+        plan_lib.check(_request(tiny, method="qlora4"))
+    # fsdp=8 splits the 256-wide input axis into shards of 32: NF4 blocks of 64 would cross them.
+    with pytest.raises(
+        ValueError,
+        match=r"params/layers/attn/\w+/kernel: its block axis 1 \(size 256\) is sharded over mesh axis "
+        r"\('fsdp',\) \(8 shards of 32\), so blocks of 64 would cross a shard boundary",
+    ):
         plan_lib.check(_request(tiny, method="qlora"))
     with pytest.raises(ValueError, match=r"--seq 16 with 16 loss positions"):
         plan_lib.check(_request(tiny, loss_tokens=16))
@@ -203,14 +244,20 @@ def _folder_with(tiny, config):
 
 
 def test_public_configs():
-    assert plan_configs.known_models() == [
+    assert {
         "gemma-2-9b",
         "llama-3-70b",
         "llama-3-8b",
+        "llama-3.1-8b",
+        "llama-3.1-70b",
         "llama-3.1-405b",
+        "mistral-7b",
         "qwen2.5-7b",
+        "qwen2.5-72b",
+        "qwen3-8b",
+        "qwen3-32b",
         "smollm2-135m",
-    ]
+    } <= set(plan_configs.known_models())
     counts = {}
     for name in plan_configs.known_models():
         spec = plan_configs.resolve(name)
@@ -224,11 +271,21 @@ def test_public_configs():
     assert counts["llama-3-8b"] == pytest.approx(8.03, abs=0.01)
     assert counts["llama-3-70b"] == pytest.approx(70.55, abs=0.01)
     assert counts["llama-3.1-405b"] == pytest.approx(405.85, abs=0.01)
-    assert counts["qwen2.5-7b"] == pytest.approx(7.61, abs=0.01)  # q/k/v biases (0.0003B) left out
+    assert counts["qwen2.5-7b"] == pytest.approx(7.61, abs=0.01)  # q/k/v biases (0.0003B) not counted here
+    assert counts["llama-3.1-8b"] == pytest.approx(8.03, abs=0.01)
+    assert counts["llama-3.1-70b"] == pytest.approx(70.55, abs=0.01)
+    assert counts["mistral-7b"] == pytest.approx(7.24, abs=0.01)
+    assert counts["qwen2.5-72b"] == pytest.approx(72.71, abs=0.01)
+    assert counts["qwen3-8b"] == pytest.approx(8.19, abs=0.01)
+    assert counts["qwen3-32b"] == pytest.approx(32.76, abs=0.01)
     assert counts["gemma-2-9b"] == pytest.approx(9.24, abs=0.01)
     assert counts["smollm2-135m"] == pytest.approx(0.1345, abs=0.001)
-    assert plan_configs.resolve("qwen2.5-7b").notes and not plan_configs.resolve("llama-3-8b").notes
-    assert "RoPE scaling 'llama3' dropped" in plan_configs.resolve("llama-3.1-405b").notes[0]
+    # The Llama-style families are planned exactly: Qwen's biases and q/k norms, Mistral's window, RoPE scaling.
+    assert not any(plan_configs.resolve(n).notes for n in ("qwen2.5-7b", "llama-3-8b", "llama-3.1-405b"))
+    exact = {n: plan_configs.llama_config(plan_configs.resolve(n)) for n in ("qwen2.5-7b", "qwen3-8b")}
+    assert exact["qwen2.5-7b"].qkv_bias and exact["qwen3-8b"].qk_norm
+    assert plan_configs.llama_config(plan_configs.resolve("mistral-7b")).sliding_window == 4096
+    assert plan_configs.llama_config(plan_configs.resolve("llama-3.1-405b")).rope_scaling.factor == 8.0
 
 
 def test_targets_and_environment():

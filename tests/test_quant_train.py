@@ -1,5 +1,6 @@
 """QLoRA in the training engine: ``--quantize`` settings, and `loop.build` with a quantized base."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,9 @@ def test_quantize_setting_is_checked():
     ):
         config_lib.TrainConfig(quantize="fp4")
     cfg = config_lib.TrainConfig(model="tiny-llama", quantize="nf4")
-    assert loop.quant_spec(cfg) == lj.QuantSpec(format="nf4", targets=r".*/kernel", block_size=16)
+    assert loop.quant_spec(cfg) == lj.QuantSpec(
+        format="nf4", targets=r".*/kernel", exclude=r".*lm_head.*", block_size=16
+    )
     assert loop.quant_spec(config_lib.TrainConfig()) is None
 
 
@@ -59,3 +62,88 @@ def test_build_with_a_quantized_base_trains_and_scores(fmt):
         mesh_lib.global_batch({k: np.asarray(v) for k, v in ev.items()}, ref.shardings["eval_batch"]),
     )
     np.testing.assert_allclose(got["logprobs"], want["logprobs"], rtol=1e-5, atol=1e-5)
+
+
+def _hf_folder(folder, *, scan_layers=False):
+    """A small random Llama as a Hugging Face folder (config.json + model.safetensors); its kernels hold
+    most of its bytes."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from lora_jax.models import llama
+
+    cfg = llama.LlamaConfig(
+        vocab_size=32, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
+        tie_word_embeddings=True, scan_layers=scan_layers,
+    )  # fmt: skip
+    variables = nn.meta.unbox(llama.Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    config, tensors = llama.to_hf(cfg, variables)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_load_quantizes_each_kernel_as_it_is_placed(tmp_path, monkeypatch, scan_layers=True):
+    """`models.load(..., mesh=, quantize=)`: the same codes as quantizing after a dense load, and the
+    dense base is never whole on the device: new live device bytes, sampled after each parameter is
+    placed, peak below the largest kernel plus the quantized base (a dense load peaks at the dense base)."""
+    from lora_jax import models
+    from lora_jax.models import sharded
+
+    folder = _hf_folder(tmp_path / "llama", scan_layers=scan_layers)
+    mesh = mesh_lib.make_mesh("data=-1,fsdp=1,tensor=1")
+    qspec = lj.QuantSpec(block_size=16)
+
+    def peak_of(**kw):
+        before = {id(x) for x in jax.live_arrays()}
+        peak = [0]
+        place = sharded._global_array
+
+        def spy(view, sharding):
+            out = place(view, sharding)
+            live = sum(x.nbytes for x in jax.live_arrays() if id(x) not in before)
+            peak[0] = max(peak[0], live)
+            return out
+
+        monkeypatch.setattr(sharded, "_global_array", spy)
+        _, variables, _ = models.load(str(folder), mesh=mesh, scan_layers=scan_layers, **kw)
+        monkeypatch.setattr(sharded, "_global_array", place)
+        return variables, peak[0]
+
+    dense, dense_peak = peak_of()
+    q, q_peak = peak_of(quantize=qspec)
+    want = lj.quantize(dense, qspec)
+    got_leaves = jax.tree_util.tree_leaves(q)
+    assert len(got_leaves) == len(jax.tree_util.tree_leaves(want))
+    for a, b in zip(got_leaves, jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)  # bit for bit, codes and scales
+    kernel = q["params"]["layers" if scan_layers else "layers_0"]["mlp"]["up"]["kernel"]
+    assert isinstance(kernel, lj.QuantizedArray) and kernel.codes.sharding.mesh.shape == mesh.shape
+    dense_bytes = lj.quant.base_bytes(dense)
+    largest = max(x.nbytes for x in jax.tree_util.tree_leaves(dense))
+    assert lj.quant.base_bytes(q, dense=True) == dense_bytes
+    assert dense_peak >= dense_bytes, (dense_peak, dense_bytes)
+    assert q_peak <= lj.quant.base_bytes(q) + largest, (q_peak, lj.quant.base_bytes(q), largest)
+    assert q_peak < 0.6 * dense_bytes, (q_peak, dense_bytes)
+
+
+def test_load_with_quantize_checks_targets_before_reading(tmp_path, monkeypatch):
+    from lora_jax import models
+    from lora_jax.models import sharded
+
+    folder = _hf_folder(tmp_path / "llama")
+    mesh = mesh_lib.make_mesh("data=-1,fsdp=1,tensor=1")
+
+    def no_read(*a, **k):
+        raise AssertionError("read a tensor before checking the QuantSpec")
+
+    monkeypatch.setattr(sharded, "_read_shard", no_read)
+    with pytest.raises(ValueError, match=r"QuantSpec.targets \['.*/nothing'\] .* match no parameter"):
+        models.load(str(folder), mesh=mesh, quantize=lj.QuantSpec(targets=".*/nothing"))
+    with pytest.raises(
+        ValueError,
+        match=r"params/layers_0/attn/\w+/kernel: its block axis 0 has size 64, not divisible by QuantSpec.block_size=128",
+    ):
+        models.load(str(folder), mesh=mesh, quantize=lj.QuantSpec(block_size=128))

@@ -12,13 +12,14 @@ decode into the op), and its backward pass decodes again rather than keeping a d
 `save` / `load` keep a quantized base on disk so that quantizing is done once.
 
 Modules: `codes` (the arithmetic on one array), `array` (`QuantizedArray`), `tree` (`QuantSpec`,
-`quantize`, `dequantize`), `io` (safetensors files).
+`quantize`, `dequantize`; `quantize_leaf` for loaders that quantize as they place each weight,
+`abstract_quantize` for the memory planner), `io` (safetensors files).
 """
 
 from lora_jax.quant.array import QuantizedArray, QuantMeta, is_quantized
 from lora_jax.quant.codes import NF4_LEVELS
 from lora_jax.quant.io import info, load, save
-from lora_jax.quant.tree import QuantSpec, dequantize, quantize
+from lora_jax.quant.tree import QuantSpec, abstract_quantize, dequantize, quantize, quantize_leaf
 
 __all__ = [
     "QuantSpec",
@@ -26,6 +27,8 @@ __all__ = [
     "QuantMeta",
     "quantize",
     "dequantize",
+    "quantize_leaf",
+    "abstract_quantize",
     "is_quantized",
     "NF4_LEVELS",
     "save",
@@ -35,11 +38,11 @@ __all__ = [
 ]
 
 
-def base_bytes(params) -> int:
-    """Bytes of every array in `params` (a `QuantizedArray` counts its codes and scales)."""
+def base_bytes(params, *, dense: bool = False) -> int:
+    """Bytes of every array in `params`: a `QuantizedArray` counts its codes and scales, or with `dense`
+    the dense weight it stands for (the bytes before quantizing)."""
     import jax
     import numpy as np
 
-    return int(
-        sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params))
-    )
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_quantized if dense else None)
+    return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in leaves))

@@ -33,7 +33,15 @@ from lora_jax.quant.array import QuantizedArray, QuantMeta, is_quantized
 from lora_jax.quant.codes import FORMATS
 from lora_jax.spec import path_str
 
-__all__ = ["QuantSpec", "quantize", "dequantize"]
+__all__ = [
+    "QuantSpec",
+    "quantize",
+    "dequantize",
+    "quantize_leaf",
+    "check_targets",
+    "abstract_quantize",
+    "part_shardings",
+]
 
 
 def _patterns(x, name: str) -> tuple[str, ...]:
@@ -162,8 +170,11 @@ def _check_leaf(path: str, w, spec: QuantSpec) -> int:
     return axis
 
 
-def _part_shardings(sharding, ndim: int, axis: int, double_quant: bool):
-    """Shardings of (codes, scales, scale_scales, scale_offset): like W, the small ones on W's lead axes."""
+def part_shardings(sharding, ndim: int, axis: int, double_quant: bool):
+    """Shardings of (codes, scales, scale_scales, scale_offset): like W, the small ones on W's lead axes.
+
+    `sharding` is W's (None unless a ``NamedSharding``: then None), `ndim` W's rank, `axis` the block axis.
+    """
     if not isinstance(sharding, NamedSharding):
         return None
     spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
@@ -208,26 +219,88 @@ def quantize(params: Any, spec: QuantSpec) -> Any:
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
     paths = [path_str(p) for p, _ in leaves]
+    spec.select(paths)  # raises when nothing matches
+    out = [quantize_leaf(path, w, spec) for path, (_, w) in zip(paths, leaves, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def check_targets(abstract: Any, spec: QuantSpec) -> None:
+    """Raises what `quantize` would raise on `abstract`, without reading a value.
+
+    Args:
+        abstract: a params tree of arrays or ``jax.ShapeDtypeStruct`` (with ``sharding=`` to check shard
+            boundaries), e.g. before a loader reads anything.
+        spec: the `QuantSpec`.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=is_quantized)[0]
+    paths = [path_str(p) for p, _ in leaves]
     chosen = set(spec.select(paths))
-    out = []
     for path, (_, w) in zip(paths, leaves, strict=True):
-        if path not in chosen or is_quantized(w):
-            out.append(w)
-            continue
-        axis = _check_leaf(path, w, spec)
-        if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
-            out.append(
-                QuantizedArray.quantize(
-                    jnp.asarray(w), spec.format, spec.block_size, axis, double_quant=spec.double_quant
-                )
-            )
-            continue
-        shardings = _part_shardings(w.sharding, w.ndim, axis, spec.double_quant)
-        parts = _quantize_jit(spec.format, spec.block_size, axis, spec.double_quant, shardings)(w)
-        meta = QuantMeta(
-            tuple(int(s) for s in w.shape), jnp.dtype(w.dtype).name, spec.format, spec.block_size, axis
+        if path in chosen and not is_quantized(w):
+            _check_leaf(path, w, spec)
+
+
+def quantize_leaf(path: str, w: Any, spec: QuantSpec) -> Any:
+    """`w` as a `QuantizedArray` if `spec` targets `path`, else `w` itself: `quantize` for one leaf.
+
+    For loaders that quantize each parameter as soon as it is created, so the dense parameters are
+    never all in memory at once (`lora_jax.models.load(..., quantize=spec)`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> quantize_leaf("params/dense/kernel", jnp.ones((64, 8)), QuantSpec()).shape
+        (64, 8)
+        >>> quantize_leaf("params/dense/bias", jnp.ones(8), QuantSpec()).shape   # not targeted: unchanged
+        (8,)
+    """
+    if is_quantized(w) or not spec.matches(path):
+        return w
+    axis = _check_leaf(path, w, spec)
+    if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
+        return QuantizedArray.quantize(
+            jnp.asarray(w), spec.format, spec.block_size, axis, double_quant=spec.double_quant
         )
-        out.append(QuantizedArray(*parts, meta))
+    shardings = part_shardings(w.sharding, w.ndim, axis, spec.double_quant)
+    parts = _quantize_jit(spec.format, spec.block_size, axis, spec.double_quant, shardings)(w)
+    meta = QuantMeta(
+        tuple(int(s) for s in w.shape), jnp.dtype(w.dtype).name, spec.format, spec.block_size, axis
+    )
+    return QuantizedArray(*parts, meta)
+
+
+def abstract_quantize(abstract: Any, spec: QuantSpec) -> Any:
+    """`quantize` on shapes: ``jax.eval_shape`` of it, each part with the sharding `quantize` would give it.
+
+    Args:
+        abstract: a params tree of ``jax.ShapeDtypeStruct`` (with ``sharding=`` for sharded parts) or arrays.
+        spec: the `QuantSpec`.
+
+    Returns:
+        The tree `quantize` returns, its `QuantizedArray` parts ``jax.ShapeDtypeStruct`` (codes and scales
+        sharded like the dense weight, the double-quantization parts on its leading axes); nothing computed.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> q = abstract_quantize({"w": jax.ShapeDtypeStruct((128, 32), jnp.float32)}, QuantSpec(targets="w"))
+        >>> q["w"].codes.shape, q["w"].codes.dtype, q["w"].nbytes
+        ((64, 32), dtype('uint8'), 2120)
+    """
+    check_targets(abstract, spec)
+    shaped = jax.eval_shape(lambda t: quantize(t, spec), abstract)
+    leaves, treedef = jax.tree_util.tree_flatten(abstract, is_leaf=is_quantized)
+    qleaves = treedef.flatten_up_to(shaped)
+    out = []
+    for w, q in zip(leaves, qleaves, strict=True):
+        if not is_quantized(q) or is_quantized(w):
+            out.append(w)  # as given (eval_shape would turn a concrete mesh into an abstract one)
+            continue
+        sh = part_shardings(getattr(w, "sharding", None), len(w.shape), q.meta.axis, q.double_quant)
+        sh = sh or (None,) * 4
+        parts = [
+            None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+            for x, s in zip(q.arrays, sh, strict=True)
+        ]
+        out.append(QuantizedArray(*parts, q.meta))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

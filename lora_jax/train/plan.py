@@ -49,6 +49,11 @@ from lora_jax.train import plan_configs, plan_targets
 __all__ = ["PlanRequest", "check", "compile_plan", "parse_bytes", "plan"]
 
 DEFAULT_TARGETS = r".*/(query|value)/kernel"
+# ``--method qlora``: the base as `lora-jax finetune --quantize nf4` holds it (every kernel NF4, blocks of 64
+# along the input axis, double quantization; the embedding and an untied lm_head stay in param_dtype).
+QLORA_SPEC = lj.QuantSpec(
+    format="nf4", block_size=64, double_quant=True, targets=r".*/kernel", exclude=r".*lm_head.*"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +64,7 @@ class PlanRequest:
       model: a name of `plan_configs.PUBLIC_CONFIGS` or a folder with ``config.json``.
       devices: device count; None = what the target or the mesh fixes.
       mesh: ``"data=..,fsdp=..,tensor=.."`` (-1: the remaining devices).
-      method: ``"lora"`` or ``"full"``.
+      method: ``"lora"``, ``"qlora"`` (LoRA on an NF4 base, `QLORA_SPEC`) or ``"full"``.
       rank, targets: the LoRA spec (ignored for ``"full"``).
       batch: global sequences per step; None = one per data-parallel shard (``data·fsdp``).
       seq: tokens per sequence.
@@ -196,8 +201,8 @@ def check(request: PlanRequest) -> Checked:
     r = request
     target = plan_targets.parse_target(r.target)
     spec = plan_configs.resolve(r.model)
-    if r.method not in ("lora", "full"):
-        raise ValueError(f"--method {r.method!r}: expected 'lora' or 'full'.")
+    if r.method not in ("lora", "qlora", "full"):
+        raise ValueError(f"--method {r.method!r}: expected 'lora', 'qlora' or 'full'.")
     num_devices, sizes = _mesh_sizes(r.mesh, r.devices, target)
     dp = sizes["data"] * sizes["fsdp"]
     batch = dp if r.batch is None else r.batch
@@ -227,14 +232,17 @@ def check(request: PlanRequest) -> Checked:
         mesh_lib.AXES,
         axis_types=(AxisType.Auto,) * len(mesh_lib.AXES),
     )
-    problems = _shard_problems(params, mesh_lib.param_shardings(model, params, amesh), sizes)
+    abstract_sh = mesh_lib.param_shardings(model, params, amesh)
+    problems = _shard_problems(params, abstract_sh, sizes)
     if problems:
         raise ValueError(
             f"mesh {r.mesh!r} does not divide {len(problems)} parameter dimension(s) of "
             f"{spec.name}; pick axis sizes that divide them:\n  " + "\n  ".join(problems)
         )
-    if r.method == "lora":
+    if r.method in ("lora", "qlora"):
         _lora_spec(r, params)  # targets that match no kernel: an error now, not after a compile
+    if r.method == "qlora":  # a block crossing a shard boundary, a width the block does not divide
+        lj.quant.tree.check_targets(_abstract(params, abstract_sh), QLORA_SPEC)
     memory = parse_bytes(r.device_memory) if r.device_memory is not None else target.device_memory
     return Checked(r, target, spec, model, num_devices, sizes, batch, loss_tokens, params, memory)
 
@@ -306,6 +314,10 @@ def compile_plan(request: PlanRequest, devices: list | None = None) -> dict:
     repl = mesh_lib.replicated(mesh)
     param_sh = mesh_lib.param_shardings(c.model, c.params, mesh)
     params = _abstract(c.params, param_sh)
+    dense_sh = param_sh  # deltas follow the dense weights' shardings
+    if r.method == "qlora":  # `jax.eval_shape(quantize)`: codes and scales sharded like each kernel
+        params = lj.quant.tree.abstract_quantize(params, QLORA_SPEC)
+        param_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
     from lora_jax.train import step as step_lib
 
     tx, _ = step_lib.make_optimizer(1e-4, 1000, 100)
@@ -313,10 +325,10 @@ def compile_plan(request: PlanRequest, devices: list | None = None) -> dict:
     ids = jax.ShapeDtypeStruct((1, c.batch, r.seq), jnp.int32, sharding=batch_sh)
     batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
     key = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=repl)
-    if r.method == "lora":
+    if r.method in ("lora", "qlora"):
         spec = _lora_spec(r, c.params)
         delta_shapes = jax.eval_shape(lambda k: lj.init(k, c.params, spec), jax.random.key(0))
-        delta_sh = lj.delta_shardings(delta_shapes, param_sh)
+        delta_sh = lj.delta_shardings(delta_shapes, dense_sh)
         trained, trained_sh = _abstract(delta_shapes, delta_sh), delta_sh
     else:
         trained, trained_sh = params, param_sh
@@ -328,7 +340,7 @@ def compile_plan(request: PlanRequest, devices: list | None = None) -> dict:
     shardings = {"params": param_sh, "opt_state": opt_sh, "batch": batch_sh, "replicated": repl}
     t0 = time.perf_counter()
     loss = {"num_targets": None if c.loss_tokens == r.seq - 1 else c.loss_tokens, "loss_chunk": r.loss_chunk}
-    if r.method == "lora":
+    if r.method in ("lora", "qlora"):
         step = step_lib.make_train_step(c.model.apply, tx, shardings=dict(shardings, deltas=delta_sh), **loss)
         lowered = step.lower(trained, opt, params, batch, key)
     else:
@@ -339,11 +351,11 @@ def compile_plan(request: PlanRequest, devices: list | None = None) -> dict:
     t1 = time.perf_counter()
     per_device = {
         "params": _bytes_per_device(params),
-        "deltas": _bytes_per_device(trained) if r.method == "lora" else 0,
+        "deltas": _bytes_per_device(trained) if r.method != "full" else 0,
         "opt_state": _bytes_per_device(opt),
         "batch": _bytes_per_device(batch),
     }
-    report = _header(c, devices, trained)
+    report = _header(c, devices, trained, params)
     try:
         compiled = lowered.compile()
     except Exception as e:  # the TPU compiler refuses a program larger than HBM
@@ -389,8 +401,14 @@ def _count(tree: Any) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def _header(c: Checked, devices: list, trained: Any) -> dict:
+def _global_bytes(tree: Any) -> int:
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _header(c: Checked, devices: list, trained: Any, params: Any) -> dict:
     r = c.request
+    is_q = lj.quant.is_quantized
+    quantized = [x for x in jax.tree_util.tree_leaves(params, is_leaf=is_q) if is_q(x)]
     return {
         "model": c.spec.name,
         "model_notes": list(c.spec.notes),
@@ -399,8 +417,8 @@ def _header(c: Checked, devices: list, trained: Any) -> dict:
         "device_kind": devices[0].device_kind,
         "devices": c.num_devices,
         "mesh": c.mesh_sizes,
-        "rank": r.rank if r.method == "lora" else None,
-        "targets": r.targets if r.method == "lora" else None,
+        "rank": r.rank if r.method != "full" else None,
+        "targets": r.targets if r.method != "full" else None,
         "batch": c.batch,
         "seq": r.seq,
         "loss_tokens": c.loss_tokens,
@@ -410,6 +428,18 @@ def _header(c: Checked, devices: list, trained: Any) -> dict:
         "remat": r.remat,
         "model_params": _count(c.params),
         "trainable_params": _count(trained),
+        # the base as the step holds it (global bytes; a quantized kernel counts its codes and scales)
+        "base_bytes": _global_bytes(params),
+        "dense_base_bytes": _global_bytes(c.params),
+        "quantized_params": sum(math.prod(x.shape) for x in quantized),
+        "quantized_bytes": sum(_global_bytes(x) for x in quantized),
+        "quantize": None
+        if not quantized
+        else {
+            "format": QLORA_SPEC.format,
+            "block_size": QLORA_SPEC.block_size,
+            "double_quant": QLORA_SPEC.double_quant,
+        },
         "device_memory": c.device_memory,
         "jax": jax.__version__,
     }

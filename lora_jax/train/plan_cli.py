@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--devices", type=int, default=None, help="device count (default: the target's or the mesh's)"
     )
     p.add_argument("--mesh", default="fsdp=-1", help="data=..,fsdp=..,tensor=.. (-1: the remaining devices)")
-    p.add_argument("--method", choices=("lora", "full"), default="lora")
+    p.add_argument("--method", choices=("lora", "qlora", "full"), default="lora")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default=r".*/(query|value)/kernel", help="LoRA targets regex")
     p.add_argument(
@@ -79,7 +79,13 @@ def _gib(n) -> str:
 
 def format_report(r: dict) -> str:
     """The human-readable report of one plan (``per_device`` figures in GiB)."""
-    what = f"LoRA r={r['rank']} on {r['targets']}" if r["method"] == "lora" else "full fine-tuning"
+    what = f"LoRA r={r['rank']} on {r['targets']}" if r["method"] != "full" else "full fine-tuning"
+    if r.get("quantize"):  # --method qlora
+        q = r["quantize"]
+        what = (
+            f"QLoRA ({q['format']}, blocks of {q['block_size']}{', double quant' if q['double_quant'] else ''}: "
+            f"base {r['base_bytes'] / GIB:.2f} GiB, dense {r['dense_base_bytes'] / GIB:.2f}) + {what}"
+        )
     mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
     lines = [
         f"{r['model']}: {what}, {r['devices']} x {r['device_kind']} ({r['target']}), mesh {mesh}",

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.delta import LoraDelta
+from lora_jax.dora import is_dora
 from lora_jax.quant.array import QuantizedArray, QuantMeta, dequantize_arrays
 from lora_jax.transform.interpreter import bind, fallback, materialize
 from lora_jax.transform.plan import plan_dot_general
@@ -84,6 +85,13 @@ class QuantValue(TrackedValue):
     @classmethod
     def of(cls, q: QuantizedArray, d: LoraDelta | None, path: str) -> QuantValue:
         """The untouched quantized kernel `q` with its delta `d` (or None)."""
+        if is_dora(d):
+            # The magnitude needs W's column norms; a quantized base has no factored rule for them yet,
+            # and dropping m would silently compute plain LoRA.
+            raise ValueError(
+                f"lj.wrap: {path} is a quantized base leaf with a DoRA delta (DoRA on a quantized base is "
+                "not supported); dequantize that leaf (lj.dequantize) or use a plain LoRA spec (dora=False)"
+            )
         a = b = None
         if d is not None:
             a, b = aligned_factors(jax.ShapeDtypeStruct(q.shape, q.dtype), d)
