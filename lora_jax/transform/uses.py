@@ -6,7 +6,8 @@
   r -> out, as PEFT's Conv LoRA); grouped and depthwise convs run a grouped conv with a (r channels per
   group), then a per-group map with b;
 - ``gather`` of rows (embedding lookups): ``W[ids] + s·a[ids]·b``;
-- ``V * V`` / ``V ** 2`` then ``reduce_sum`` (the norm of weight normalisation): three thin contractions.
+- ``V * V`` / ``V ** 2`` then ``reduce_sum`` (the norm of weight normalisation): three thin contractions;
+- ``reduce_sum`` of V over its input (or output) axes (a per-channel mean): ``Σ W + (Σ a)·b``.
 
 Each rule first records, for axis inference, which of W's axes the use contracts (inputs), keeps as a
 batch (stack) or leaves free (outputs). LoRA dropout applies to x on the low-rank path only. Below float32
@@ -26,7 +27,15 @@ from lora_jax.transform.interpreter import bind, fallback, materialize
 from lora_jax.transform.plan import DotPlan, plan_dot_general
 from lora_jax.transform.value import LoraValue, TrackedValue, dense_delta, labels, present, squeeze_to
 
-__all__ = ["dot_general", "conv_general_dilated", "gather", "SquareValue", "square", "sum_of_squares"]
+__all__ = [
+    "dot_general",
+    "conv_general_dilated",
+    "gather",
+    "SquareValue",
+    "square",
+    "sum_of_squares",
+    "reduce_sum",
+]
 
 
 def _dropout(ctx, v: LoraValue, x):
@@ -260,8 +269,11 @@ def sum_of_squares(ctx, eqn, invals):
 
     def term(spec_in, ops, have):
         out = [i for i in keep if i in have]
-        res = jnp.einsum(
-            f"{spec_in}->{''.join(lab[i] for i in out)}", *ops, preferred_element_type=jnp.float32
+        res = jnp.einsum(  # at full float32 precision, as the element-wise squares it stands for
+            f"{spec_in}->{''.join(lab[i] for i in out)}",
+            *ops,
+            preferred_element_type=jnp.float32,
+            precision=lax.Precision.HIGHEST,
         )
         return res.reshape([shape[i] if i in out else 1 for i in keep])
 
@@ -269,3 +281,36 @@ def sum_of_squares(ctx, eqn, invals):
     total = total + 2 * term(f"{full},{sa}{r},{sb}{r}", (v.w, a, b), set(range(n)))
     total = total + term(f"{sa}{r},{sb}{r},{sa}{q},{sb}{q}", (a, b, a, b), set(pa) | set(pb))
     return [jnp.broadcast_to(total, [shape[i] for i in keep]).astype(eqn.outvars[0].aval.dtype)]
+
+
+def reduce_sum(ctx, eqn, invals):
+    """``Σ_axes (W + Σ_r a·b) = Σ_axes W + Σ_r (Σ a)·(Σ b)`` (a per-channel mean, as weight
+    standardisation takes) when the sum runs over all of W's input axes or all of its output axes.
+
+    A sum that leaves input and output axes both (one over a stacked-layer or broadcast axis) would
+    build an in×out array: it falls back. In inference mode the value is looked through.
+    """
+    v = invals[0]
+    axes = set(eqn.params["axes"])
+    shape = v.w.shape
+    n = len(shape)
+    base = bind(eqn, [v.w])[0]
+    if v.a is None:
+        return [base]
+    pa, pb = present(v.a.shape, shape), present(v.b.shape, shape)
+    if not (set(pa) - set(pb) <= axes or set(pb) - set(pa) <= axes):
+        return fallback(ctx, eqn, invals)
+    lab = labels(n + 1)
+    keep = [i for i in range(n) if i not in axes]
+    out = [i for i in keep if i in pa or i in pb]
+    low = jnp.einsum(
+        f"{''.join(lab[i] for i in pa)}{lab[n]},{''.join(lab[i] for i in pb)}{lab[n]}"
+        f"->{''.join(lab[i] for i in out)}",
+        squeeze_to(v.a, pa),
+        squeeze_to(v.b, pb),
+        preferred_element_type=jnp.float32,
+    )
+    # Summed axes along which neither factor varies count each term shape[i] times.
+    low = low * float(np.prod([shape[i] for i in axes if i not in pa and i not in pb]))
+    low = jnp.broadcast_to(low.reshape([shape[i] if i in out else 1 for i in keep]), base.shape)
+    return [base + low.astype(base.dtype)]

@@ -1,13 +1,17 @@
 """Rules for view-like ops on a `LoraValue`: the op applies to W and to both aligned factors alike.
 
 A factor's axes line up with W's (size 1 where the factor is constant), plus a trailing rank axis that
-every op leaves alone. So ``transpose(W)``, ``reshape(W)``, ``W[i:j]``, ``W.astype(bf16)``, ``c·W``, ...
-stay low-rank: ``op(W + Σ_r a·b) = op(W) + Σ_r op(a)·op(b)``; so do flips (``rev``), per-channel scales
-(``c·W`` with c constant along one factor's axes goes into the other factor) and concatenations of
-kernels (block factors). Each rule also maps the view's `origin`
-(which original axes each view axis comes from) for axis inference. When an op cannot be expressed on
-the factors (e.g. a reshape merging an axis a factor varies along with one it does not), the rule hands
-the use to the fallback.
+every op leaves alone. So ``transpose(W)``, ``reshape(W)``, ``W[i:j]``, ``jnp.split(W)``,
+``W.astype(bf16)``, ``jnp.tile(W)``, ``stop_gradient(W)``, ... stay low-rank:
+``op(W + Σ_r a·b) = op(W) + Σ_r op(a)·op(b)``; so do flips (``rev``), padding (the factors are padded
+with zeros), concatenations of kernels (block factors) and ``W ± c`` (a per-channel c becomes one more
+rank, any other c is added to W). Each rule also maps the view's `origin` (which original axes each
+view axis comes from) for axis inference. When an op cannot be expressed on the factors (e.g. a reshape
+merging an axis a factor varies along with one it does not), the rule hands the use to the fallback.
+
+`scale` folds a per-channel c into W and a factor (``c·W``); `wrap` keeps such a c pending instead
+(`lora_jax.transform.scaled`) and uses `scale` for axis inference and for quantized bases. `FACTORS`
+gives, per view primitive, the function that maps any array aligned to W's axes.
 """
 
 from __future__ import annotations
@@ -32,8 +36,14 @@ __all__ = [
     "identity",
     "scale",
     "rev",
+    "stop_gradient",
+    "FACTORS",
     "concatenate",
     "neg",
+    "add",
+    "split",
+    "tile",
+    "pad",
     "device_put",
 ]
 
@@ -199,6 +209,13 @@ def _rev_factor(eqn, f, v, invals):
 rev = view(_rev_factor, _same_origin)  # jnp.flip; ConvTranspose(transpose_kernel=True) flips its kernel
 
 
+def _stop_gradient_factor(eqn, f, v, invals):
+    return lax.stop_gradient(f)
+
+
+stop_gradient = view(_stop_gradient_factor, _same_origin)  # W, a and b all held constant
+
+
 def scale(ctx, eqn, invals):
     """``c * W``, ``W * c`` or ``W / c`` for c constant along the axes of one factor: c goes into the other.
 
@@ -303,3 +320,114 @@ def device_put(ctx, eqn, invals):
     """device_put may carry several operands; tracked ones pass through (it is a no-op on values)."""
     outs = bind(eqn, [x.w if isinstance(x, LoraValue) else x for x in invals])
     return [x.replace(w=o) if isinstance(x, LoraValue) else o for x, o in zip(invals, outs, strict=True)]
+
+
+def add(ctx, eqn, invals):
+    """``W + c``, ``W - c``, ``c - W`` for a plain c: still W' + low rank.
+
+    A c that varies along W's output axes only, its input axes only, or not at all (a scalar; a
+    per-channel mean, as weight standardisation subtracts) becomes one more rank of the factors (ones on
+    the other side), so nothing W-shaped depends on c; any other c is added to W. With LoRA dropout (which
+    would drop the extra rank along with the low-rank path) c is added to W.
+    """
+    x, y = invals
+    if isinstance(x, TrackedValue) and isinstance(y, TrackedValue):
+        return fallback(ctx, eqn, invals)
+    v, c = (x, y) if isinstance(x, TrackedValue) else (y, x)
+    if tuple(eqn.outvars[0].aval.shape) != v.w.shape or eqn.outvars[0].aval.dtype != v.w.dtype:
+        return fallback(ctx, eqn, invals)  # c broadcasts W up or widens it
+    flip = eqn.primitive.name == "sub" and v is y  # c - W = -W + c
+    if flip:
+        v = neg(ctx, eqn, [v])[0]
+    shape, n = np.shape(c), v.w.ndim
+    sign = -1.0 if eqn.primitive.name == "sub" and not flip else 1.0
+    if v.a is None:
+        return [v.replace(w=v.w + sign * jnp.asarray(c, v.w.dtype))]
+    c = (
+        jnp.asarray(c)
+        .astype(v.w.dtype)
+        .reshape(shape if len(shape) == n else (1,) * (n - len(shape)) + shape)
+    )
+    varies = {i for i in range(n) if c.shape[i] != 1 and v.w.shape[i] != 1}
+    pa, pb = set(present(v.a.shape, v.w.shape)), set(present(v.b.shape, v.w.shape))
+    if v.dropout or (varies & (pa - pb) and varies & (pb - pa)):
+        return [v.replace(w=v.w - c if sign < 0 else v.w + c)]
+    on_b = not varies & (pa - pb)  # c on b's side (ones on a's), or else on a's
+    ones = jnp.ones((1,) * n, v.w.dtype)
+    extra_a, extra_b = (ones, c) if on_b else (c, ones)
+    extra_b = extra_b * jnp.asarray(sign, v.w.dtype)
+
+    def join(f, e):  # f: (*S', r) and e: (*S'',) -> (*S, r + 1)
+        shape = tuple(np.broadcast_shapes(f.shape[:-1], e.shape))
+        return jnp.concatenate(
+            [jnp.broadcast_to(f, shape + f.shape[-1:]), jnp.broadcast_to(e[..., None], shape + (1,))], -1
+        )
+
+    return [v.replace(a=join(v.a, extra_a), b=join(v.b, extra_b))]
+
+
+def split(ctx, eqn, invals):
+    """``jnp.split`` of a kernel (a fused qkv kernel split in three): each part is a slice of W and of
+    the factors that vary along the split axis (a factor constant along it goes to every part whole)."""
+    v = invals[0]
+    ws = bind(eqn, [v.w])
+    if v.a is None:
+        return [v.replace(w=w) for w in ws]
+    axis, sizes = eqn.params["axis"] % v.w.ndim, eqn.params["sizes"]
+    parts = {}
+    for name in ("a", "b"):
+        f = getattr(v, name)
+        parts[name] = lax.split(f, sizes, axis) if f.shape[axis] != 1 else [f] * len(ws)
+    return [v.replace(w=w, a=a, b=b) for w, a, b in zip(ws, parts["a"], parts["b"], strict=True)]
+
+
+def _tile_factor(eqn, f, v, invals):
+    reps = tuple(1 if f.shape[i] == 1 else k for i, k in enumerate(eqn.params["reps"]))
+    return jnp.tile(f, reps + (1,))
+
+
+tile = view(_tile_factor, _same_origin)  # jnp.tile: each factor tiled along the axes it varies along
+
+
+def pad(ctx, eqn, invals):
+    """``jnp.pad`` / ``lax.pad`` of a kernel (W padded with any value): the factors are padded with zeros
+    along the axes they vary along, so the padding gets no low-rank part. A padded axis along which
+    neither factor varies first gets b broadcast along it."""
+    v, value = invals
+    if isinstance(value, TrackedValue):
+        return fallback(ctx, eqn, invals)
+    w = bind(eqn, [v.w, value])[0]
+    if v.a is None:
+        return [v.replace(w=w)]
+    config = eqn.params["padding_config"]
+    grows = [i for i, (lo, hi, mid) in enumerate(config) if (lo > 0 or hi > 0 or mid > 0)]
+    b = v.b
+    full = [i for i in grows if v.a.shape[i] == 1 and b.shape[i] == 1 and v.w.shape[i] != 1]
+    if full:
+        b = jnp.broadcast_to(
+            b, tuple(v.w.shape[i] if i in full else n for i, n in enumerate(b.shape[:-1])) + b.shape[-1:]
+        )
+
+    def pad_factor(f):
+        cfg = [config[i] if f.shape[i] != 1 else (0, 0, 0) for i in range(v.w.ndim)] + [(0, 0, 0)]
+        return lax.pad(f, jnp.zeros((), f.dtype), cfg)
+
+    return [v.replace(w=w, a=pad_factor(v.a), b=pad_factor(b))]
+
+
+# primitive -> how a view maps an aligned array (a factor, or any array laid out on W's view axes with a
+# trailing axis, such as a pending per-channel scale; see `lora_jax.transform.scaled`). Casts are absent:
+# they apply to W and the factors, not to arrays kept in float32.
+FACTORS = {
+    "transpose": _transpose_factor,
+    "broadcast_in_dim": _broadcast_factor,
+    "reshape": _reshape_factor,
+    "squeeze": _squeeze_factor,
+    "slice": _slice_factor,
+    "dynamic_slice": _dynamic_slice_factor,
+    "sharding_constraint": _identity_factor,
+    "copy": _identity_factor,
+    "rev": _rev_factor,
+    "stop_gradient": _stop_gradient_factor,
+    "tile": _tile_factor,
+}
