@@ -47,6 +47,7 @@ from lora_jax.models.weights import hf_leaf_names, param_shapes, strip_prefix
 Array = jax.Array
 
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
+ATTENTION = ("auto", "xla", "cudnn", "einsum")
 
 # Logical axis name -> mesh axis (None = replicated). GPT-2's vocabulary (50257) is odd, so it is never
 # split; the token table (also the LM head) is split along "embed".
@@ -75,6 +76,12 @@ class GPT2Config:
     ``intermediate_size=None`` means ``4 * hidden_size``. ``activation`` is ``"gelu_new"`` (tanh
     approximation, GPT-2's) or ``"gelu"`` (exact erf). ``dtype`` is the compute dtype, ``param_dtype``
     the storage dtype; LayerNorm statistics, softmax and the logits are float32.
+
+    ``attention`` picks the attention kernel: ``"xla"`` (``jax.nn.dot_product_attention``'s XLA
+    implementation), ``"cudnn"`` (its cuDNN flash attention, which never stores the ``(B, H, T, T)``
+    scores; GPUs only), ``"auto"`` (cuDNN when the default backend is a GPU and cuDNN accepts the
+    shapes, else XLA) or ``"einsum"`` (an explicit einsum-softmax-einsum). Attention dropout
+    (``dropout_rate > 0``, not deterministic) always takes the einsum path.
     """
 
     vocab_size: int = 50257
@@ -89,8 +96,11 @@ class GPT2Config:
     initializer_range: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION}.")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})."
@@ -146,7 +156,7 @@ class GPT2Attention(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, mask: Array | None, deterministic: bool = True) -> Array:
         c = self.config
         batch, seq_len, _ = x.shape
         # Residual projections scaled by 1/sqrt(2 * num_layers) at init, as GPT-2.
@@ -155,13 +165,40 @@ class GPT2Attention(nn.Module):
         q = split(_dense(c, c.hidden_size, ("embed", "heads"), "query")(x))
         k = split(_dense(c, c.hidden_size, ("embed", "heads"), "key")(x))
         v = split(_dense(c, c.hidden_size, ("embed", "heads"), "value")(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        logits = logits / jnp.asarray(math.sqrt(c.head_dim), jnp.float32)
-        logits = jnp.where(mask, logits, jnp.asarray(jnp.finfo(jnp.float32).min, jnp.float32))
-        probs = jax.nn.softmax(logits, axis=-1)
-        probs = nn.Dropout(c.dropout_rate)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(batch, seq_len, c.hidden_size)
+        if c.attention == "einsum" or (c.dropout_rate > 0 and not deterministic):
+            mask = causal_mask(None, seq_len, batch) if mask is None else mask
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            logits = logits / jnp.asarray(math.sqrt(c.head_dim), jnp.float32)
+            logits = jnp.where(mask, logits, jnp.asarray(jnp.finfo(jnp.float32).min, jnp.float32))
+            probs = jax.nn.softmax(logits, axis=-1)
+            probs = nn.Dropout(c.dropout_rate)(probs, deterministic=deterministic)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        else:
+            out = attention(q, k, v, mask, c.attention)
+        out = out.reshape(batch, seq_len, c.hidden_size)
         return _dense(c, c.hidden_size, ("heads", "embed"), "out", out_scale)(out)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | None, implementation: str = "auto") -> Array:
+    """Softmax attention ``(B, T, H, hd) x3 -> (B, T, H, hd)`` by ``jax.nn.dot_product_attention``.
+
+    Args:
+      q, k, v: ``(B, T, H, hd)`` in the compute dtype (the scores are float32 either way).
+      mask: boolean ``(B, 1, T, T)`` (True = attend), or None for plain causal attention.
+      implementation: ``"xla"``, ``"cudnn"`` or ``"auto"`` (cuDNN on a GPU backend when it accepts
+        the shapes and dtypes, else XLA).
+    """
+    # JAX's implementation promotes bfloat16 with float32 implicitly: allowed here even under strict promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        if implementation == "cudnn" or (implementation == "auto" and jax.default_backend() == "gpu"):
+            try:  # cuDNN checks shapes and dtypes while tracing; a mask becomes a bias there.
+                return jax.nn.dot_product_attention(
+                    q, k, v, mask=mask, is_causal=mask is None, implementation="cudnn"
+                )
+            except (ValueError, NotImplementedError, RuntimeError):
+                if implementation == "cudnn":
+                    raise
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation="xla")
 
 
 class GPT2MLP(nn.Module):
@@ -183,7 +220,7 @@ class GPT2Block(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, mask: Array | None, deterministic: bool = True) -> Array:
         c = self.config
         drop = nn.Dropout(c.dropout_rate)
         x = x + drop(
@@ -244,7 +281,8 @@ class GPT2LMHeadModel(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), input_ids.shape)
         x = nn.with_logical_constraint(wte(input_ids) + wpe(positions), _BTD)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
-        mask = causal_mask(attention_mask, seq_len, batch)
+        # None: plain causal attention (the kernel builds or skips the mask itself).
+        mask = None if attention_mask is None else causal_mask(attention_mask, seq_len, batch)
         for i in range(c.num_layers):
             x = GPT2Block(c, name=f"layers_{i}")(x, mask, deterministic)
         x = nn.with_logical_constraint(_layer_norm(c, "ln_f")(x), _BTD)
