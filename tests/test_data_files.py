@@ -425,7 +425,8 @@ def test_packed_equals_unpacked_loss_gradients_and_logits(scan):
         scale = float(np.max(np.abs(a)))
         assert scale > 0 and float(np.max(np.abs(a - b))) <= 1e-5 * scale
 
-    # A packed example's logits are its logits alone.
+    # A packed example's logits are its logits alone: one example per call, right-padded to the row length
+    # (causal, so the padding after it changes nothing; one shape, one compile for all six examples).
     seg = jnp.asarray(packed["attention_mask"])
     apply = jax.jit(model.apply)
     logits = apply(variables, jnp.asarray(packed["input_ids"]), attention_mask=seg > 0, segment_ids=seg)
@@ -433,7 +434,8 @@ def test_packed_equals_unpacked_loss_gradients_and_logits(scan):
         at = 0
         for i in members:
             ids = examples[i][0]
-            alone = apply(variables, jnp.asarray([ids]))[0]
+            alone_ids = jnp.asarray([ids + [0] * (12 - len(ids))])
+            alone = apply(variables, alone_ids, attention_mask=jnp.arange(12)[None] < len(ids))[0, : len(ids)]
             got = logits[r, at : at + len(ids)]
             assert float(jnp.max(jnp.abs(got - alone))) <= 1e-5 * float(jnp.max(jnp.abs(alone)))
             at += len(ids)

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 WORKER = r"""
-import json, re, sys
+import functools, json, re, sys
+import flax.linen as nn
 import jax, jax.numpy as jnp, numpy as np
 import lora_jax as lj
 from lora_jax.models.llama import Llama, LlamaConfig
@@ -26,13 +27,16 @@ from lora_jax.train import loop, mesh as mesh_lib, step as step_lib
 
 V, T, CHUNK = 1000, 64, 16
 
-def compiled_step(mesh_text, devices, tied, loss_chunk=CHUNK):
+@functools.cache
+def model_and_variables(tied):  # initialised once per config (identical for every mesh below)
     cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8, max_position_embeddings=T, tie_word_embeddings=tied,
                       scan_layers=True, remat=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     model = Llama(cfg)
-    import flax.linen as nn
-    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    return model, nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+
+def compiled_step(mesh_text, devices, tied, loss_chunk=CHUNK):
+    model, variables = model_and_variables(tied)
     spec = lj.LoraSpec(rank=4, targets=r".*/attn/(query|value)/kernel",
                        axes={r"params/layers/.*": lj.LoraAxes((0,), (1,), (2,))})
     mesh = mesh_lib.make_mesh(mesh_text, devices)
