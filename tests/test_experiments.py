@@ -100,3 +100,38 @@ def test_throughput_small(tmp_path):
     if row["wrap"]["mem_mb"] is not None:
         assert row["full"]["mem_mb"] > row["wrap"]["mem_mb"]
     assert (tmp_path / "throughput.md").read_text().startswith("###")
+
+
+@slow
+def test_throughput_memory_only_small(tmp_path):
+    """Ahead-of-time compile (host target, no weights): one JSON line per row, with bytes and FLOPs."""
+    out = tmp_path / "mem.json"
+    stdout = _run(
+        "throughput.py",
+        "--memory-only",
+        "--target",
+        "cpu",
+        "--json",
+        "--rows",
+        "wrap,wrap:chunked+xla+dots",
+        out=out,
+    )
+    lines = [json.loads(x) for x in stdout.splitlines() if x.startswith("{")]
+    assert [(r["variant"], r["levers"]) for r in lines] == [("wrap", "none"), ("wrap", "chunked+xla+dots")]
+    for r in lines:
+        assert r["total_bytes"] == r["argument_bytes"] + r["temp_bytes"] + r["output_bytes"] > 0
+        assert r["flops"] > 0 and r["flops_source"] == "cpu"
+    assert json.loads(out.read_text())["rows"] == lines
+
+
+@slow
+def test_latency_small(tmp_path):
+    out = tmp_path / "latency.json"
+    _run("latency.py", out=out)
+    result = json.loads(out.read_text())
+    assert result["adapter_params"] > 0 and len(result["rows"]) == 1
+    for row in result["rows"]:
+        for v in ("base", "merged", "wrap", "adapter"):
+            assert row[v]["prefill_ms"] > 0 and row[v]["decode_ms"] > 0
+        assert row["merged_vs_wrap_max_abs"] < 1e-4  # float32: the same function, factored or merged
+    assert (tmp_path / "latency.md").read_text().startswith("###")
