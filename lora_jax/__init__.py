@@ -5,9 +5,12 @@ deltas = lj.init(key, params, spec)             # LoraDelta at targets, None els
 logits = lj.wrap(model.apply)(params, deltas, x)  # == model.apply(lj.merge(params, deltas), x)
 """
 
+from lora_jax.arithmetic import combine, dare_merge, magnitude_prune_merge, rerank, ties_merge
+from lora_jax.bank import AdapterBank, stack_adapters, unstack_adapters
 from lora_jax.core import count_params, delta_weights, init, merge, unmerge
 from lora_jax.delta import LoraDelta, delta_weight, is_delta
 from lora_jax.dora import DoraDelta
+from lora_jax.full import FullLeaf, is_full
 from lora_jax.optim import loraplus, optimizer, trainable_mask
 from lora_jax.quant import QuantizedArray, QuantSpec, dequantize, quantize
 from lora_jax.residual import init_with_residual
@@ -35,9 +38,19 @@ __all__ = [
     "delta_weight",
     "is_delta",
     "FallbackWarning",
+    "AdapterBank",
+    "stack_adapters",
+    "unstack_adapters",
     "DoraDelta",
+    "FullLeaf",
+    "is_full",
     "loraplus",
     "init_with_residual",
+    "combine",
+    "rerank",
+    "ties_merge",
+    "dare_merge",
+    "magnitude_prune_merge",
     "QuantSpec",
     "QuantizedArray",
     "quantize",

@@ -5,6 +5,8 @@
     lora-jax finetune --data chats.jsonl --pack --out runs/mine   # your data: prompt/completion, messages, text
     lora-jax eval --adapter runs/finetune/adapter
     lora-jax generate --adapter runs/finetune/adapter --prompt "Review: a dull mess.\\nSentiment:"
+    lora-jax generate --adapter a=runs/a/adapter --adapter b=runs/b/adapter --prompts p.jsonl  # one mixed batch
+    lora-jax eval --adapter runs/a/adapter --adapter runs/b/adapter --base   # several adapters, one pass
     lora-jax plan --model llama-3-8b --devices 8 --mesh fsdp=8 --method lora --json   # memory planner
 
 Multi-host: start one process per host with ``--coordinator HOST:PORT --num-processes N
@@ -92,7 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         ("generate", "generate text with base + adapter"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--adapter", required=True, help="adapter folder or .safetensors file")
+        p.add_argument(
+            "--adapter",
+            required=True,
+            action="append",
+            help="adapter folder or .safetensors file; repeat it (NAME=PATH) to serve several in one batch",
+        )
         p.add_argument(
             "--model", default=None, help="base model (default: the one the adapter was trained on)"
         )
@@ -110,7 +117,12 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--eval-batch", type=int, default=32)
             p.add_argument("--base", action="store_true", help="also score the base model alone")
         else:
-            p.add_argument("--prompt", required=True, help="prompt text ('\\n' is read as a newline)")
+            p.add_argument("--prompt", default=None, help="prompt text ('\\n' is read as a newline)")
+            p.add_argument(
+                "--prompts",
+                default=None,
+                help='JSONL, one {"adapter": NAME, "prompt": TEXT} per line: one mixed batch (several adapters)',
+            )
             p.add_argument("--max-new-tokens", type=int, default=16)
             p.add_argument("--temperature", type=float, default=0.0)
             p.add_argument("--seed", type=int, default=0)
@@ -264,8 +276,8 @@ def _check_adapter_args(args) -> None:
         if args.eval_batch < 1:
             problems.append(f"--eval-batch must be >= 1, got {args.eval_batch}")
     else:
-        if not args.prompt:
-            problems.append("--prompt is empty: give the text to continue")
+        if not args.prompt and not args.prompts:
+            problems.append("--prompt is empty: give the text to continue (or --prompts FILE.jsonl)")
         if args.max_new_tokens < 1:
             problems.append(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -288,6 +300,11 @@ def _with_adapter(args) -> int:
     from lora_jax.train import mesh as mesh_lib
 
     _check_adapter_args(args)
+    from lora_jax.train import multi
+
+    if multi.is_multi(args):  # several adapters: one AdapterBank, one mixed batch
+        return multi.run(args)
+    args.adapter = args.adapter[0]
     info = checkpoint.adapter_info(args.adapter)
     stored = dict(info.get("extra", {}).get("config", {}))
     fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}

@@ -44,6 +44,11 @@ class TrainConfig:
     targets: str | None = None  # None: the model family's default targets
     dropout: float = 0.0
     quantize: str | None = None  # None | nf4 | int8: the frozen base block-quantized (QLoRA)
+    # LoRA variants (see README "LoRA variants").
+    dora: bool = False  # DoRA: a trained magnitude per output feature
+    init: str = "kaiming"  # kaiming | gaussian | pissa | olora | pissa_niter_<n> (last three: residual base)
+    loraplus_ratio: float | None = None  # LoRA+: b's learning rate is this times a's (the paper: 16)
+    train_full: str | None = None  # regex of leaves trained in full (PEFT's modules_to_save)
     # Optimisation.
     steps: int = 160
     batch: int = 8  # global examples per optimizer step
@@ -60,7 +65,7 @@ class TrainConfig:
     # Parallelism.
     mesh: str = "data=-1,fsdp=1,tensor=1"
     scan_layers: bool = True
-    remat: bool = False
+    remat: str = "none"  # none | dots | full: each layer's recompute policy (measured: README)
     dtype: str = "float32"  # compute dtype; bfloat16 is slower on CPU (measured)
     coordinator: str | None = None
     num_processes: int | None = None
@@ -74,8 +79,10 @@ class TrainConfig:
     resume_from: int | None = None  # None: the latest checkpoint in out/checkpoints
 
     def __post_init__(self):
-        if self.targets is None:
-            object.__setattr__(self, "targets", default_targets(self.model))
+        if self.targets is None or self.targets == "all-linear":  # all-linear: PEFT's shorthand
+            object.__setattr__(self, "targets", default_targets(self.model, self.targets))
+        if isinstance(self.remat, bool):  # settings saved when --remat was a switch
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
         problems = []
         for name in (
             "steps",
@@ -104,6 +111,7 @@ class TrainConfig:
 
 
 FORMATS = ("auto", "prompt-completion", "messages", "text")
+REMAT = ("none", "dots", "full")
 
 
 def _data_problems(cfg: TrainConfig) -> list[str]:
@@ -183,11 +191,16 @@ def _number_problems(cfg: TrainConfig) -> list[str]:
                 f"--prompt {cfg.prompt!r} is not a template with only {{text}} in braces "
                 f"({type(e).__name__}: {e}); write a literal brace as {{{{ or }}}}"
             )
-    if cfg.targets is not None:
-        try:
-            re.compile(cfg.targets)
-        except re.error as e:
-            problems.append(f"--targets {cfg.targets!r} is not a regular expression: {e}")
+    for name in ("targets", "train_full"):
+        if getattr(cfg, name) is not None:
+            try:
+                re.compile(getattr(cfg, name))
+            except re.error as e:
+                flag = "--" + name.replace("_", "-")
+                problems.append(f"{flag} {getattr(cfg, name)!r} is not a regular expression: {e}")
+    problems += _variant_problems(cfg)
+    if cfg.remat not in REMAT:
+        problems.append(f"--remat must be one of {', '.join(REMAT)}, got {cfg.remat!r}")
     if not str(cfg.out).strip():
         problems.append("--out must name a folder, got an empty string")
     if cfg.resume_from is not None and cfg.resume_from < 1:
@@ -199,12 +212,36 @@ def _number_problems(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-def default_targets(model: str) -> str:
-    """The default LoRA targets of `model`'s family (``tiny-llama``: Llama's; an unknown model: Llama's)."""
+def _variant_problems(cfg: TrainConfig) -> list[str]:
+    """The LoRA-variant settings (--dora, --init, --loraplus-ratio) that cannot run."""
+    from lora_jax.spec import INITS, residual_init
+
+    problems = []
+    if cfg.init not in INITS and not residual_init(cfg.init):
+        problems.append(
+            f"--init must be one of {', '.join(INITS)}, pissa, olora or pissa_niter_<n>, got {cfg.init!r}"
+        )
+    r = cfg.loraplus_ratio
+    if r is not None and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+        problems.append(f"--loraplus-ratio must be a finite number > 0 (the paper recommends 16), got {r!r}")
+    if cfg.dora and residual_init(cfg.init):
+        problems.append(
+            f"--dora with --init {cfg.init} is not supported: the adapter is exported against the original base "
+            f"as plain LoRA, which a DoRA magnitude does not allow"
+        )
+    if cfg.dora and cfg.quantize:
+        problems.append(
+            "--dora with --quantize is not supported: DoRA needs the dense kernel's column norms; drop one of them"
+        )
+    return problems
+
+
+def default_targets(model: str, targets: str | None = None) -> str:
+    """The default LoRA targets of `model`'s family (``tiny-llama``: Llama's; an unknown model: Llama's);
+    ``targets="all-linear"``: every per-layer projection of that family (PEFT's shorthand)."""
     from lora_jax.models import registry
 
-    family = registry.family_for("smollm2-135m" if model == "tiny-llama" else model)
-    return (family or registry.FAMILIES["llama"]).default_targets
+    return registry.resolve_targets("smollm2-135m" if model == "tiny-llama" else model, targets)
 
 
 _HELP = {
@@ -228,8 +265,15 @@ _HELP = {
     "rank": "LoRA rank r",
     "alpha": "LoRA alpha (scale = alpha / r)",
     "targets": "LoRA targets: a regex full-matched on '/'-joined parameter paths (default: the model "
-    "family's, the attention query and value projections)",
+    "family's, the attention query and value projections; 'all-linear': every projection of every layer, "
+    "not the output head, as in PEFT)",
     "dropout": "LoRA dropout on the low-rank path",
+    "dora": "DoRA (Liu et al. 2024): also train a magnitude per output feature of each adapted kernel",
+    "init": "LoRA init: kaiming | gaussian, or pissa | olora | pissa_niter_<n>, which move each kernel's "
+    "principal part into the adapter and train on the residual base",
+    "loraplus_ratio": "LoRA+ (Hayou et al. 2024): train b with this times the learning rate of a (16 in the paper)",
+    "train_full": "regex of parameters trained in full next to the adapter (PEFT's modules_to_save), e.g. a "
+    "head or norms; stored in the adapter",
     "quantize": "QLoRA: quantize the frozen base's kernels after loading (nf4: 4-bit NormalFloat with double "
     "quantization, int8), dequantized at each use; deltas and optimizer stay float32",
     "steps": "optimizer steps",
@@ -247,7 +291,8 @@ _HELP = {
     "eval_batch": "batch size of evaluation",
     "mesh": "device mesh 'data=D,fsdp=F,tensor=T' (-1: all remaining devices)",
     "scan_layers": "stack the layers in one nn.scan (faster compile)",
-    "remat": "rematerialise blocks",
+    "remat": "rematerialise each layer in the backward pass: none (keep all activations), dots (keep the "
+    "projection outputs, recompute attention and element-wise work) or full (keep only each layer's input)",
     "dtype": "compute dtype (float32 | bfloat16)",
     "coordinator": "multi-host: coordinator host:port (process 0's address)",
     "num_processes": "multi-host: number of processes",

@@ -94,13 +94,19 @@ TRAJECTORY_FIELDS = (
     "pack",
     "drop_long",
     "labels",
+    "dora",
+    "init",
+    "loraplus_ratio",
+    "train_full",
 )
 # The data-file settings: a checkpoint saved before they existed had their defaults.
 DATA_FIELDS = ("format", "val_fraction", "train_on_prompt", "pack", "drop_long", "labels")
+# The LoRA-variant settings, likewise.
+VARIANT_FIELDS = ("dora", "init", "loraplus_ratio", "train_full")
 
 
 # Model families the engine trains and scores (a causal LM with nn.scan-able layers and a label-word head).
-ENGINE_FAMILIES = ("llama",)
+ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
 
 
 class Diverged(RuntimeError):
@@ -130,9 +136,12 @@ def log(*args) -> None:
 
 
 def tiny_llama(
-    vocab_size: int, *, scan_layers: bool = True, remat: bool = False, dtype: Any = jnp.float32, seed: int = 0
+    vocab_size: int, *, scan_layers: bool = True, remat: str = "none", dtype: Any = jnp.float32, seed: int = 0
 ):
-    """A random 2-layer Llama (d=32) for tests: ``(model, variables)``; shardable on a 2x2x2 mesh."""
+    """A random 2-layer Llama (d=32) for tests: ``(model, variables)``; shardable on a 2x2x2 mesh.
+
+    ``remat``: ``"none"`` | ``"dots"`` | ``"full"``, the layers' recompute policy (``LlamaConfig.remat``).
+    """
     import flax.linen as nn
 
     from lora_jax.models.llama import Llama, LlamaConfig
@@ -203,11 +212,13 @@ def check_model(name: str) -> None:
         )
 
 
-def load_model(cfg: TrainConfig, mesh=None):
+def load_model(cfg: TrainConfig, mesh=None, *, quantize: bool = False):
     """``(model, variables, tokenizer, identity)`` for ``cfg.model``; identity is JSON (name + config).
 
     With `mesh`, a checkpoint's parameters are created directly with their final shardings (the model
     family's rules), each process reading only its own slices; a bfloat16 checkpoint stays bfloat16.
+    With `quantize` and ``cfg.quantize`` (QLoRA), each base kernel is quantized (`quant_spec`) as soon as
+    it is on its devices, so the dense base is never whole there; `build` takes such variables as placed.
     """
     dtype = jnp.dtype(cfg.dtype)
     if cfg.model == "tiny-llama":
@@ -227,35 +238,59 @@ def load_model(cfg: TrainConfig, mesh=None):
             remat=cfg.remat,
             dtype=None if dtype == jnp.float32 else dtype,
             mesh=mesh,
+            quantize=quant_spec(cfg) if quantize else None,
         )
     mc = model.config
     config = {
         k: (jnp.dtype(v).name if k in ("dtype", "param_dtype") else v)
         for k, v in dataclasses.asdict(mc).items()
         if k not in ("remat",)
+        # Llama-family switches at their Llama-2 values are left out: adapters saved before they existed match.
+        and not (k in _LLAMA_SWITCHES and v == _LLAMA_SWITCHES[k])
     }
     return model, variables, tok, {"name": cfg.model, "config": config}
+
+
+_LLAMA_SWITCHES = {
+    "model_type": "llama",
+    "rope_scaling": None,
+    "sliding_window": None,
+    "qkv_bias": False,
+    "qk_norm": False,
+}
 
 
 def quant_spec(cfg: TrainConfig) -> lj.QuantSpec | None:
     """The `QuantSpec` of ``--quantize`` (every dense kernel, block 64, double quantization), or None.
 
-    ``tiny-llama`` (kernels 32 wide) gets blocks of 16.
+    As QLoRA with bitsandbytes: every linear layer, but the embedding and an untied ``lm_head`` stay in
+    the base's dtype. ``tiny-llama`` (kernels 32 wide) gets blocks of 16.
     """
     if not cfg.quantize:
         return None
     return lj.QuantSpec(
-        format=cfg.quantize, targets=r".*/kernel", block_size=16 if cfg.model == "tiny-llama" else 64
+        format=cfg.quantize,
+        targets=r".*/kernel",
+        exclude=r".*lm_head.*",
+        block_size=16 if cfg.model == "tiny-llama" else 64,
     )
 
 
 def lora_spec(cfg: TrainConfig, variables: Any) -> lj.LoraSpec:
     """The `LoraSpec` of a config; stacked (``nn.scan``) kernels ``(L, in, out)`` get a stacked axis."""
-    spec = lj.LoraSpec(rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, dropout=cfg.dropout)
+    spec = lj.LoraSpec(
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        targets=cfg.targets,
+        dropout=cfg.dropout,
+        dora=cfg.dora,
+        init=cfg.init,
+        train_full=cfg.train_full or (),
+    )
     axes = {}
-    for p, w in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    for p, w in jax.tree_util.tree_flatten_with_path(variables, is_leaf=lj.quant.is_quantized)[0]:
         path = lj.spec.path_str(p)
-        if spec.matches(path) and np.ndim(w) == 3:
+        if spec.matches(path) and len(w.shape) == 3:
             axes[re.escape(path)] = lj.LoraAxes(stack=(0,), inputs=(1,), outputs=(2,))
     return dataclasses.replace(spec, axes=axes) if axes else spec
 
@@ -275,6 +310,7 @@ class Setup:
     shardings: dict
     train_step: Any
     score_step: Any | None
+    initial: Any = None  # PiSSA / OLoRA (`--init`): the deltas at init, to export against the original base
 
 
 def build(
@@ -293,15 +329,24 @@ def build(
     dropout: bool = False,
     apply_fn=None,
     quantize: lj.QuantSpec | None = None,
+    loraplus_ratio: float | None = None,
 ) -> Setup:
     """Places params/deltas/optimizer state on `mesh` and jits the train (and score) steps.
 
     `apply_fn` is the train step's apply (default ``model.apply``; packed rows: `data.packing.segment_apply`).
     `quantize` (QLoRA): the base kernels it targets are quantized as soon as they are placed, leaf by leaf,
     their codes and scales sharded like the kernel; the deltas and the optimizer stay float32.
+    A PiSSA / OLoRA `spec` (``init``) replaces the base by its residual (`lj.init_with_residual`);
+    `loraplus_ratio` trains b with that many times a's learning rate (`lj.loraplus`).
     """
-    param_sh = mesh_lib.param_shardings(model, variables, mesh)
-    placed = all(
+    is_q = lj.quant.is_quantized
+    # Quantized while loading (`load_model(cfg, mesh, quantize=True)`): placed already, leaf by leaf.
+    prequantized = any(map(is_q, jax.tree_util.tree_leaves(variables, is_leaf=is_q)))
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables, is_leaf=is_q
+    )
+    param_sh = mesh_lib.param_shardings(model, abstract if prequantized else variables, mesh)
+    placed = prequantized or all(
         isinstance(x, jax.Array) and x.sharding == s
         for x, s in zip(
             jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(param_sh), strict=True
@@ -309,20 +354,34 @@ def build(
     )
     # A sharded load (`load_model(cfg, mesh)`) is placed already; `place` would gather it on one host.
     params = variables if placed else mesh_lib.place(variables, param_sh)
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
-    init = lambda k: lj.init(k, abstract, spec)
-    delta_shapes = jax.eval_shape(init, jax.random.key(seed))
+    residual = lj.spec.residual_init(spec.init)
+    if residual:  # PiSSA / OLoRA: the principal part moves into the deltas, the base becomes the residual
+        init = lambda k, p: lj.init_with_residual(k, p, spec)[::-1]
+    elif spec.train_full:  # fully trained leaves copy their base values
+        init = lambda k, p: lj.init(k, p, spec)
+    else:  # shapes are enough: no base value is read
+        init = lambda k, p: lj.init(k, abstract, spec)
+    shapes = jax.eval_shape(init, jax.random.key(seed), abstract)
+    delta_shapes = shapes[0] if residual else shapes
     delta_sh = lj.delta_shardings(delta_shapes, param_sh)
-    deltas = jax.jit(init, out_shardings=delta_sh)(jax.random.key(seed))
+    out_sh = (delta_sh, param_sh) if residual else delta_sh
+    deltas = jax.jit(init, out_shardings=out_sh)(jax.random.key(seed), params)
+    initial = None
+    if residual:
+        deltas, params = deltas
+        # A copy: the train step donates its deltas, and export needs the initial ones.
+        initial = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=delta_sh)(deltas)
     tx, schedule = step_lib.make_optimizer(lr, steps, warmup, weight_decay)
+    if loraplus_ratio is not None:
+        tx = lj.loraplus(tx, loraplus_ratio)
     repl = mesh_lib.replicated(mesh)
     opt_shapes = jax.eval_shape(tx.init, delta_shapes)
     opt_sh = optax.tree_map_params(
         tx, lambda _, s: s, opt_shapes, delta_sh, transform_non_params=lambda _: repl
     )
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(deltas)
-    if quantize is not None:
-        params = lj.quantize(params, quantize)
+    if quantize is not None or prequantized:
+        params = params if quantize is None else lj.quantize(params, quantize)
         param_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)  # codes and scales: like each kernel
     shardings = {
         "params": param_sh,
@@ -339,7 +398,7 @@ def build(
     if candidate_ids is not None:
         score_step = step_lib.make_score_step(model.apply, candidate_ids, shardings=shardings)
     return Setup(
-        model, mesh, spec, params, deltas, opt_state, tx, schedule, shardings, train_step, score_step
+        model, mesh, spec, params, deltas, opt_state, tx, schedule, shardings, train_step, score_step, initial
     )
 
 
@@ -640,7 +699,10 @@ def check_resume(ckpt: checkpoint.TrainCheckpointer, cfg: TrainConfig) -> bool:
     try:
         with _quiet_failed_reads():
             saved = ckpt.metadata(step)
-        stored = {**{k: getattr(TrainConfig, k) for k in DATA_FIELDS}, **saved.get("config", {})}
+        stored = {
+            **{k: getattr(TrainConfig, k) for k in DATA_FIELDS + VARIANT_FIELDS},
+            **saved.get("config", {}),
+        }
     except ValueError as e:
         raise ValueError(_resume_hint(ckpt, e, step)) from None
     now = dataclasses.asdict(cfg)
@@ -869,9 +931,20 @@ def _progress(cfg: TrainConfig, start: int):
 def export(cfg: TrainConfig, out: pathlib.Path, setup: Setup, deltas, identity: dict, results: dict) -> dict:
     """Writes the run's products under `out` from process 0: the adapter (with the trajectory settings
     and `results`), the merged params with ``export_merged``, ``loss.png``; returns `results` with the
-    adapter's size. Every process must call it (gathering sharded arrays is a collective)."""
+    adapter's size. Every process must call it (gathering sharded arrays is a collective).
+
+    A PiSSA / OLoRA run's adapter is written against the *original* base (rank 2r,
+    `lj.residual.to_original_base`), so that it applies to the model it names."""
+    spec, trained = setup.spec, deltas  # the merged params: the (residual) base + the trained deltas
+    if setup.initial is not None:
+        deltas = lj.residual.to_original_base(deltas, setup.initial)
+        doubled = {k: 2 * v for k, v in dict(spec.rank_pattern).items()}
+        spec = dataclasses.replace(
+            spec, init="kaiming", rank=2 * spec.rank, alpha=2 * spec.alpha, rank_pattern=doubled
+        )
     host_deltas = _gather(deltas)
     host_params = _gather(setup.params) if cfg.export_merged else None  # a collective: every process joins
+    host_trained = _gather(trained) if cfg.export_merged and trained is not deltas else host_deltas
     if not _is_main():
         return results
     config_json = dataclasses.asdict(cfg)
@@ -882,13 +955,13 @@ def export(cfg: TrainConfig, out: pathlib.Path, setup: Setup, deltas, identity: 
     adapter = checkpoint.save_adapter(
         out / "adapter",
         host_deltas,
-        setup.spec,
+        spec,
         base_model=identity,
         extra={"config": shipped, "results": results},
     )
     results = {**results, "adapter_bytes": adapter.stat().st_size}
     if cfg.export_merged:
-        merged = checkpoint.save_merged(out / "merged", host_params, host_deltas, metadata=identity)
+        merged = checkpoint.save_merged(out / "merged", host_params, host_trained, metadata=identity)
         log(f"merged params: {merged}")
     plot_metrics(out / "metrics.jsonl", out / "loss.png")
     return results
@@ -952,14 +1025,14 @@ def _finetune(cfg: TrainConfig, out: pathlib.Path, on_exit: contextlib.ExitStack
         ckpt, cfg
     )  # refuse a checkpoint made with other settings before any expensive work
 
-    model, variables, tok, identity = load_model(cfg, mesh)
+    model, variables, tok, identity = load_model(cfg, mesh, quantize=True)  # QLoRA: quantized as it loads
     splits = load_task(cfg, tok, mesh, out)
     if splits.train_rows < cfg.batch:
         raise ValueError(
             f"--batch {cfg.batch} is larger than the training set ({splits.train_rows} "
             f"examples): not one batch can be drawn."
         )
-    base_bytes = lj.quant.base_bytes(variables)
+    base_bytes = lj.quant.base_bytes(variables, dense=True)
     setup = build(
         model,
         variables,
@@ -975,6 +1048,7 @@ def _finetune(cfg: TrainConfig, out: pathlib.Path, on_exit: contextlib.ExitStack
         dropout=cfg.dropout > 0,
         apply_fn=splits.train_apply(model.apply),
         quantize=quant_spec(cfg),
+        loraplus_ratio=cfg.loraplus_ratio,
     )
     del variables
     base_bytes = {"before": base_bytes, "after": lj.quant.base_bytes(setup.params)}

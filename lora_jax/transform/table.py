@@ -17,7 +17,8 @@ To add a primitive:
     `JAX_VERSIONED` with the versions it serves (a test checks that every key is a primitive of the
     installed JAX or listed there).
 
-To add a value kind (a quantized base, a bank of adapters selected per example, a DoRA magnitude, ...):
+To add a value kind (a quantized base, a DoRA magnitude, ...; a bank of adapters selected per example needs
+none: `bank.py` maps the plain interpreter over the examples with ``jax.vmap``):
     subclass `TrackedValue` in its own module and implement its interface (``dense``, ``arrays``,
     ``with_arrays``, ``stacked_arrays``): that alone makes the control-flow rules and the fallback work
     for it. Then register the rules of the ops it can do better than materialising, in the entries
@@ -28,10 +29,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lora_jax.transform import control, dora, quantized, uses, views
+from lora_jax.transform import control, dora, quantized, scaled, uses, views
 from lora_jax.transform.dora import DoraValue
 from lora_jax.transform.interpreter import Rule
 from lora_jax.transform.quantized import QuantValue
+from lora_jax.transform.scaled import ScaledValue
 from lora_jax.transform.value import LoraValue, TrackedValue, own_axes  # noqa: F401 (own_axes: doctest)
 
 __all__ = ["RULES", "JAX_VERSIONED", "rule_for"]
@@ -59,9 +61,13 @@ RULES: dict[str, dict[type, Rule]] = {
     "sharding_constraint": {LoraValue: views.identity},
     "copy": {LoraValue: views.identity},
     "device_put": {LoraValue: views.device_put},
-    "mul": {LoraValue: views.scale},
-    "div": {LoraValue: views.scale},
+    "mul": {LoraValue: scaled.scale},  # c·W, W/c: a pending per-channel scale (`scaled.ScaledValue`)
+    "div": {LoraValue: scaled.scale},
+    "stop_gradient": {LoraValue: views.stop_gradient},
     "rev": {LoraValue: views.rev},
+    "split": {LoraValue: views.split},  # jnp.split (a fused qkv kernel)
+    "tile": {LoraValue: views.tile},
+    "pad": {LoraValue: views.pad},
     "concatenate": {LoraValue: views.concatenate},
     "neg": {LoraValue: views.neg},
     # Uses: base op plus the low-rank path.
@@ -70,7 +76,9 @@ RULES: dict[str, dict[type, Rule]] = {
     "gather": {LoraValue: uses.gather},
     "square": {LoraValue: uses.square},  # V·V, V**2: weight norm's |V|², summed below
     "integer_pow": {LoraValue: uses.square},
-    "reduce_sum": {uses.SquareValue: uses.sum_of_squares},
+    "reduce_sum": {uses.SquareValue: uses.sum_of_squares, LoraValue: uses.reduce_sum},  # Σ V², Σ V
+    "add": {LoraValue: views.add},  # W ± c: c per channel becomes one more rank, else it is added to W
+    "sub": {LoraValue: views.add},
     # Control flow: re-entered with the interpreter inside, for any kind.
     "jit": {_ANY: control.inline},  # JAX >= 0.7.0
     "pjit": {_ANY: control.inline},  # JAX < 0.7.0
@@ -92,6 +100,7 @@ for _name, _by_kind in RULES.items():
     if getattr(_by_kind.get(LoraValue), "__module__", None) == views.__name__:
         _by_kind[QuantValue] = quantized.view
 RULES["dot_general"][QuantValue] = quantized.dot_general
+RULES["mul"][QuantValue] = RULES["div"][QuantValue] = scaled.folded(quantized.view)  # c folded into W
 RULES["gather"][QuantValue] = quantized.gather
 
 # A DoRA kernel (`dora.DoraValue`, g ⊙ (W + s·a·b)): views go through the LoraValue rules (for V and for g
@@ -101,6 +110,16 @@ for _name in (*dora.VIEWS, "convert_element_type"):
 RULES["dot_general"][DoraValue] = dora.dot_general
 RULES["conv_general_dilated"][DoraValue] = dora.unsupported
 RULES["gather"][DoraValue] = dora.unsupported
+
+# A kernel times a pending per-channel or scalar scale (`scaled.ScaledValue`: weight norm, spectral norm):
+# views go to the kernel and to the scales alike; uses apply the scales to their input or output.
+for _name in (*views.FACTORS, "convert_element_type"):
+    RULES[_name][ScaledValue] = scaled.view
+RULES["mul"][ScaledValue] = RULES["div"][ScaledValue] = scaled.scale
+RULES["neg"][ScaledValue] = scaled.neg
+RULES["dot_general"][ScaledValue] = scaled.dot_general
+RULES["conv_general_dilated"][ScaledValue] = scaled.conv_general_dilated
+RULES["gather"][ScaledValue] = scaled.gather
 
 
 def rule_for(name: str, invals: Sequence) -> Rule | None:

@@ -8,9 +8,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from lora_jax.bank import is_bank
 from lora_jax.dora import is_dora
+from lora_jax.full import is_full
 from lora_jax.pairing import paired_leaves
 from lora_jax.quant.array import QuantLeaf, box_quantized
+from lora_jax.transform.bank import call_with_bank
 from lora_jax.transform.dora import DoraValue
 from lora_jax.transform.interpreter import Ctx, eval_jaxpr, materialize, trace
 from lora_jax.transform.quantized import QuantValue
@@ -20,7 +23,7 @@ from lora_jax.transform.value import LoraValue
 __all__ = ["wrap"]
 
 
-def wrap(fn: Callable, *, strict: bool = False) -> Callable:
+def wrap(fn: Callable, *, strict: bool = False, in_axes=None, out_axes=None) -> Callable:
     """``g(params, deltas, *args, dropout_key=None, **kw) == fn(merge(params, deltas), *args, **kw)``.
 
     Computed as ``x·W + s·((x·a)·b)`` at every use of an adapted W: no ``W + s·a·b`` is built and, when
@@ -31,6 +34,15 @@ def wrap(fn: Callable, *, strict: bool = False) -> Callable:
             Array arguments (leaves of args/kwargs that are jax or numpy arrays) are traced; any other leaf
             (bools, ints, strings) is treated as static.
         strict: raise instead of warning when an adapted weight meets an op with no factored rule.
+        in_axes, out_axes: only with an `AdapterBank` in place of deltas: the example axis of each array
+            argument and output; an int, or a function ``(path, shape) -> axis or None`` of a leaf's
+            "/"-joined path (``"0"``: first positional argument, ``"cache/k"``: field ``k`` of keyword
+            ``cache``; outputs: ``""`` for a single array, ``"0"``, ``"1/k"``, ...) and its shape (None:
+            shared by every example). Default: axis 0, and shared for 0-d leaves.
+
+    With an `AdapterBank` (`lora_jax.stack_adapters`) in place of deltas, ``g(params, bank, *args,
+    adapter_ids=ids)`` runs example e with the adapter in slot ``ids[e]`` (−1: base model only), in one
+    batch (`lora_jax.transform.bank`).
 
     Returns:
         The wrapped function. Its keyword ``dropout_key`` (a PRNG key) turns on LoRA dropout on the input
@@ -49,13 +61,24 @@ def wrap(fn: Callable, *, strict: bool = False) -> Callable:
     warned: set = set()  # one warning per (primitive, path) for the life of the wrapped function
 
     @functools.wraps(fn)
-    def wrapped(params, deltas, *args, dropout_key=None, **kwargs):
+    def wrapped(params, deltas, *args, dropout_key=None, adapter_ids=None, **kwargs):
+        if is_bank(deltas):
+            return call_with_bank(
+                wrapped, params, deltas, args, kwargs, adapter_ids, dropout_key, in_axes, out_axes
+            )
+        if adapter_ids is not None:
+            raise TypeError(
+                "lj.wrap: adapter_ids= selects adapters of an AdapterBank, but a plain deltas tree was "
+                "given; stack the adapters with lj.stack_adapters(...) or drop adapter_ids"
+            )
         # A QuantizedArray (QLoRA base) is one weight of its shape and dtype to fn; its codes and scales
         # enter the interpreter as a QuantValue, decoded at each use.
         treedef, pairs = paired_leaves(box_quantized(params), deltas)
         closed, out_shape, dyn = trace(fn, [w for _, w, _ in pairs], treedef, args, kwargs)
         invals = [
-            QuantValue.of(w.q, d, path)
+            d.value.astype(w.dtype)  # a fully trained leaf (LoraSpec.train_full) replaces W: a plain array
+            if is_full(d)
+            else QuantValue.of(w.q, d, path)
             if isinstance(w, QuantLeaf)
             else jnp.asarray(w)
             if d is None
