@@ -307,7 +307,7 @@ def test_cli_generate_mixed_batch(tmp_path, capsys):
 
     cfg = config.TrainConfig(model="tiny-llama")
     model, v, tok, identity = loop.load_model(cfg)
-    spec = lj.LoraSpec(rank=4, targets=r".*/(query|value)/kernel")
+    spec = loop.lora_spec(dataclasses.replace(cfg, rank=4, targets=r".*/(query|value)/kernel"), v)
     shipped = {k: dataclasses.asdict(cfg)[k] for k in loop.TRAJECTORY_FIELDS}
     ads = {}
     for i, name in enumerate(("pos", "neg")):
@@ -333,6 +333,20 @@ def test_cli_generate_mixed_batch(tmp_path, capsys):
             "prompt": prompt,
             "completion": tok.decode([t for t in want if t != eos]),
         }
+
+    # `eval --adapter A --adapter B --base`: one pass, the same accuracies as each adapter scored alone.
+    def accuracies(argv):
+        assert cli.main(["eval", *argv, "--eval-size", "12", "--base"]) == 0
+        lines = [
+            line for line in capsys.readouterr().out.splitlines() if "accuracy (test, 12 reviews)" in line
+        ]
+        return {line.split(" accuracy")[0]: float(line.rsplit(": ", 1)[1]) for line in lines}
+
+    together = accuracies(argv[1:])  # the two --adapter NAME=PATH
+    assert set(together) == {"base", "LoRA pos", "LoRA neg"}
+    for name in ("pos", "neg"):
+        alone = accuracies(["--adapter", str(tmp_path / name)])
+        assert alone == {"base": together["base"], "LoRA": together[f"LoRA {name}"]}, (name, together)
 
 
 def test_cli_eval_scores_every_adapter_in_one_call(tiny):

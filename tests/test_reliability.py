@@ -341,7 +341,10 @@ TINY = [
             ["generate", "--adapter", "x", "--prompt", "hi", "--seed", "-1"],
             r"--seed must be in \[0, 2\*\*32\)",
         ),
-        (["generate", "--adapter", "x"], r"the following arguments are required: --prompt"),
+        (
+            ["generate", "--adapter", "x"],
+            r"--prompt is empty: give the text to continue \(or --prompts FILE.jsonl\)",
+        ),
     ],
 )
 def test_cli_errors_are_one_line(argv, message, capsys, no_model, tmp_path):
