@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import nonzero
 
 import lora_jax as lj
 
@@ -31,15 +32,6 @@ VALUE_TOL, GRAD_TOL = 1e-5, 2e-4
 def _strict_promotion():
     with jax.numpy_dtype_promotion("strict"):
         yield
-
-
-def nonzero(deltas, key=jax.random.key(7)):
-    """Deltas with random b (a fresh delta has b = 0, which would hide errors in the low-rank path)."""
-    leaves, tree = jax.tree_util.tree_flatten(deltas)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [jax.random.normal(k, x.shape, x.dtype) * 0.3 for k, x in zip(keys, leaves)]
-    )
 
 
 def _max(x):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import nonzero
 
 import lora_jax as lj
 from lora_jax import quant
@@ -51,15 +52,6 @@ def _strict_promotion():
 def rel_err(got, want):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
-
-
-def nonzero(deltas, key=jax.random.key(7)):
-    """Deltas with random b (a fresh delta has b = 0, which would hide errors in the low-rank path)."""
-    leaves, tree = jax.tree_util.tree_flatten(deltas)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-    )
 
 
 # ---- the codes -------------------------------------------------------------------------------------

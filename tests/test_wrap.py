@@ -13,19 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import nonzero
 
 import lora_jax as lj
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
-
-
-def nonzero(deltas, key=jax.random.key(7)):
-    """Deltas with random b (a fresh delta has b = 0, which would hide errors in the low-rank path)."""
-    leaves, tree = jax.tree_util.tree_flatten(deltas)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [jax.random.normal(k, x.shape, x.dtype) * 0.3 for k, x in zip(keys, leaves)]
-    )
 
 
 def rel_err(got, want):
