@@ -89,3 +89,17 @@ def smollm2():
         "reader": reader,
         "special": tokenizers.special_ids(reader),
     }
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """One persistent JAX compilation cache for the CLI subprocesses of a module (`helpers.CACHE_ENV`)."""
+    from helpers import CACHE_ENV
+
+    CACHE_ENV.update(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    yield
+    CACHE_ENV.clear()

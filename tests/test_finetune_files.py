@@ -12,6 +12,9 @@ import time
 
 import numpy as np
 import pytest
+from helpers import CACHE_ENV, SLOW_CLI
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # helpers.CACHE_ENV
 
 CLI = [sys.executable, "-m", "lora_jax.train.cli"]
 TINY = [
@@ -29,26 +32,6 @@ TINY = [
     "--no-progress",
 ]
 
-# A run that sleeps one second after each checkpoint save (patched in from outside), so the test can kill it.
-SLOW_CLI = [
-    sys.executable,
-    "-c",
-    """
-import sys, time
-from lora_jax import checkpoint
-from lora_jax.train import cli
-
-save = checkpoint.TrainCheckpointer.save
-
-def slow_save(self, *args, **kwargs):
-  started = save(self, *args, **kwargs)
-  time.sleep(1.0)
-  return started
-
-checkpoint.TrainCheckpointer.save = slow_save
-sys.exit(cli.main(sys.argv[1:]))
-""",
-]
 
 PC = [
     {"prompt": f"Question {i}: is {i} even?\nAnswer:", "completion": " yes" if i % 2 == 0 else " no"}
@@ -71,28 +54,12 @@ SHARED = [
 ]
 
 
-# One persistent compilation cache per module: a later run loads the programs an earlier run compiled
-# (the same executables) instead of compiling them again. Set by the module fixture below.
-_CACHE_ENV: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    _CACHE_ENV.update(
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-    yield
-    _CACHE_ENV.clear()
-
-
 def _env(devices=1):
     return dict(
         os.environ,
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        **_CACHE_ENV,
+        **CACHE_ENV,
     )
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import nonzero
+from helpers import Stack, nonzero
 
 import lora_jax as lj
 from lora_jax import quant
@@ -251,26 +251,6 @@ def test_dense_general():
         block_size=8, targets=".*/kernel", block_axis={".*/qkv/kernel": 0, ".*/out/kernel": 1}
     )
     check(m.apply, v, qspec, lj.LoraSpec(rank=3, targets=".*/kernel"), (x,), init_fn=True)
-
-
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        h = nn.Dense(x.shape[-1], name="query")(nn.LayerNorm()(x))
-        return x + nn.Dense(x.shape[-1], name="value")(nn.gelu(h)), None
-
-
-class Stack(nn.Module):
-    layers: int = 3
-    remat: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        block = nn.remat(Block) if self.remat else Block
-        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers)(
-            name="layers"
-        )(x, None)
-        return x
 
 
 STACKED = lj.LoraAxes((0,), (1,), (2,))

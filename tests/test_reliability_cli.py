@@ -19,8 +19,9 @@ import sys
 import time
 
 import pytest
+from helpers import CACHE_ENV
 
-pytestmark = [pytest.mark.slow, pytest.mark.assets]
+pytestmark = [pytest.mark.slow, pytest.mark.assets, pytest.mark.usefixtures("compilation_cache")]
 
 CLI = [sys.executable, "-m", "lora_jax.train.cli"]
 PATCHED_CLI = [
@@ -79,28 +80,12 @@ TINY = [
 ]
 
 
-# One persistent compilation cache per module: a later run loads the programs an earlier run compiled
-# (the same executables) instead of compiling them again. Set by the module fixture below.
-_CACHE_ENV: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    _CACHE_ENV.update(
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-    yield
-    _CACHE_ENV.clear()
-
-
 def _env(**extra):
     return dict(
         os.environ,
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        **_CACHE_ENV,
+        **CACHE_ENV,
         **{k: str(v) for k, v in extra.items()},
     )
 

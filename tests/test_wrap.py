@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import nonzero
+from helpers import Stack, nonzero
 
 import lora_jax as lj
 
@@ -171,26 +171,6 @@ def test_embed_lookup_and_attend(use_jit, dtype):
     check(
         m.apply, v, lj.LoraSpec(rank=4, targets=".*/(embedding|kernel)"), (ids,), dtype=dtype, use_jit=use_jit
     )
-
-
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        h = nn.Dense(x.shape[-1], name="query")(nn.LayerNorm()(x))
-        return x + nn.Dense(x.shape[-1], name="value")(nn.gelu(h)), None
-
-
-class Stack(nn.Module):
-    layers: int = 3
-    remat: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        block = nn.remat(Block) if self.remat else Block
-        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers)(
-            name="layers"
-        )(x, None)
-        return x
 
 
 @both
