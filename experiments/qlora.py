@@ -42,7 +42,7 @@ import numpy as np
 import lora_jax as lj
 from lora_jax import data, models
 from lora_jax.train import config as config_lib
-from lora_jax.train import loop
+from lora_jax.train import loop, sentiment
 from lora_jax.train import mesh as mesh_lib
 
 VARIANTS = {  # name -> (param dtype, QuantSpec or None)
@@ -204,14 +204,20 @@ def run(name: str, args, model, variables, tok, splits, *, restore: str | None =
     spec = loop.lora_spec(cfg, base)
     mesh = mesh_lib.make_mesh("data=-1,fsdp=1,tensor=1")
     setup = loop.build(
-        model, base, spec, mesh=mesh, steps=100, candidate_ids=loop.candidate_token_ids(tok), quantize=qspec
+        model,
+        base,
+        spec,
+        mesh=mesh,
+        steps=100,
+        candidate_ids=sentiment.candidate_token_ids(tok),
+        quantize=qspec,
     )
     out = {
         "base_bytes": lj.quant.base_bytes(setup.params),
         "kernel_ratio_vs_f32": kernel_ratio(variables, setup.params),
     }
     t = time.time()
-    out["zero_shot_accuracy"] = loop.evaluate(setup, setup.deltas, splits["test"], 32)
+    out["zero_shot_accuracy"] = sentiment.evaluate(setup, setup.deltas, splits["test"], 32)
     out["eval_seconds"] = time.time() - t
     out["perplexity"] = perplexity(model, setup.params, setup.deltas, splits["text"])
     if restore is not None or args.ablation:
@@ -260,8 +266,8 @@ def main():
     cfg = config_lib.TrainConfig(max_len=48)
     sets = data.load_sentiment()
     splits = {
-        "test": loop.encode_split(sets["test"], tok, cfg, args.eval_size),
-        "train": loop.encode_split(sets["train"], tok, cfg, 64),
+        "test": sentiment.encode_split(sets["test"], tok, cfg, args.eval_size),
+        "train": sentiment.encode_split(sets["train"], tok, cfg, 64),
         "text": data.encode_lm(data.subset(sets["test"], args.ppl_rows), tok, cfg.max_len, prompt="{text}"),
     }
     results = {

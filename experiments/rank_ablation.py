@@ -253,14 +253,16 @@ def smollm2_task(max_len: int, train, evals, layers=None):
     """SmolLM2-135M prompt completion, as ``lora-jax finetune`` trains it: LM loss on the label word;
     scores = log p(label word | prompt)."""
     from lora_jax import data, models
-    from lora_jax.train import loop
+    from lora_jax.train import sentiment
 
     model, variables, tok = models.load("smollm2-135m")
     if layers:
         model, variables = truncate_llama(model, variables, layers)
     train_arrays, eval_arrays = data.encode_lm(train, tok, max_len), data.encode_lm(evals, tok, max_len)
     task = sweep.lm_task(
-        model.apply, loop.candidate_token_ids(tok), num_targets=int(train_arrays["loss_mask"].sum(1).max())
+        model.apply,
+        sentiment.candidate_token_ids(tok),
+        num_targets=int(train_arrays["loss_mask"].sum(1).max()),
     )
     return task, variables, (train_arrays, eval_arrays)
 

@@ -308,7 +308,7 @@ def test_cli_generate_mixed_batch(tmp_path, capsys):
     cfg = config.TrainConfig(model="tiny-llama")
     model, v, tok, identity = loop.load_model(cfg)
     spec = loop.lora_spec(dataclasses.replace(cfg, rank=4, targets=r".*/(query|value)/kernel"), v)
-    shipped = {k: dataclasses.asdict(cfg)[k] for k in loop.TRAJECTORY_FIELDS}
+    shipped = {k: dataclasses.asdict(cfg)[k] for k in config.TRAJECTORY_FIELDS}
     ads = {}
     for i, name in enumerate(("pos", "neg")):
         d = lj.init(jax.random.key(i), v, spec, fn=model.apply, args=(np.zeros((1, 4), np.int32),))

@@ -635,7 +635,7 @@ def test_smollm2_special_tokens_are_the_gguf_ones():
 
 def test_resume_refuses_changed_data_files(tmp_path):
     from lora_jax import checkpoint
-    from lora_jax.train import loop
+    from lora_jax.train import config, resume
     from lora_jax.train.config import TrainConfig
 
     data = _jsonl(tmp_path / "d.jsonl", PC)
@@ -643,7 +643,7 @@ def test_resume_refuses_changed_data_files(tmp_path):
     ckpt = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", every=1)
     try:
         # A checkpoint saved before the data-file settings existed: their defaults, and no fingerprint.
-        old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in loop.DATA_FIELDS}
+        old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in config.DATA_FIELDS}
         ckpt.save(1, {"w": jnp.zeros(3)}, {"config": old})
         ckpt.save(
             2,
@@ -652,16 +652,16 @@ def test_resume_refuses_changed_data_files(tmp_path):
             force=True,
         )
         ckpt.wait()
-        assert loop.check_resume(ckpt, dataclasses.replace(cfg, resume_from=1)) is True  # old: the defaults
-        assert loop.check_resume(ckpt, cfg) is True
+        assert resume.check_resume(ckpt, dataclasses.replace(cfg, resume_from=1)) is True  # old: the defaults
+        assert resume.check_resume(ckpt, cfg) is True
         with pytest.raises(ValueError, match=r"'pack': \(False, True\)"):
-            loop.check_resume(ckpt, dataclasses.replace(cfg, pack=True))
+            resume.check_resume(ckpt, dataclasses.replace(cfg, pack=True))
         _jsonl(data, PC[:-1])  # the file changed since
         with pytest.raises(
             ValueError,
             match=r"holds a run on other data: the files of --data .* changed since it was "
             r"saved; nothing was restored or deleted",
         ):
-            loop.check_resume(ckpt, cfg)
+            resume.check_resume(ckpt, cfg)
     finally:
         ckpt.close()

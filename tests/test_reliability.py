@@ -246,7 +246,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model or data set was loaded before the error")
 
     monkeypatch.setattr(loop, "load_model", refuse)
-    monkeypatch.setattr(loop, "load_data", refuse)
+    monkeypatch.setattr(loop, "load_task", refuse)
 
 
 def _cli(argv, capsys):
@@ -437,7 +437,7 @@ def test_evaluate_refuses_nan_logits():
     import jax
     import jax.numpy as jnp
 
-    from lora_jax.train import loop
+    from lora_jax.train import loop, sentiment
     from lora_jax.train import mesh as mesh_lib
 
     mesh = mesh_lib.make_mesh("data=-1,fsdp=1,tensor=1", devices=jax.devices()[:1])
@@ -472,13 +472,13 @@ def test_evaluate_refuses_nan_logits():
             score_step=score(nan_rows),
         )
 
-    assert loop.evaluate(setup(0), {}, arrays, 4) == 0.0
+    assert sentiment.evaluate(setup(0), {}, arrays, 4) == 0.0
     with pytest.raises(
         ValueError,
         match=r"evaluation: the model's log-probabilities of the label words are not "
         r"finite \(NaN or inf\) for 2 of 4 examples of a batch.*Refusing to score",
     ):
-        loop.evaluate(setup(2), {}, arrays, 4)
+        sentiment.evaluate(setup(2), {}, arrays, 4)
 
 
 # ----------------------------------------------------------------------------------------------------

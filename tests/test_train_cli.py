@@ -195,23 +195,30 @@ def test_check_resume_refuses_other_settings(tmp_path):
     import jax.numpy as jnp
 
     from lora_jax import checkpoint
-    from lora_jax.train import loop
+    from lora_jax.train import resume
     from lora_jax.train.config import TrainConfig
 
     cfg = TrainConfig(model="tiny-llama", steps=4, lr=1e-2)
     ckpt = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", every=1)
     try:
-        assert loop.check_resume(ckpt, cfg) is False
+        assert resume.check_resume(ckpt, cfg) is False
         ckpt.save(2, {"w": jnp.zeros(3)}, {"config": dataclasses.asdict(cfg)})
         ckpt.wait()
-        assert loop.check_resume(ckpt, cfg) is True
-        assert loop.check_resume(ckpt, dataclasses.replace(cfg, out="elsewhere", progress=False)) is True
+        assert resume.check_resume(ckpt, cfg) is True
+        assert resume.check_resume(ckpt, dataclasses.replace(cfg, out="elsewhere", progress=False)) is True
         with pytest.raises(
             ValueError,
             match=r"holds a run with other settings; nothing was restored or deleted\. "
             r"Differences \(checkpoint, now\): \{'lr': \(0\.01, 0\.005\)\}",
         ):
-            loop.check_resume(ckpt, dataclasses.replace(cfg, lr=5e-3))
-        assert ckpt.all_steps() == [2]
+            resume.check_resume(ckpt, dataclasses.replace(cfg, lr=5e-3))
+        # A quantized base is another trajectory (the deltas fit either base, so only this check sees it).
+        with pytest.raises(ValueError, match=r"\{'quantize': \(None, 'nf4'\)\}"):
+            resume.check_resume(ckpt, dataclasses.replace(cfg, quantize="nf4"))
+        old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "quantize"}  # saved before the field
+        ckpt.save(3, {"w": jnp.zeros(3)}, {"config": old})
+        ckpt.wait()
+        assert resume.check_resume(ckpt, cfg) is True
+        assert ckpt.all_steps() == [2, 3]
     finally:
         ckpt.close()

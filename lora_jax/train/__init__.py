@@ -6,8 +6,9 @@ and sweeps (several seeds trained at once with ``jax.vmap``, `lora_jax.train.swe
 
 from lora_jax.train import sweep
 from lora_jax.train.config import TrainConfig, from_args
-from lora_jax.train.loop import build, evaluate, finetune, load_model, lora_spec, tiny_llama
+from lora_jax.train.loop import build, finetune, load_model, lora_spec, tiny_llama
 from lora_jax.train.mesh import global_batch, init_distributed, make_mesh, param_shardings, parse_mesh
+from lora_jax.train.sentiment import evaluate
 from lora_jax.train.step import make_optimizer, make_score_step, make_train_step
 
 __all__ = [

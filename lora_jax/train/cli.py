@@ -296,7 +296,7 @@ def _with_adapter(args) -> int:
 
     import lora_jax as lj
     from lora_jax import checkpoint
-    from lora_jax.train import loop
+    from lora_jax.train import loop, sentiment
     from lora_jax.train import mesh as mesh_lib
 
     _check_adapter_args(args)
@@ -389,18 +389,20 @@ def _with_adapter(args) -> int:
         variables,
         spec,
         mesh=mesh,
-        candidate_ids=loop.candidate_token_ids(tok),
+        candidate_ids=sentiment.candidate_token_ids(tok),
         quantize=loop.quant_spec(cfg),
     )
     deltas = mesh_lib.place(deltas, setup.shardings["deltas"])
-    arrays = loop.encode_split(data.load_sentiment()[args.split], tok, cfg, args.eval_size or 0)  # None: all
+    arrays = sentiment.encode_split(
+        data.load_sentiment()[args.split], tok, cfg, args.eval_size or 0
+    )  # None: all
     n = len(arrays["labels"])
     if args.base:
         print(
-            f"base accuracy ({args.split}, {n} reviews): {loop.evaluate(setup, setup.deltas, arrays, args.eval_batch):.4f}"
+            f"base accuracy ({args.split}, {n} reviews): {sentiment.evaluate(setup, setup.deltas, arrays, args.eval_batch):.4f}"
         )
     print(
-        f"LoRA accuracy ({args.split}, {n} reviews): {loop.evaluate(setup, deltas, arrays, args.eval_batch):.4f}"
+        f"LoRA accuracy ({args.split}, {n} reviews): {sentiment.evaluate(setup, deltas, arrays, args.eval_batch):.4f}"
     )
     return 0
 

@@ -18,7 +18,53 @@ import math
 import re
 from collections.abc import Sequence
 
-__all__ = ["TrainConfig", "add_arguments", "default_targets", "from_args"]
+__all__ = [
+    "DATA_FIELDS",
+    "TRAJECTORY_FIELDS",
+    "VARIANT_FIELDS",
+    "TrainConfig",
+    "add_arguments",
+    "default_targets",
+    "from_args",
+]
+
+
+# Config fields that change the training trajectory: a checkpoint made with other values is refused.
+TRAJECTORY_FIELDS = (
+    "model",
+    "data",
+    "prompt",
+    "max_len",
+    "rank",
+    "alpha",
+    "targets",
+    "dropout",
+    "steps",
+    "batch",
+    "grad_accum",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "seed",
+    "scan_layers",
+    "dtype",
+    "eval_size",
+    "format",
+    "val_fraction",
+    "train_on_prompt",
+    "pack",
+    "drop_long",
+    "labels",
+    "dora",
+    "init",
+    "loraplus_ratio",
+    "train_full",
+    "quantize",
+)
+# The data-file settings: a checkpoint saved before they existed had their defaults.
+DATA_FIELDS = ("format", "val_fraction", "train_on_prompt", "pack", "drop_long", "labels")
+# The LoRA-variant and quantization settings, likewise.
+VARIANT_FIELDS = ("dora", "init", "loraplus_ratio", "train_full", "quantize")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The fine-tuning job on your own data (``--data PATH``): shares, batches, held-out loss, accuracy, samples.
 
 `FileTask` is what `lora_jax.train.loop.finetune` drives for data files, in place of the movie-review
-`loop.Splits` (the same hooks: ``train_batches``, ``evaluate``, ``validate``, ``results``).
+`sentiment.Splits` (the same hooks: ``train_batches``, ``evaluate``, ``validate``, ``results``).
 
 * **Shares.** The processes whose devices hold the same rows of the batch read the same share of the
   data: share ``i`` of ``n`` is every ``n``-th training row from row ``i``
@@ -46,11 +46,6 @@ __all__ = ["FileTask", "batch_share", "make_choice_step", "make_loss_step"]
 
 KEYS = ("input_ids", "attention_mask", "loss_mask")
 CHUNK = 128  # eval: above this many loss positions per row, the cross-entropy is computed in chunks
-
-
-def _log(*args) -> None:
-    if jax.process_index() == 0:
-        print(*args, flush=True)
 
 
 def _across_processes(values: list[int]) -> np.ndarray:
@@ -188,7 +183,7 @@ class FileTask:
         special = formats.special_tokens(cfg.model, tokenizer)
         self.pad_id, self.eos_id = int(special["pad_id"]), special["eos_id"]
         self.share, self.shares = batch_share(mesh, cfg.micro_batch)
-        dp = int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH_AXES]))
+        dp = mesh_lib.data_parallel_size(mesh)
         self.eval_batch = math.ceil(cfg.eval_batch / dp) * dp
         self._local_dp = dp // self.shares  # data-parallel devices of this process
         tag = f"{self.share}of{self.shares}"
@@ -372,13 +367,13 @@ class FileTask:
             if d.carved
             else f"validation {s['validation_examples']:,} ({names['validation']})"
         )
-        _log(
+        mesh_lib.log(
             f"data: {names['train']} ({s['format']}): train {s['train_examples']:,} examples, {val}"
             + (f"; ignored columns {s['ignored_columns']}" if s["ignored_columns"] else "")
         )
         if s["long"]:
             what = "dropped (--drop-long)" if self.cfg.drop_long else "truncated (or --drop-long)"
-            _log(
+            mesh_lib.log(
                 f"data: {s['long']:,} training examples longer than --max-len {self.cfg.max_len} were {what}"
                 + (
                     f"; {s['without_loss_tokens']:,} have no loss token left"
@@ -388,17 +383,17 @@ class FileTask:
             )
         rows = f"{s['train_rows']:,} rows of {self.cfg.max_len} tokens"
         if self.cfg.pack:
-            _log(
+            mesh_lib.log(
                 f"data: packed into {rows}: padding {100 * s['padding']:.1f}% of positions, against "
                 f"{100 * s['padding_unpacked']:.1f}% one example per row"
             )
         else:
-            _log(
+            mesh_lib.log(
                 f"data: {rows}, padding {100 * s['padding']:.1f}% of positions (--pack would save most of it)"
             )
         if s["labels"]:
             how = "detected" if d.labels.detected else "--labels"
-            _log(f"data: label set ({how}): {s['labels']}; accuracy scored by {s['label_scoring']}")
+            mesh_lib.log(f"data: label set ({how}): {s['labels']}; accuracy scored by {s['label_scoring']}")
 
     # -- the hooks loop.finetune calls --------------------------------------------------------------
 
@@ -439,7 +434,7 @@ class FileTask:
         """
         out = self._score(setup, deltas, "eval")
         acc = f"; label accuracy {out['accuracy']:.4f} (± {out['stderr']:.4f})" if "accuracy" in out else ""
-        _log(
+        mesh_lib.log(
             f"{what}: held-out loss {out['loss']:.4f}, perplexity {out['perplexity']:.3f} on "
             f"{out['examples']:,} validation examples ({out['tokens']:,} loss tokens){acc}"
         )
@@ -596,7 +591,7 @@ class FileTask:
         path = self.out / "samples.jsonl"
         kept = [r for r in rundir.read_metrics(path) if r.get("model") != model] if path.exists() else []
         rundir.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept + records))
-        _log(f"{model} samples ({n}): {path}")
+        mesh_lib.log(f"{model} samples ({n}): {path}")
 
 
 def _host(x) -> np.ndarray:

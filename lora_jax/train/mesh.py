@@ -25,7 +25,10 @@ __all__ = [
     "BATCH_AXES",
     "batch_sharding",
     "global_batch",
+    "data_parallel_size",
     "init_distributed",
+    "is_main",
+    "log",
     "make_mesh",
     "param_shardings",
     "parse_mesh",
@@ -35,6 +38,22 @@ __all__ = [
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+
+
+def is_main() -> bool:
+    """Whether this is the first process (the one that prints and writes the run's files)."""
+    return jax.process_index() == 0
+
+
+def log(*args) -> None:
+    """`print` on the first process only (every process runs the same script; one copy of each line)."""
+    if is_main():
+        print(*args, flush=True)
+
+
+def data_parallel_size(mesh) -> int:
+    """How many ways the batch is split: the product of the mesh's `BATCH_AXES`."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def parse_mesh(text: str, num_devices: int | None) -> dict[str, int]:

