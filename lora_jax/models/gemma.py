@@ -62,7 +62,11 @@ from lora_jax.models.llama import (
     LOGICAL_AXIS_RULES_DEFAULT,
     KVCache,
     apply_rotary,
+    cos_sin,
+    decoder_inputs,
     generate,
+    rope_inv_freq,
+    self_attention_masks,
     stack_layers,
     unstack_layers,
 )
@@ -115,7 +119,9 @@ class GemmaConfig:
     factor, ``rope_local_base_freq``/``rope_local_scaling_factor`` the sliding layers' (Gemma 2 uses
     ``rope_theta`` for both). ``remat``: ``"none"``, ``"full"`` or ``"dots"`` (see
     :data:`REMAT_POLICIES`; ``True``/``False`` mean ``"full"``/``"none"``). ``dtype`` is the compute
-    dtype; norms, softmax and logits are float32.
+    dtype; norms, softmax and logits are float32. ``attention`` is the kernel of
+    :func:`lora_jax.models.layers.attention` (``"auto"``, ``"xla"``, ``"cudnn"``); layers with
+    ``attn_logit_softcapping`` (Gemma 2) always compute explicit float32 scores.
     """
 
     model_type: str = "gemma2"
@@ -143,8 +149,11 @@ class GemmaConfig:
     remat: bool | str = "none"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in layers.ATTENTION:
+            raise ValueError(f"attention={self.attention!r}: expected one of {layers.ATTENTION}.")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(
                 f"model_type={self.model_type!r} is not a Gemma text model; use one of {MODEL_TYPES}."
@@ -218,11 +227,7 @@ class RMSNorm(nn.Module):
 
 def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, factor: float = 1.0):
     """``positions: (B, T)`` -> ``cos, sin: (B, T, D)`` float32; ``factor`` is linear RoPE scaling."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    inv_freq = inv_freq / jnp.float32(factor)
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq.reshape((1,) * positions.ndim + (-1,))
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    return cos_sin(positions, rope_inv_freq(head_dim, theta) / jnp.float32(factor))
 
 
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -236,11 +241,23 @@ def _pick(sliding, local, full):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(sliding, a, b), local, full)
 
 
+def _pick_mask(sliding, local, full):
+    """`_pick` for boolean masks where None means "everything allowed"."""
+    if isinstance(sliding, bool):
+        return local if sliding else full
+    if local is full:
+        return full
+    everything = jnp.ones((1, 1, 1, 1), bool)
+    return jnp.where(sliding, everything if local is None else local, everything if full is None else full)
+
+
 class Attention(nn.Module):
     cfg: GemmaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, allowed, index, kv):
+    def __call__(self, x, cos, sin, valid, masks, sliding, index, kv):
+        """``valid``: ``(B, T)`` or None; ``masks``: explicit ``(local, full)`` masks, ``(B|1, 1, T, S)`` or
+        None (see `Gemma`); ``sliding``: a Python bool or a traced ``()`` flag."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, k_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -258,11 +275,37 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
             kv = (k, v)
+        causal, scale = kv is None, cfg.query_pre_attn_scalar**-0.5
+        local, full = masks
+        if cfg.attn_logit_softcapping is None:
+            # The window as the kernel's own mask where the layer type is static (no cache, unscanned);
+            # a scanned layer's type is data, so there the band is part of the explicit mask.
+            static = causal and isinstance(sliding, bool) and cfg.sliding_window is not None
+            out = layers.attention(
+                q.astype(cfg.dtype),
+                k.astype(cfg.dtype),
+                v.astype(cfg.dtype),
+                scale=scale,
+                causal=causal,
+                window=cfg.sliding_window if static and sliding else None,
+                valid=valid,
+                mask=full if static else _pick_mask(sliding, local, full),
+                implementation=cfg.attention,
+            ).reshape(b, t, h * d)
+            return _dense(cfg.hidden_size, ("heads", "embed"), "out", cfg)(out), kv
+        # Gemma 2 soft-caps the logits, c·tanh(s / c), before the mask: jax.nn.dot_product_attention has no
+        # such step (nor has cuDNN's kernel), so these layers keep explicit float32 scores.
+        allowed = _pick_mask(sliding, local, full)
+        allowed = jnp.ones((1, 1, 1, 1), bool) if allowed is None else allowed
+        if causal:
+            allowed = allowed & jnp.tril(jnp.ones((t, t), bool))[None, None]
+        if valid is not None:
+            allowed = allowed & valid[:, None, None, :]
         q = q.reshape(b, t, k_heads, h // k_heads, d)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores * jnp.float32(cfg.query_pre_attn_scalar**-0.5)
+        scores = scores * jnp.float32(scale)
         scores = _softcap(scores, cfg.attn_logit_softcapping)
-        scores = jnp.where(allowed, scores, _NEG)
+        scores = jnp.where(allowed[:, :, None], scores, _NEG)  # (B, 1, 1, T, S) against (B, K, G, T, S)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.dtype)).reshape(b, t, h * d)
         return _dense(cfg.hidden_size, ("heads", "embed"), "out", cfg)(out), kv
@@ -295,13 +338,15 @@ class Block(nn.Module):
     sliding: bool | None = None
 
     @nn.compact
-    def __call__(self, x, rope, allowed, index, flag, kv):
+    def __call__(self, x, rope, valid, masks, index, flag, kv):
         cfg = self.cfg
         sliding = self.sliding if self.sliding is not None else flag
-        (cos, sin), allowed = _pick(sliding, rope[0], rope[1]), _pick(sliding, allowed[0], allowed[1])
+        cos, sin = _pick(sliding, rope[0], rope[1])
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
         x = nn.with_logical_constraint(x, _BTD)
-        a, kv = Attention(cfg, name="attn")(norm(name="attn_norm")(x), cos, sin, allowed, index, kv)
+        a, kv = Attention(cfg, name="attn")(
+            norm(name="attn_norm")(x), cos, sin, valid, masks, sliding, index, kv
+        )
         x = nn.with_logical_constraint(x + norm(name="post_attn_norm")(a), _BTD)
         m = MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
         x = x + norm(name="post_mlp_norm")(m)
@@ -351,45 +396,28 @@ class Gemma(nn.Module):
         self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None, segment_ids=None
     ):
         cfg = self.config
-        b, t = input_ids.shape
-        if segment_ids is not None and cache is not None:
-            raise ValueError(
-                "segment_ids (packed rows) cannot be combined with a KV cache; decode one "
-                "sequence per row instead."
-            )
-        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        if cache is None:
-            valid, index, offset, kv = mask, 0, jnp.zeros((b, 1), jnp.int32), None
-        else:
-            size = cache.valid.shape[1]
-            index = cache.index
-            offset = jnp.sum(cache.valid, axis=1, keepdims=True, dtype=jnp.int32)
-            valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-            if cache.k is None:
-                shape = (cfg.num_layers, b, size, cfg.num_kv_heads, cfg.head_dim)
-                kv = (jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
-            else:
-                kv = (cache.k, cache.v)
-        if positions is None and segment_ids is not None:
-            start = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-            steps = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            positions = steps - jax.lax.cummax(jnp.where(start, steps, 0), axis=1)
-        if positions is None:
-            positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        t = input_ids.shape[1]
+        valid, index, kv, positions = decoder_inputs(
+            cfg, input_ids, attention_mask, positions, cache, segment_ids
+        )
         rope = (
             rotary_cos_sin(positions, cfg.head_dim, cfg.rope_local_base_freq, cfg.rope_local_scaling_factor),
             rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor),
         )
-        q_slot = index + jnp.arange(t)
-        k_slot = jnp.arange(valid.shape[1])
-        causal = k_slot[None, :] <= q_slot[:, None]
-        full = causal[None] & valid[:, None, :]  # (B, T, S)
-        if segment_ids is not None:  # block-diagonal: only within a segment
-            full = full & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        # Explicit masks (B|1, 1, T, S) or None: with a cache, everything (slots, padding, window); without,
+        # only packed segments and, for the sliding layers, the band (the kernel adds causality, padding).
+        cached = cache is not None
+        keys, full = self_attention_masks(
+            valid, attention_mask is not None, segment_ids, index, t, None, cached
+        )
         local = full
         if cfg.sliding_window is not None:
-            local = full & (k_slot[None, :] > q_slot[:, None] - cfg.sliding_window)[None]
-        allowed = (local[:, None, None], full[:, None, None])  # (B, 1, 1, T, S) against (B, K, G, T, S)
+            if cached:
+                local = self_attention_masks(valid, True, None, index, t, cfg.sliding_window, True)[1]
+            else:
+                steps = jnp.arange(t)
+                band = (steps[None, :] > steps[:, None] - cfg.sliding_window)[None, None]  # (1, 1, T, T)
+                local = band if full is None else full & band
 
         embed = layers.embed(
             cfg.vocab_size,
@@ -412,16 +440,18 @@ class Gemma(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
+                in_axes=(nn.broadcast,) * 4 + (0, 0),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
-            x, kv = scanned(x, rope, allowed, index, jnp.asarray(cfg.sliding), kv)
+            x, kv = scanned(x, rope, keys, (local, full), index, jnp.asarray(cfg.sliding), kv)
         else:
             new = []
             for i, sliding in enumerate(cfg.sliding):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x, layer_kv = block(cfg, sliding, name=f"layers_{i}")(x, rope, allowed, index, None, layer_kv)
+                x, layer_kv = block(cfg, sliding, name=f"layers_{i}")(
+                    x, rope, keys, (local, full), index, None, layer_kv
+                )
                 new.append(layer_kv)
             if kv is not None:
                 kv = (jnp.stack([k for k, _ in new]), jnp.stack([v for _, v in new]))

@@ -1,4 +1,4 @@
-"""Building blocks shared by the model families: LayerNorm, annotated Dense/Embed, logical partition specs.
+"""Building blocks shared by the model families: LayerNorm, annotated Dense/Embed, attention, partition specs.
 
 Every parameter carries logical axis names (``"embed"``, ``"heads"``, ``"mlp"``, ``"vocab"``, ...)
 through ``nn.with_logical_partitioning``; each family maps them to mesh axes with its own rules
@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LayerNorm", "dense", "embed", "logical_partition_specs"]
+__all__ = ["ATTENTION", "LayerNorm", "attention", "dense", "embed", "logical_partition_specs"]
 
 Axes = tuple[str | None, ...]
 
@@ -127,3 +127,139 @@ def logical_partition_specs(model: nn.Module, *example_inputs: Any) -> Any:
         *example_inputs: arguments of ``model.init`` after the key, e.g. ``jnp.zeros((1, 8), jnp.int32)``.
     """
     return nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), *example_inputs))
+
+
+# ``attention(implementation=...)``: "auto" is cuDNN where it can run (a GPU backend, shapes and dtypes it
+# accepts), else XLA. ``jax.nn.dot_product_attention(implementation=None)`` does not choose cuDNN by itself
+# (jax 0.10: it "currently falls back to xla"), so the choice is made here.
+ATTENTION = ("auto", "xla", "cudnn")
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    valid: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Grouped-query softmax attention by ``jax.nn.dot_product_attention``, masks in the kernel's own terms.
+
+    The masks combine (a key is seen when every one allows it):
+
+    - ``causal``: query slot ``i`` sees key slots ``j <= i`` (slots counted from 0 on both sides: self
+      attention, ``T == S``, no cache);
+    - ``window`` (with ``causal``): also ``j > i - window``, i.e. the query itself and the ``window - 1``
+      slots before it;
+    - ``valid``: ``(B, S)`` bool, the real tokens of a self-attention row (left, right or any padding);
+    - ``mask``: ``(B, 1, T, S)`` bool, anything else (a KV cache, packed segments).
+
+    The fused cuDNN kernel (a GPU) never stores the ``(B, H, T, S)`` scores. It gets ``causal`` and
+    ``window`` as its own mask types; ``valid`` without a window as sequence lengths, after the real
+    tokens of each row are moved to its front (order kept; exact for any padding, the identity for right
+    padding) and the output moved back; an explicit ``mask`` (or ``valid`` with a window) as a bias. The
+    XLA implementation (CPU, TPU, or what cuDNN refuses under ``"auto"``) computes float32 scores.
+
+    A query that sees no key (a padding query under left padding) gets a finite output (an average of the
+    values, or zeros) and a finite gradient, and never affects other rows.
+
+    Args:
+      q: ``(B, T, H, D)``; k, v: ``(B, S, K, D)`` with ``K`` dividing ``H`` (not repeated), one dtype.
+      scale: multiplies ``q·k``; None = ``D ** -0.5``.
+      causal, window, valid, mask: the masks above.
+      implementation: ``"auto"``, ``"xla"`` or ``"cudnn"`` (an error where cuDNN cannot run).
+
+    Returns:
+      ``(B, T, H, D)`` in ``q``'s dtype (scores and softmax in float32 either way).
+
+    Example:
+        >>> q = jnp.ones((1, 4, 4, 8)); kv = jnp.ones((1, 4, 2, 8))
+        >>> attention(q, kv, kv, window=2, valid=jnp.array([[False, True, True, True]])).shape
+        (1, 4, 4, 8)
+    """
+    if implementation not in ATTENTION:
+        raise ValueError(f"attention implementation={implementation!r}: expected one of {ATTENTION}.")
+    if window is not None and (not causal or window < 1):
+        raise ValueError(f"attention window={window} needs causal=True and window >= 1.")
+    local = None if window is None else (window - 1, 0)
+    # jax.nn's implementations promote bfloat16 with float32 inside: allowed here under strict promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        if implementation == "cudnn" or (implementation == "auto" and jax.default_backend() == "gpu"):
+            try:  # cuDNN checks shapes and dtypes while tracing
+                if valid is not None and mask is None and window is None:
+                    return _cudnn_compacted(q, k, v, valid, causal, scale)
+                bias_mask = _combine(valid, mask)  # cuDNN takes it as a bias with the full (T, S) extent
+                if bias_mask is not None:
+                    bias_mask = jnp.broadcast_to(bias_mask, bias_mask.shape[:2] + (q.shape[1], k.shape[1]))
+                return jax.nn.dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    mask=bias_mask,
+                    scale=scale,
+                    is_causal=causal,
+                    local_window_size=local,
+                    implementation="cudnn",
+                )
+            except (ValueError, NotImplementedError, RuntimeError):
+                if implementation == "cudnn":
+                    raise
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=_combine(valid, mask),
+            scale=scale,
+            is_causal=causal,
+            local_window_size=local,
+            implementation="xla",
+        )
+
+
+def _combine(valid: jax.Array | None, mask: jax.Array | None) -> jax.Array | None:
+    if valid is None:
+        return mask
+    keys = valid.astype(bool)[:, None, None, :]  # (B, 1, 1, S)
+    return keys if mask is None else mask & keys
+
+
+def _cudnn_compacted(q, k, v, valid, causal, scale, implementation="cudnn"):
+    """Self-attention over the real tokens only: each row's real tokens first (stable), sequence lengths."""
+    valid = valid.astype(bool)
+    order = jnp.argsort(~valid, axis=1, stable=True).astype(jnp.int32)  # (B, T): real slots first
+    inverse = jnp.argsort(order, axis=1).astype(jnp.int32)
+    lengths = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    q, k, v = (_permute(x, order, inverse) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=causal,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
+    return _permute(out, inverse, order)
+
+
+@jax.custom_vjp
+def _permute(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+    """``x[b, order[b, t]]`` for ``x: (B, T, ...)``; its gradient is the inverse gather (no scatter)."""
+    return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _permute_fwd(x, order, inverse):
+    return _permute(x, order, inverse), (order, inverse)
+
+
+def _permute_bwd(res, g):
+    order, inverse = res
+    return _permute(g, inverse, order), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)

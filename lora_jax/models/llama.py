@@ -71,6 +71,7 @@ import numpy as np
 
 from lora_jax.models import layers, lazy
 from lora_jax.models.family import ModelFamily
+from lora_jax.models.layers import attention
 from lora_jax.models.weights import hf_leaf_names
 
 __all__ = [
@@ -87,13 +88,16 @@ __all__ = [
     "RMSNorm",
     "RopeScaling",
     "apply_rotary",
-    "attend",
+    "attention",
     "config_from_hf",
+    "cos_sin",
+    "decoder_inputs",
     "from_hf",
     "generate",
     "logical_partition_specs",
     "rope_inv_freq",
     "rotary_cos_sin",
+    "self_attention_masks",
     "stack_layers",
     "to_hf",
     "unstack_layers",
@@ -122,8 +126,6 @@ _BTD = ("activation_batch", "activation_length", "activation_embed")
 
 # LoRA targets when none are given: the attention query and value projections (as in the paper).
 DEFAULT_TARGETS = r".*/attn/(query|value)/kernel"
-
-_NEG = float(np.finfo(np.float32).min)
 
 # The Hugging Face model types this module builds (config.json `model_type`).
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -170,6 +172,10 @@ class LlamaConfig:
     :func:`to_hf` writes), ``rope_scaling`` (Llama 3.x), ``sliding_window`` (Mistral: a query at slot
     ``i`` sees the key slots ``i - W < j <= i``, counted in cache slots as Hugging Face does),
     ``qkv_bias`` (Qwen2) and ``qk_norm`` (Qwen3).
+
+    ``attention``: the attention kernel of :func:`lora_jax.models.layers.attention`: ``"auto"`` (cuDNN's
+    fused attention on a GPU backend where it accepts the shapes and dtypes, else XLA's), ``"xla"`` or
+    ``"cudnn"``. Not architecture: Hugging Face configs do not set it.
     """
 
     vocab_size: int = 32000
@@ -192,6 +198,7 @@ class LlamaConfig:
     sliding_window: int | None = None
     qkv_bias: bool = False
     qk_norm: bool = False
+    attention: str = "auto"
 
     def __post_init__(self):
         """Fills ``head_dim``, turns a bool ``remat`` into ``"full"``/``"none"`` and checks the fields."""
@@ -214,6 +221,8 @@ class LlamaConfig:
             raise ValueError(
                 f"model_type={self.model_type!r} is not built by this module; use one of {MODEL_TYPES}."
             )
+        if self.attention not in layers.ATTENTION:
+            raise ValueError(f"attention={self.attention!r}: expected one of {layers.ATTENTION}.")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 (or None: full attention).")
 
@@ -298,7 +307,11 @@ def rotary_cos_sin(
     positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """``positions: (B, T)`` -> ``cos, sin: (B, T, D)`` float32 (Hugging Face layout, halves repeated)."""
-    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    return cos_sin(positions, rope_inv_freq(head_dim, theta, scaling))
+
+
+def cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``positions: (B, T)``, ``inv_freq: (D/2,)`` -> ``cos, sin: (B, T, D)`` float32, halves repeated."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq.reshape((1,) * positions.ndim + (-1,))
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -312,26 +325,12 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, dtype: Any) -> jax.Array:
-    """Grouped-query softmax attention: ``q: (B, T, H, D)``, ``k, v: (B, S, K, D)`` -> ``(B, T, H·D)``.
-
-    Scores ``q·k / sqrt(D)`` and the softmax are float32; ``allowed`` (broadcastable to
-    ``(B, K, H/K, T, S)``, e.g. ``(B, 1, 1, T, S)``) masks the keys a query may see.
-    """
-    b, t, h, d = q.shape
-    k_heads = k.shape[2]
-    q = q.reshape(b, t, k_heads, h // k_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
-    scores = jnp.where(allowed, scores * (d**-0.5), _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype)).reshape(b, t, h * d)
-
-
 class Attention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, allowed, index, kv):
+    def __call__(self, x, cos, sin, valid, mask, index, kv):
+        """``valid``: ``(B, T)`` real tokens or None; ``mask``: ``(B, 1, T, S)`` or None (see `Llama`)."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, k_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -350,7 +349,18 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
             kv = (k, v)
-        out = attend(q, k, v, allowed, cfg.dtype)
+        # No cache: causal (banded for a sliding window) self-attention, the kernel's own masks; with a
+        # cache, `mask` holds all of it (slots, window, padding).
+        out = attention(
+            q.astype(cfg.dtype),
+            k.astype(cfg.dtype),
+            v.astype(cfg.dtype),
+            causal=kv is None,
+            window=cfg.sliding_window if kv is None else None,
+            valid=valid,
+            mask=mask,
+            implementation=cfg.attention,
+        ).reshape(b, t, h * d)
         return _dense(cfg.hidden_size, ("heads", "embed"), "out", cfg)(out), kv
 
 
@@ -372,14 +382,87 @@ class Block(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, allowed, index, kv):
+    def __call__(self, x, cos, sin, valid, mask, index, kv):
         cfg = self.cfg
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
         x = nn.with_logical_constraint(x, _BTD)
-        a, kv = Attention(cfg, name="attn")(norm(name="attn_norm")(x), cos, sin, allowed, index, kv)
+        a, kv = Attention(cfg, name="attn")(norm(name="attn_norm")(x), cos, sin, valid, mask, index, kv)
         x = nn.with_logical_constraint(x + a, _BTD)
         x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
         return nn.with_logical_constraint(x, _BTD), kv
+
+
+def decoder_inputs(
+    cfg: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    positions: jax.Array | None,
+    cache: KVCache | None,
+    segment_ids: jax.Array | None,
+) -> tuple[jax.Array, Any, tuple[jax.Array, jax.Array] | None, jax.Array]:
+    """``(valid, index, kv, positions)`` of a decoder call (:class:`Llama` and the Gemma decoder share it).
+
+    ``valid``: ``(B, S)`` bool, the real tokens (``S = T`` without a cache, the cache's slots with one);
+    ``index``: the first slot written (0 without a cache); ``kv``: the ``(L, B, S, K, D)`` key/value
+    stacks, allocated on a fresh cache, or None; ``positions``: given, or restarting at each segment of
+    packed rows, or the count of earlier real tokens (so left padding works). ``cfg`` needs
+    ``num_layers``, ``num_kv_heads``, ``head_dim`` and ``dtype``.
+    """
+    b, t = input_ids.shape
+    if segment_ids is not None and cache is not None:
+        raise ValueError(
+            "segment_ids (packed rows) cannot be combined with a KV cache; decode one "
+            "sequence per row instead."
+        )
+    mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if cache is None:
+        valid, index, offset, kv = mask, 0, jnp.zeros((b, 1), jnp.int32), None
+    else:
+        size = cache.valid.shape[1]
+        index = cache.index
+        offset = jnp.sum(cache.valid, axis=1, keepdims=True, dtype=jnp.int32)
+        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+        if cache.k is None:
+            shape = (cfg.num_layers, b, size, cfg.num_kv_heads, cfg.head_dim)
+            kv = (jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+        else:
+            kv = (cache.k, cache.v)
+    if positions is None and segment_ids is not None:
+        start = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+        steps = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        positions = steps - jax.lax.cummax(jnp.where(start, steps, 0), axis=1)  # restarts at each segment
+    if positions is None:
+        positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+    return valid, index, kv, positions
+
+
+def self_attention_masks(
+    valid: jax.Array,
+    padded: bool,
+    segment_ids: jax.Array | None,
+    index: Any,
+    t: int,
+    window: int | None,
+    cached: bool,
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """``(valid keys (B, T) or None, explicit mask (B, 1, T, S) or None)`` for :func:`layers.attention`.
+
+    Without a cache the kernel applies causality and the ``window`` itself; only padding (``padded``:
+    an attention mask was given) and packed segments are passed on. With a cache (``valid: (B, S)``, the
+    cache's slots; queries at slots ``index + [0, t)``) everything is one explicit mask: key slot ``j``
+    is seen by query slot ``i`` when ``j <= i``, ``j > i - window`` and slot ``j`` holds a real token.
+    """
+    if not cached:
+        seg = None
+        if segment_ids is not None:  # block-diagonal: only within a segment
+            seg = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        return (valid if padded else None), seg
+    q_slot = index + jnp.arange(t)
+    k_slot = jnp.arange(valid.shape[1])
+    allowed = k_slot[None, :] <= q_slot[:, None]  # (T, S)
+    if window is not None:  # banded: the W most recent slots, this one included
+        allowed = allowed & (k_slot[None, :] > q_slot[:, None] - window)
+    return None, (allowed[None] & valid[:, None, :])[:, None]
 
 
 class Llama(nn.Module):
@@ -402,44 +485,14 @@ class Llama(nn.Module):
         self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None, segment_ids=None
     ):
         cfg = self.config
-        b, t = input_ids.shape
-        if segment_ids is not None and cache is not None:
-            raise ValueError(
-                "segment_ids (packed rows) cannot be combined with a KV cache; decode one "
-                "sequence per row instead."
-            )
-        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-
-        if cache is None:
-            valid, index, offset = mask, 0, jnp.zeros((b, 1), jnp.int32)
-            kv = None
-        else:
-            size = cache.valid.shape[1]
-            index = cache.index
-            offset = jnp.sum(cache.valid, axis=1, keepdims=True, dtype=jnp.int32)
-            valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-            if cache.k is None:
-                shape = (cfg.num_layers, b, size, cfg.num_kv_heads, cfg.head_dim)
-                kv = (jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
-            else:
-                kv = (cache.k, cache.v)
-        if positions is None and segment_ids is not None:
-            start = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-            steps = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            first = jax.lax.cummax(jnp.where(start, steps, 0), axis=1)
-            positions = steps - first  # restarts at each segment
-        if positions is None:
-            positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        t = input_ids.shape[1]
+        valid, index, kv, positions = decoder_inputs(
+            cfg, input_ids, attention_mask, positions, cache, segment_ids
+        )
         cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        q_slot = index + jnp.arange(t)
-        k_slot = jnp.arange(valid.shape[1])
-        causal = k_slot[None, :] <= q_slot[:, None]  # (T, S)
-        if cfg.sliding_window is not None:  # banded: the W most recent slots, this one included
-            causal = causal & (k_slot[None, :] > q_slot[:, None] - cfg.sliding_window)
-        allowed = causal[None] & valid[:, None, :]  # (B, T, S)
-        if segment_ids is not None:  # block-diagonal: only within a segment
-            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        allowed = allowed[:, None, None]  # (B, 1, 1, T, S) against scores (B, K, G, T, S)
+        keys, allowed = self_attention_masks(
+            valid, attention_mask is not None, segment_ids, index, t, cfg.sliding_window, cache is not None
+        )
 
         embed = layers.embed(
             cfg.vocab_size,
@@ -460,16 +513,16 @@ class Llama(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast,) * 5 + (0,),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
-            x, kv = scanned(x, cos, sin, allowed, index, kv)
+            x, kv = scanned(x, cos, sin, keys, allowed, index, kv)
         else:
             new = []
             for i in range(cfg.num_layers):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x, layer_kv = block(cfg, name=f"layers_{i}")(x, cos, sin, allowed, index, layer_kv)
+                x, layer_kv = block(cfg, name=f"layers_{i}")(x, cos, sin, keys, allowed, index, layer_kv)
                 new.append(layer_kv)
             if kv is not None:
                 kv = (jnp.stack([k for k, _ in new]), jnp.stack([v for _, v in new]))

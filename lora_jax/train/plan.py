@@ -247,6 +247,20 @@ def check(request: PlanRequest) -> Checked:
     return Checked(r, target, spec, model, num_devices, sizes, batch, loss_tokens, params, memory)
 
 
+def _attention_kernel(target: plan_targets.Target, dtype: Any, head_dim: int) -> str:
+    """The attention kernel the model's ``"auto"`` picks on the target's devices, named for the compile.
+
+    The compiling process runs on the host (its default backend is the CPU), so ``"auto"`` would pick XLA
+    there: for a GPU target the choice is made here. cuDNN's fused attention takes 16-bit inputs with a
+    head dimension that is a multiple of 8 and at most 128 when it cannot see the card (256 on a real
+    Hopper GPU, where ``"auto"`` would take it; such models are planned with XLA's attention here).
+    """
+    if target.platform != "gpu":
+        return "auto"
+    ok = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0
+    return "cudnn" if ok and head_dim <= 128 else "xla"
+
+
 def _bytes_per_device(tree: Any) -> int:
     def one(x):
         if x is None:
@@ -340,13 +354,15 @@ def compile_plan(request: PlanRequest, devices: list | None = None) -> dict:
     shardings = {"params": param_sh, "opt_state": opt_sh, "batch": batch_sh, "replicated": repl}
     t0 = time.perf_counter()
     loss = {"num_targets": None if c.loss_tokens == r.seq - 1 else c.loss_tokens, "loss_chunk": r.loss_chunk}
+    cfg = c.model.config  # the step's model: the attention kernel of the target's devices (shapes unchanged)
+    model = Llama(dataclasses.replace(cfg, attention=_attention_kernel(c.target, cfg.dtype, cfg.head_dim)))
     if r.method in ("lora", "qlora"):
-        step = step_lib.make_train_step(c.model.apply, tx, shardings=dict(shardings, deltas=delta_sh), **loss)
+        step = step_lib.make_train_step(model.apply, tx, shardings=dict(shardings, deltas=delta_sh), **loss)
         lowered = step.lower(trained, opt, params, batch, key)
     else:
         from lora_jax.train.plan_steps import make_full_train_step
 
-        step = make_full_train_step(c.model.apply, tx, shardings=shardings, **loss)
+        step = make_full_train_step(model.apply, tx, shardings=shardings, **loss)
         lowered = step.lower(params, opt, batch, key)
     t1 = time.perf_counter()
     per_device = {
@@ -356,6 +372,7 @@ def compile_plan(request: PlanRequest, devices: list | None = None) -> dict:
         "batch": _bytes_per_device(batch),
     }
     report = _header(c, devices, trained, params)
+    report["attention"] = model.config.attention
     try:
         compiled = lowered.compile()
     except Exception as e:  # the TPU compiler refuses a program larger than HBM
@@ -391,6 +408,10 @@ def compile_plan(request: PlanRequest, devices: list | None = None) -> dict:
     )
     report.update(
         status="ok", per_device=per_device, lower_seconds=round(t1 - t0, 2), compile_seconds=round(t2 - t1, 2)
+    )
+    # cuDNN's fused attention (forward and backward) as custom calls of the compiled program: 0 = XLA's
+    report["fused_attention_calls"] = len(
+        re.findall(r'custom_call_target="__cudnn\$fmha', compiled.as_text())
     )
     memory = report["device_memory"]
     report["fits"] = None if memory is None else per_device["total"] <= memory
@@ -455,7 +476,8 @@ def plan(request: PlanRequest, *, timeout: float | None = None) -> dict:
       ``status`` (``"ok"``, or ``"out_of_memory"`` when the TPU compiler refuses the program; then
       ``per_device`` holds the figures its error gives: ``temp`` and a ``total`` of those temporaries
       plus the arguments' shard bytes, or the ``total`` it reports), ``error``, ``lower_seconds``,
-      ``compile_seconds``.
+      ``compile_seconds``, ``attention`` (the model's attention kernel) and ``fused_attention_calls``
+      (cuDNN fused-attention custom calls in the compiled program; 0 when attention is XLA's).
 
     Raises:
       ValueError: bad input (see `check`), before any compile.

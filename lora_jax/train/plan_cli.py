@@ -90,7 +90,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"{r['model']}: {what}, {r['devices']} x {r['device_kind']} ({r['target']}), mesh {mesh}",
         f"batch {r['batch']} x seq {r['seq']} (loss on {r['loss_tokens']} positions), {r['dtype']} "
-        f"compute, {r['param_dtype']} weights, remat {r['remat']}; {r['trainable_params']:,} of "
+        f"compute, {r['param_dtype']} weights, remat {r['remat']}, attention {r.get('attention', 'auto')}; "
+        f"{r['trainable_params']:,} of "
         f"{r['model_params']:,} parameters trained",
         "  per device          GiB",
     ]
