@@ -3,7 +3,9 @@
 Two settings, both on the movie-review sentences (the Rotten Tomatoes sentences SST-2 is built from):
 
 * ``--model minilm``: all-MiniLM-L6-v2 + a linear head on the mean-pooled output, trained as a
-  classifier (the paper's SST-2 setting with RoBERTa; the head is trained in every configuration);
+  classifier (the paper's SST-2 setting with RoBERTa; the head is trained in every configuration, as a
+  fully trained leaf of the deltas, ``LoraSpec(train_full="params/classifier/.*")``, at its own
+  learning rate ``lr_head``);
 * ``--model smollm2``: SmolLM2-135M-Instruct as prompt completion, ``"Review: ...\\nSentiment:"`` ->
   ``" positive"`` / ``" negative"``, trained with the LM loss on the completion; accuracy compares the
   likelihood of the two label words after the prompt.

@@ -73,6 +73,33 @@ def test_rank_ablation_small(model, tmp_path):
 
 
 @slow
+def test_variants_small_smollm2(tmp_path):
+    """The SmolLM2 path of variants.py (the MiniLM path is the same loop with a head): every variant trains
+    and is scored, with the parameter counts of rank 2 on q (576 -> 576) and v (576 -> 192) of one layer."""
+    _run("variants.py", "--model", "smollm2", out=tmp_path)
+    result = json.loads((tmp_path / "variants_smollm2.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["LoRA", "DoRA", "PiSSA", "OLoRA", "LoRA+"]
+    r, n_seeds = result["settings"]["rank"], len(result["settings"]["seeds"])
+    lora = r * (576 + 576) + r * (576 + 192)
+    assert {k: v["trainable_params"] for k, v in rows.items()} == {
+        "LoRA": lora,
+        "DoRA": lora + 576 + 192,  # one magnitude per output feature
+        "PiSSA": lora,
+        "OLoRA": lora,
+        "LoRA+": lora,
+    }
+    for row in rows.values():
+        assert len(row["val_acc"]) == len(row["val_loss"]) == n_seeds
+        assert all(0.0 <= a <= 1.0 for a in row["val_acc"]) and all(x > 0 for x in row["val_loss"])
+        assert row["curve"][-1]["step"] == result["settings"]["steps"]
+    assert 0.0 <= result["base_model"]["val_acc"] <= 1.0
+    assert len(result["loraplus_steps_to_lora_final_loss"]) == n_seeds
+    assert result["dora_over_lora_step_time"]["ratio"] > 0
+    assert (tmp_path / "variants_smollm2.md").read_text().startswith("| variant |")
+
+
+@slow
 def test_subspace_small(tmp_path):
     _run("subspace.py", out=tmp_path)
     result = json.loads((tmp_path / "subspace_minilm.json").read_text())

@@ -9,7 +9,7 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["quickstart", "rank_ablation", "understanding_updates"]
+NAMES = ["quickstart", "rank_ablation", "understanding_updates", "variants"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.assets]
 

@@ -7,12 +7,14 @@ before (sweep) or after (engine) the gradient and reductions in a different orde
 Adam steps keep the differences near float epsilon.
 """
 
+import dataclasses
 import operator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import lora_jax as lj
@@ -106,7 +108,7 @@ def test_lora_lm_sweep_matches_engine_runs(llama):
     )
     assert result.losses.shape == (3, 2) and result.accuracy.shape == (2,)
     assert result.trainable["deltas"]["params"]["layers_0"]["attn"]["query"]["kernel"].a.shape == (2, 32, 4)
-    assert result.trainable["head"] is None
+    assert set(result.trainable) == {"deltas"}  # no head: only the LoRA factors train
     assert (
         result.adapter_params
         == result.trainable_params
@@ -235,7 +237,10 @@ def test_vmapped_seeds_match_single_seed_runs(classifier, kind):
         alone = sweep.train(task, cfg, variables, arrays, arrays, seeds=(seed,), **kw)
         np.testing.assert_allclose(both.losses[:, i], alone.losses[:, 0], rtol=LOSS_RTOL, atol=LOSS_ATOL)
         assert_trees_close(both.run(i), alone.run(0))
-    head = both.trainable["params"]["params"]["classifier"] if kind == "full" else both.trainable["head"]
+    if kind == "full":
+        head = both.trainable["params"]["params"]["classifier"]
+    else:  # the head is a fully trained leaf of the deltas
+        head = {k: f.value for k, f in both.trainable["deltas"]["params"]["classifier"].items()}
     assert head["kernel"].shape == (2, 16, 2)
     n_head = 16 * 2 + 2
     if kind == "full":
@@ -245,9 +250,9 @@ def test_vmapped_seeds_match_single_seed_runs(classifier, kind):
             both.adapter_params == 16 * 2 + 2 * 16 and both.trainable_params == both.adapter_params + n_head
         )
     else:
-        assert (
-            both.trainable["deltas"] is None and both.trainable_params == n_head and both.adapter_params == 0
-        )
+        paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(both.trainable)]
+        assert all(p.startswith("['deltas']['params']['classifier']") for p in paths), paths  # the head alone
+        assert both.trainable_params == n_head and both.adapter_params == 0
     assert np.all((0 <= both.accuracy) & (both.accuracy <= 1))
 
 
@@ -264,13 +269,125 @@ def test_head_learning_rate_applies_to_the_head_only(classifier, kind):
     )
     start = sweep.init(task, cfg, variables, (0,))
     end = sweep.train(task, cfg, variables, arrays, seeds=(0,), steps=2, batch_size=8).trainable
-    if kind == "full":
-        start, end = start["params"]["params"], end["params"]["params"]
-        start_head, end_head = start.pop("classifier"), end.pop("classifier")
-    else:
-        start_head, end_head = start.pop("head"), end.pop("head")
+    start = start["params" if kind == "full" else "deltas"]["params"]
+    end = end["params" if kind == "full" else "deltas"]["params"]
+    start_head, end_head = start.pop("classifier"), end.pop("classifier")
     assert_trees_close(end, start, rtol=0, atol=0)  # lr = 0: the body does not move
+    if kind == "lora":
+        assert lj.is_full(end_head["kernel"]) and lj.is_full(end_head["bias"])
+        start_head, end_head = ({k: f.value for k, f in h.items()} for h in (start_head, end_head))
     assert not np.allclose(end_head["kernel"], start_head["kernel"])
+
+
+@pytest.mark.standard_promotion  # optax.adam's bias correction (optax.tree.bias_correction) computes `float ** int32`
+def test_head_trains_as_a_full_leaf_of_the_deltas(classifier):
+    """The task's new head is `LoraSpec(train_full=...)` of the deltas: `FullLeaf`s counted by
+    `count_params`, folded in by `merge`, and trained exactly as two explicit trees (LoRA factors at
+    `lr`, head at `lr_head`) trained by hand with `lj.wrap` would be."""
+    task, variables, arrays = classifier
+    cfg, seed, steps = CLASSIFIER_CONFIGS["lora"], 3, 3
+    assert sweep.head_spec(task, cfg.spec).train_full == ("params/classifier/.*",)
+    result = sweep.train(
+        task,
+        cfg,
+        variables,
+        arrays,
+        arrays,
+        seeds=(seed,),
+        steps=steps,
+        batch_size=8,
+        warmup=1,
+        eval_batch_size=16,
+        eval_every=2,
+    )
+    assert [c["step"] for c in result.curve] == [2, 3]  # every 2 steps and after the last
+    deltas = result.run(0)["deltas"]
+    head = deltas["params"]["classifier"]
+    assert set(result.trainable) == {"deltas"} and lj.is_full(head["kernel"]) and lj.is_full(head["bias"])
+    assert lj.count_params(deltas) == result.trainable_params == result.adapter_params + 16 * 2 + 2
+    # merge folds the trained head in; the merged model scores what the sweep's evaluation scored.
+    placeholder = {
+        "params": {**variables["params"], "classifier": {"kernel": jnp.zeros((16, 2)), "bias": jnp.zeros(2)}}
+    }
+    merged = lj.merge(placeholder, deltas)
+    np.testing.assert_array_equal(merged["params"]["classifier"]["kernel"], head["kernel"].value)
+    pred = np.asarray(task.apply(merged, arrays["input_ids"], arrays["attention_mask"])).argmax(-1)
+    assert result.accuracy[0] == np.mean(pred == arrays["labels"])
+
+    # Reference: the LoRA factors and the head as two separate trees, each with its own optimizer.
+    key = jax.random.key(seed)
+    lora, head_ref = lj.init(key, placeholder, cfg.spec), task.init_head(jax.random.fold_in(key, 1))
+    tx_lora, _ = step_lib.make_optimizer(cfg.lr, steps, 1)
+    tx_head, _ = step_lib.make_optimizer(cfg.lr_head, steps, 1)
+    st_lora, st_head = tx_lora.init(lora), tx_head.init(head_ref)
+    wrapped = lj.wrap(task.apply)
+
+    def loss(lora, head, batch):
+        v = {"params": {**variables["params"], "classifier": head}}
+        return task.loss(lambda *x: wrapped(v, lora, *x), batch)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    batches = sweep.seed_batches(arrays, 8, (seed,))
+    for _ in range(steps):
+        batch = {k: v[0] for k, v in next(batches).items()}
+        g_lora, g_head = grad(lora, head_ref, batch)
+        u, st_lora = tx_lora.update(g_lora, st_lora, lora)
+        lora = optax.apply_updates(lora, u)
+        u, st_head = tx_head.update(g_head, st_head, head_ref)
+        head_ref = optax.apply_updates(head_ref, u)
+    assert_trees_close({k: f.value for k, f in head.items()}, head_ref)
+    assert_trees_close({**deltas["params"], "classifier": None}, {**lora["params"], "classifier": None})
+    assert not np.allclose(head["kernel"].value, task.init_head(jax.random.fold_in(key, 1))["kernel"])
+
+
+@pytest.mark.standard_promotion  # optax.adam's bias correction (optax.tree.bias_correction) computes `float ** int32`
+def test_variants_in_a_sweep(classifier):
+    """PiSSA and LoRA+ as configurations (DoRA is a spec flag like any other: the notebook runs it); the
+    validation curve; the residual base of PiSSA."""
+    task, variables, arrays = classifier
+    spec = CLASSIFIER_CONFIGS["lora"].spec
+    kw = {"lr": 0.05, "lr_head": 0.1}
+    configs = [
+        sweep.Config("LoRA", spec=spec, **kw),
+        sweep.Config("LoRA+", spec=spec, loraplus_ratio=16.0, **kw),
+        sweep.Config("PiSSA", spec=dataclasses.replace(spec, init="pissa"), **kw),
+    ]
+    lora, plus, pissa = sweep.run(
+        task,
+        configs,
+        variables,
+        arrays,
+        arrays,
+        seeds=(0, 1),
+        steps=1,
+        batch_size=8,
+        eval_every=1,
+        eval_batch_size=16,
+    )
+    kernel = lambda r: r.trainable["deltas"]["params"]["dense"]["kernel"]
+    # LoRA+ after one Adam step from b = 0: the same a, b's update 16x (Adam's first step is -lr·sign(g)).
+    np.testing.assert_array_equal(kernel(plus).a, kernel(lora).a)
+    np.testing.assert_allclose(kernel(plus).b, 16.0 * kernel(lora).b, rtol=1e-6)
+    assert np.abs(np.asarray(kernel(lora).b)).max() > 0
+    # PiSSA: the runs share the residual base; merge(residual, initial deltas) == the original kernel.
+    w = variables["params"]["dense"]["kernel"]
+    init = sweep.init(task, configs[2], variables, (0,))["deltas"]
+    restored = lj.merge(pissa.base, jax.tree_util.tree_map(operator.itemgetter(0), init))["params"]["dense"][
+        "kernel"
+    ]
+    np.testing.assert_allclose(restored, w, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(pissa.base["params"]["dense"]["kernel"], w)
+    assert lora.base["params"]["dense"]["kernel"] is w  # plain LoRA: the base as given (no copy)
+    # The curve's last point is the final evaluation, recomputed here on merged weights.
+    for r in (lora, plus, pissa):
+        assert [c["step"] for c in r.curve] == [1] and r.curve[-1]["accuracy"] == r.accuracy.tolist()
+        for i in range(2):
+            logits = task.apply(
+                lj.merge(r.base, r.run(i)["deltas"]), arrays["input_ids"], arrays["attention_mask"]
+            )
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, arrays["labels"])
+            np.testing.assert_allclose(r.curve[-1]["loss"][i], float(ce.mean()), rtol=1e-5)
+            assert r.accuracy[i] == np.mean(np.asarray(logits).argmax(-1) == arrays["labels"])
 
 
 def test_errors(classifier):
@@ -290,7 +407,19 @@ def test_errors(classifier):
         ValueError, match=r"steps must be >= 0 and batch_size >= 1, got steps=1, batch_size=0"
     ):
         sweep.train(task, sweep.Config("h"), variables, arrays, seeds=(0,), steps=1, batch_size=0)
-    nothing = {"deltas": None, "head": None}
+    with pytest.raises(ValueError, match=r"Config 'p': loraplus_ratio=16.0 .* has no LoRA spec; give spec="):
+        sweep.Config("p", loraplus_ratio=16.0)
+    with pytest.raises(
+        ValueError, match=r"loraplus_ratio must be > 0, got 0.0; the LoRA\+ paper recommends 16"
+    ):
+        sweep.Config("p", spec=spec, loraplus_ratio=0.0)
+    with pytest.raises(ValueError, match=r"init='pissa_niter_2'\) draws a random residual base per key"):
+        sweep.Config("p", spec=dataclasses.replace(spec, init="pissa_niter_2"))
+    with pytest.raises(ValueError, match=r"eval_every must be >= 0 .*, got -1"):
+        sweep.train(
+            task, sweep.Config("h"), variables, arrays, seeds=(0,), steps=1, batch_size=8, eval_every=-1
+        )
+    nothing = {"deltas": None}
     with pytest.raises(ValueError, match="pass num_runs="):
         sweep.evaluate(task, nothing, variables, arrays, 8)
 

@@ -14,12 +14,21 @@ the engine's ``make_train_step`` / ``make_score_step``, and batches come from
 
 What trains in a run (its *trainable tree*, every leaf with the leading run axis ``S``):
 
-* ``{"deltas": deltas, "head": head}``: LoRA (``Config.spec``), plus the task's new head if it has
-  one; ``deltas=None`` trains the head alone;
+* ``{"deltas": deltas}``: LoRA (``Config.spec``). A task's new head (a classifier on a pretrained
+  encoder) is a fully trained leaf of the deltas, ``LoraSpec(train_full="params/<head_key>/.*")``: a
+  `lora_jax.FullLeaf` at each head leaf, freshly initialised per run, with its own learning rate
+  (``Config.lr_head``) through the optimizer's per-leaf labels. Without a spec the deltas hold the head
+  alone (None elsewhere); without a spec or a head nothing trains (``deltas=None``).
 * ``{"params": variables}``: full fine-tuning (``Config(full=True)``), the head included.
 
-Several configurations (ranks, targets, learning rates) run one after another in :func:`run`; each
-compiles its own step.
+LoRA's variants are configurations too: DoRA (``LoraSpec(dora=True)``), PiSSA / OLoRA
+(``LoraSpec(init="pissa" | "olora")``: every run trains on the residual base of
+`lora_jax.init_with_residual`, :attr:`Result.base`) and LoRA+ (``Config(loraplus_ratio=16.0)``).
+``train(..., eval_every=k)`` also records the validation loss and accuracy every ``k`` steps
+(:attr:`Result.curve`).
+
+Several configurations (ranks, targets, learning rates, variants) run one after another in :func:`run`;
+each compiles its own step.
 
 Example:
     >>> import jax, jax.numpy as jnp, numpy as np, lora_jax as lj
@@ -41,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -61,6 +71,8 @@ __all__ = [
     "Task",
     "classifier_task",
     "evaluate",
+    "evaluate_loss",
+    "head_spec",
     "init",
     "lm_task",
     "run",
@@ -80,9 +92,10 @@ class Task:
             run's weights (base + deltas, with its head, or its fully fine-tuned params).
         scores: ``scores(model, batch) -> (B, C)`` class scores of one run; a row's prediction is the
             argmax, compared with ``batch["labels"]`` on rows with ``batch["valid"] == 1``.
-        head_key: name of a new head under ``variables["params"]`` that every run trains (a classifier on
-            top of a pretrained encoder); None for none.
-        init_head: ``key -> head params``; required with `head_key`.
+        head_key: name of a new head under ``variables["params"]`` that every run trains in full (a
+            classifier on top of a pretrained encoder): it is added to the LoRA spec's ``train_full``,
+            so it lives in the deltas as `lora_jax.FullLeaf` s. None for none.
+        init_head: ``key -> head params``, each run's fresh head; required with `head_key`.
     """
 
     apply: Callable
@@ -105,11 +118,14 @@ class Config:
 
     Attributes:
         name: the configuration's label in results and tables.
-        spec: the LoRA spec; None trains no adapter (only the task's head, if it has one).
+        spec: the LoRA spec; None trains no adapter (only the task's head, if it has one). The task's
+            head is added to its ``train_full``.
         full: full fine-tuning: every parameter trains (no `spec`).
         lr: peak learning rate of the adapter (or of every parameter with `full`).
         lr_head: peak learning rate of the task's head; None: `lr`.
         weight_decay: adamw weight decay.
+        loraplus_ratio: LoRA+ (`lora_jax.loraplus`): b (and a DoRA magnitude) at this many times `lr`;
+            None for plain LoRA. Needs a `spec`.
     """
 
     name: str
@@ -118,12 +134,30 @@ class Config:
     lr: float = 1e-3
     lr_head: float | None = None
     weight_decay: float = 0.0
+    loraplus_ratio: float | None = None
 
     def __post_init__(self):
         if self.full and self.spec is not None:
             raise ValueError(
                 f"Config {self.name!r}: full=True trains every parameter, so it takes no LoRA spec; "
                 f"drop spec= or full=True."
+            )
+        if self.loraplus_ratio is not None:
+            if self.spec is None:
+                raise ValueError(
+                    f"Config {self.name!r}: loraplus_ratio={self.loraplus_ratio} scales the learning rate of "
+                    f"LoRA's b, but the configuration has no LoRA spec; give spec= or drop loraplus_ratio."
+                )
+            if not self.loraplus_ratio > 0:
+                raise ValueError(
+                    f"Config {self.name!r}: loraplus_ratio must be > 0, got {self.loraplus_ratio}; "
+                    f"the LoRA+ paper recommends 16.0."
+                )
+        init = None if self.spec is None else self.spec.init
+        if init is not None and lj.spec.residual_init(init) and init not in ("pissa", "olora"):
+            raise ValueError(
+                f"Config {self.name!r}: LoraSpec(init={init!r}) draws a random residual base per key, but "
+                f"a sweep's runs share one base; use init='pissa' (exact SVD) or 'olora'."
             )
 
 
@@ -141,6 +175,10 @@ class Result:
         adapter_params: the adapter's share of them (0 without LoRA).
         train_s: seconds spent on initialisation and training (compilation included).
         total_s: the same plus evaluation.
+        base: the frozen variables the runs' deltas apply to (the residual base for PiSSA / OLoRA, with
+            a placeholder at a new head's path); pass it to :func:`evaluate`.
+        curve: with ``train(..., eval_every=k)``, one entry every ``k`` steps and at the last:
+            ``{"step": int, "loss": [S floats], "accuracy": [S floats]}`` on the evaluation arrays.
     """
 
     config: Config
@@ -152,6 +190,8 @@ class Result:
     adapter_params: int
     train_s: float
     total_s: float
+    base: Any = None
+    curve: list = dataclasses.field(default_factory=list)
 
     def run(self, i: int) -> Any:
         """The trainable tree of run ``i`` (seed ``seeds[i]``), without the run axis."""
@@ -243,16 +283,23 @@ def lm_task(apply: Callable, candidate_ids: Sequence[int], *, num_targets: int =
 # --- one run ------------------------------------------------------------------------------------------
 
 
-def _init_one(task: Task, config: Config, variables, seed) -> dict:
-    """The trainable tree of one run: deltas from ``key(seed)`` (as the engine), the head from
-    ``fold_in(key(seed), 1)``."""
-    key = jax.random.key(seed)
-    head = task.init_head(jax.random.fold_in(key, 1)) if task.head_key is not None else None
-    v = _with_head(task, variables, head)
-    if config.full:
-        return {"params": v}
-    deltas = lj.init(key, v, config.spec) if config.spec is not None else None
-    return {"deltas": deltas, "head": head}
+def _head_pattern(task: Task) -> str:
+    """The ``train_full`` regex of the task's head: every leaf under ``params/<head_key>``."""
+    return rf"params/{re.escape(task.head_key)}/.*"
+
+
+def head_spec(task: Task, spec: lj.LoraSpec) -> lj.LoraSpec:
+    """`spec` with the task's new head (if any) added to its ``train_full``: what a LoRA run trains.
+
+    Example:
+        >>> import lora_jax as lj
+        >>> task = classifier_task(lambda v, x, m: x, head_key="classifier", init_head=lambda k: {})
+        >>> head_spec(task, lj.LoraSpec(targets="params/w")).train_full
+        ('params/classifier/.*',)
+    """
+    if task.head_key is None:
+        return spec
+    return dataclasses.replace(spec, train_full=(*spec.train_full, _head_pattern(task)))
 
 
 def _with_head(task: Task, variables, head):
@@ -262,25 +309,60 @@ def _with_head(task: Task, variables, head):
     return {**variables, "params": {**variables["params"], task.head_key: head}}
 
 
-def _model(task: Task, wrapped: Callable, trainable, variables, dropout_key=None) -> Callable:
-    """``model(*inputs)``: the task's network with one run's weights."""
+def _base(task: Task, variables):
+    """The frozen base every LoRA run applies its deltas to: `variables`, with a zero placeholder at
+    ``params/<head_key>`` when the task has a new head and `variables` lack it (each run's `FullLeaf`
+    head replaces it in `wrap`)."""
+    if task.head_key is None or task.head_key in variables["params"]:
+        return variables
+    shapes = jax.eval_shape(task.init_head, jax.random.key(0))
+    return _with_head(task, variables, jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
+
+
+def _init_one(task: Task, config: Config, variables, seed) -> dict:
+    """The trainable tree of one run: deltas from ``key(seed)`` (as the engine), the head from
+    ``fold_in(key(seed), 1)``, trained in full as `FullLeaf` s of the deltas."""
+    key = jax.random.key(seed)
+    head = task.init_head(jax.random.fold_in(key, 1)) if task.head_key is not None else None
+    v = _with_head(task, variables, head)
+    if config.full:
+        return {"params": v}
+    if config.spec is not None:
+        spec = head_spec(task, config.spec)
+        if lj.spec.residual_init(spec.init):  # PiSSA / OLoRA: the residual base is made once, in train()
+            return {"deltas": lj.init_with_residual(key, v, spec)[1]}
+        return {"deltas": lj.init(key, v, spec)}
+    if head is None:
+        return {"deltas": None}
+    pattern = _head_pattern(task)
+    only_head = lambda path, x: (
+        lj.FullLeaf(jnp.asarray(x, jnp.float32)) if re.fullmatch(pattern, path_str(path)) else None
+    )
+    return {"deltas": jax.tree_util.tree_map_with_path(only_head, v)}
+
+
+def _model(task: Task, wrapped: Callable, trainable, base, dropout_key=None) -> Callable:
+    """``model(*inputs)``: the task's network with one run's weights (`base` from :func:`_base`)."""
     if "params" in trainable:
         return lambda *inputs: task.apply(trainable["params"], *inputs)
-    v = _with_head(task, variables, trainable["head"])
     if trainable["deltas"] is None:
-        return lambda *inputs: task.apply(v, *inputs)
-    return lambda *inputs: wrapped(v, trainable["deltas"], *inputs, dropout_key=dropout_key)
+        return lambda *inputs: task.apply(base, *inputs)
+    return lambda *inputs: wrapped(base, trainable["deltas"], *inputs, dropout_key=dropout_key)
 
 
 def _optimizer(task: Task, config: Config, steps: int, warmup: int) -> optax.GradientTransformation:
-    """The engine's optimizer; a new head gets its own (``lr_head``) through ``optax.multi_transform``."""
+    """The engine's optimizer; the new head gets its own (``lr_head``) through ``optax.multi_transform``
+    with a label per leaf: ``"head"`` under ``params/<head_key>`` (a `FullLeaf` of the deltas, or the
+    head inside fully trained params), ``"body"`` elsewhere."""
     body, _ = step_lib.make_optimizer(config.lr, steps, warmup, config.weight_decay)
+    if config.loraplus_ratio is not None:
+        body = lj.loraplus(body, config.loraplus_ratio)
     if task.head_key is None:
         return body
     lr_head = config.lr if config.lr_head is None else config.lr_head
     head, _ = step_lib.make_optimizer(lr_head, steps, warmup, config.weight_decay)
 
-    heads = ("head/", f"params/params/{task.head_key}/")  # the head alone, or inside fully trained params
+    heads = (f"deltas/params/{task.head_key}/", f"params/params/{task.head_key}/")
 
     def label(path, _):
         return "head" if path_str(path).startswith(heads) else "body"
@@ -346,29 +428,80 @@ def evaluate(
         arrays: the task's inputs plus ``labels (N,)``, one row per example.
         num_runs: ``S``; needed only when `trainable` has no leaves (nothing was trained).
     """
+    return _evaluator(task, trainable, num_runs, with_loss=False)(trainable, variables, arrays, batch_size)[
+        "accuracy"
+    ]
+
+
+def evaluate_loss(
+    task: Task,
+    trainable,
+    variables,
+    arrays: Mapping[str, np.ndarray],
+    batch_size: int,
+    *,
+    num_runs: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Accuracy and loss of every run over all rows of `arrays`: ``{"accuracy": (S,), "loss": (S,)}``.
+
+    The loss is the task's loss of each batch weighted by its number of valid rows (for
+    :func:`lm_task`, the mean completion-token cross-entropy). Arguments as for :func:`evaluate`; the
+    arrays also need what the task's loss reads (``loss_mask`` for :func:`lm_task`).
+    """
+    return _evaluator(task, trainable, num_runs, with_loss=True)(trainable, variables, arrays, batch_size)
+
+
+def _evaluator(task: Task, trainable, num_runs: int | None, with_loss: bool) -> Callable:
+    """``f(trainable, variables, arrays, batch_size) -> {"accuracy": (S,)[, "loss": (S,)]}``, one jitted
+    function per call of this (keep it to evaluate the same runs several times)."""
     wrapped = lj.wrap(task.apply)
     n = _num_runs(trainable) or num_runs
     if n is None:
         raise ValueError(
             "evaluate: trainable has no leaves, so the number of runs is unknown; pass num_runs=."
         )
-    scores = jax.jit(
-        jax.vmap(
-            lambda t, v, b: task.scores(_model(task, wrapped, t, v), b), in_axes=(0, None, None), axis_size=n
-        )
-    )
-    correct, total = np.zeros(n), 0.0
-    for batch in data.batches(arrays, batch_size):
-        pred = np.asarray(scores(trainable, variables, batch)).argmax(-1)  # (S, B)
-        valid = batch["valid"].astype(np.float64)
-        correct += ((pred == batch["labels"][None]) * valid[None]).sum(-1)
-        total += valid.sum()
-    return correct / max(total, 1.0)
+
+    def one(t, v, b):
+        model = _model(task, wrapped, t, v)
+        return task.scores(model, b), (task.loss(model, b) if with_loss else jnp.zeros(()))
+
+    fn = jax.jit(jax.vmap(one, in_axes=(0, None, None), axis_size=n))
+
+    def evaluate_all(trainable, variables, arrays, batch_size):
+        variables = _base(task, variables)
+        correct, loss, total = np.zeros(n), np.zeros(n), 0.0
+        for batch in data.batches(arrays, batch_size):
+            scores, batch_loss = fn(trainable, variables, batch)
+            pred = np.asarray(scores).argmax(-1)  # (S, B)
+            valid = batch["valid"].astype(np.float64)
+            correct += ((pred == batch["labels"][None]) * valid[None]).sum(-1)
+            loss += np.asarray(batch_loss, np.float64) * valid.sum()
+            total += valid.sum()
+        out = {"accuracy": correct / max(total, 1.0)}
+        if with_loss:
+            out["loss"] = loss / max(total, 1.0)
+        return out
+
+    return evaluate_all
 
 
 def _count(tree) -> int:
     """Scalars of one run of a stacked tree."""
     return int(sum(np.prod(x.shape[1:]) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _adapter_count(task: Task, config: Config, trainable) -> int:
+    """Scalars of one run's adapter: the deltas without the task's head (0 for full fine-tuning)."""
+    if config.full or trainable["deltas"] is None:
+        return 0
+    pattern = _head_pattern(task) if task.head_key is not None else None
+    return int(
+        sum(
+            np.prod(x.shape[1:])
+            for path, x in jax.tree_util.tree_leaves_with_path(trainable["deltas"])
+            if pattern is None or not re.match(pattern, path_str(path))
+        )
+    )
 
 
 def train(
@@ -383,6 +516,7 @@ def train(
     batch_size: int,
     warmup: int = 0,
     eval_batch_size: int = 128,
+    eval_every: int = 0,
     log: Callable[[str], Any] | None = None,
 ) -> Result:
     """Trains `config` for every seed at once (one vmapped, jitted step) and evaluates each run.
@@ -391,7 +525,8 @@ def train(
         task: the model's loss and scores (:func:`classifier_task`, :func:`lm_task`).
         config: what trains and its learning rates.
         variables: the base model's variables; broadcast to every run, never copied (except with
-            ``config.full``, where each run trains its own copy).
+            ``config.full``, where each run trains its own copy). PiSSA / OLoRA runs share the residual
+            of these (:attr:`Result.base`).
         train_arrays: one row per example (leading axis ``N``); run ``i`` draws batches of `batch_size`
             rows in its own order (:func:`seed_batches`).
         eval_arrays: scored after training (:func:`evaluate`); None skips evaluation.
@@ -399,6 +534,8 @@ def train(
         steps: optimizer steps; 0 evaluates the initial state. Nothing trains (and `steps` is ignored)
             when the config has no spec, is not full and the task has no head.
         warmup: linear warm-up steps of the schedule (then cosine decay to 0 at `steps`).
+        eval_every: with `eval_arrays`, also evaluate loss and accuracy (:func:`evaluate_loss`) every
+            this many steps and after the last (:attr:`Result.curve`); 0: only the final accuracy.
         log: called with a line of progress (compilation time, accuracy), e.g. ``print``.
 
     Returns:
@@ -409,16 +546,32 @@ def train(
         raise ValueError(
             f"steps must be >= 0 and batch_size >= 1, got steps={steps}, batch_size={batch_size}."
         )
+    if eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0 (0: no evaluation during training), got {eval_every}.")
     log = log or (lambda _: None)
     t0 = time.time()
     trainable = init(task, config, variables, seeds)
+    base = _config_base(task, config, variables, seeds[0])
     trains = bool(jax.tree_util.tree_leaves(trainable))
     losses = np.zeros((0, len(seeds)), np.float32)
+    curve = []
+    if eval_every and eval_arrays is not None:
+        metrics = _evaluator(task, trainable, len(seeds), with_loss=True)
+
+        def on_eval(i, t):
+            m = metrics(t, base, eval_arrays, eval_batch_size)
+            curve.append({"step": i, "loss": m["loss"].tolist(), "accuracy": m["accuracy"].tolist()})
+            log(
+                f"  {config.name} step {i}: val loss {np.mean(m['loss']):.4f}  "
+                f"acc {100 * np.mean(m['accuracy']):.2f}%"
+            )
+    else:
+        eval_every, on_eval = 0, None
     if trains and steps > 0:
         trainable, losses = _train_loop(
             task,
             config,
-            variables,
+            base,
             trainable,
             train_arrays,
             seeds,
@@ -426,16 +579,17 @@ def train(
             batch_size,
             warmup,
             lambda: log(f"  {config.name}: compiled + first step {time.time() - t0:.1f}s"),
+            eval_every,
+            on_eval,
         )
     train_s = time.time() - t0
     acc = None
-    if eval_arrays is not None:
-        acc = evaluate(task, trainable, variables, eval_arrays, eval_batch_size, num_runs=len(seeds))
-    counts = (
-        _count(trainable),
-        0 if config.full or trainable["deltas"] is None else _count(trainable["deltas"]),
-    )
-    result = Result(config, seeds, trainable, losses, acc, *counts, train_s, time.time() - t0)
+    if curve and curve[-1]["step"] == steps:
+        acc = np.asarray(curve[-1]["accuracy"])
+    elif eval_arrays is not None:
+        acc = evaluate(task, trainable, base, eval_arrays, eval_batch_size, num_runs=len(seeds))
+    counts = (_count(trainable), _adapter_count(task, config, trainable))
+    result = Result(config, seeds, trainable, losses, acc, *counts, train_s, time.time() - t0, base, curve)
     if acc is not None:
         loss_msg = (
             f"loss {np.mean(result.summary()['final_train_loss']):.3f}" if len(losses) else "no training"
@@ -447,7 +601,31 @@ def train(
     return result
 
 
-def _train_loop(task, config, variables, trainable, arrays, seeds, steps, batch_size, warmup, first_step):
+def _config_base(task: Task, config: Config, variables, seed: int):
+    """The frozen variables `config`'s runs apply their deltas to: `variables` with a placeholder head
+    (:func:`_base`), replaced by its residual for PiSSA / OLoRA (the same for every seed: both inits are
+    deterministic)."""
+    base = _base(task, variables)
+    if config.spec is None or not lj.spec.residual_init(config.spec.init):
+        return base
+    residual = jax.jit(lambda v: lj.init_with_residual(jax.random.key(seed), v, config.spec)[0])
+    return residual(base)
+
+
+def _train_loop(
+    task,
+    config,
+    variables,
+    trainable,
+    arrays,
+    seeds,
+    steps,
+    batch_size,
+    warmup,
+    first_step,
+    eval_every,
+    on_eval,
+):
     tx = _optimizer(task, config, steps, warmup)
     wrapped = lj.wrap(task.apply)
     dropout = config.spec is not None and config.spec.dropout > 0
@@ -472,6 +650,8 @@ def _train_loop(task, config, variables, trainable, arrays, seeds, steps, batch_
         if i == 0:
             jax.block_until_ready(loss)
             first_step()
+        if eval_every and ((i + 1) % eval_every == 0 or i + 1 == steps):
+            on_eval(i + 1, trainable)
     return trainable, np.asarray(jax.device_get(jnp.stack(losses)), np.float32)
 
 
