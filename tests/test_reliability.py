@@ -437,7 +437,7 @@ def test_evaluate_refuses_nan_logits():
     import jax
     import jax.numpy as jnp
 
-    from lora_jax.train import loop, sentiment
+    from lora_jax.train import engine, sentiment
     from lora_jax.train import mesh as mesh_lib
 
     mesh = mesh_lib.make_mesh("data=-1,fsdp=1,tensor=1", devices=jax.devices()[:1])
@@ -458,7 +458,7 @@ def test_evaluate_refuses_nan_logits():
         return step
 
     def setup(nan_rows):
-        return loop.Setup(
+        return engine.Setup(
             model=None,
             mesh=mesh,
             spec=None,

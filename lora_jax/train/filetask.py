@@ -81,7 +81,7 @@ def make_loss_step(
     Args:
         apply_fn: the model's apply, ``apply_fn(variables, ids, attention_mask=mask)``.
         num_targets: the most loss tokens of any row (a static bound).
-        shardings: `loop.Setup.shardings` (``"deltas"``, ``"params"``, ``"eval_batch"``, ``"replicated"``).
+        shardings: `engine.Setup.shardings` (``"deltas"``, ``"params"``, ``"eval_batch"``, ``"replicated"``).
         chunk: above this many loss positions per row the loss is computed in chunks of this many.
 
     The batch holds ``input_ids, attention_mask, loss_mask: (B, T)``.

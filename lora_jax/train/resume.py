@@ -13,14 +13,12 @@ import dataclasses
 import logging
 import re
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lora_jax import checkpoint
 from lora_jax.train.config import DATA_FIELDS, TRAJECTORY_FIELDS, VARIANT_FIELDS, TrainConfig
+from lora_jax.train.engine import Setup
 from lora_jax.train.mesh import log
-
-if TYPE_CHECKING:
-    from lora_jax.train.loop import Setup
 
 __all__ = ["check_resume", "restore"]
 

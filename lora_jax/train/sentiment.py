@@ -13,17 +13,14 @@ import dataclasses
 import math
 import pathlib
 import time
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
 from lora_jax.train import mesh as mesh_lib
 from lora_jax.train.config import TrainConfig
+from lora_jax.train.engine import Setup
 from lora_jax.train.mesh import log
-
-if TYPE_CHECKING:
-    from lora_jax.train.loop import Setup
 
 __all__ = [
     "Splits",
