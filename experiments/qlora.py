@@ -18,6 +18,14 @@ Two more modes look into the NF4 accuracy gap:
   with each kernel quantized as soon as it is placed (`lora_jax.models.load(..., quantize=)`).
 - ``--ablation``: zero-shot accuracy and perplexity with nf4 + double quant on every kernel but one
   group, that group kept float32 (no train step).
+- ``--diagnose``: why the MLP down projection carries the loss. The inputs of every kernel are captured
+  on ``--ppl-rows`` test reviews (``flax.linen.intercept_methods``); per layer and group: the largest
+  input channel's RMS over the median channel's (massive activations), the kernel's largest |w| over its
+  RMS and the rows holding the largest |w| (super weights), the relative error of the layer's output
+  ``|X·(deq(q(W)) - W)| / |X·W|`` with plain nf4 and with ``outlier_rows=2``, and the share of the plain
+  error that enters through the three largest input channels; then the perplexity with nf4 on one
+  layer's down projection alone, for each layer (which layers matter), and with nf4 (no double quant)
+  on every kernel with 0, 1, 2 and 4 outlier rows.
 
 Usage::
 
@@ -25,6 +33,13 @@ Usage::
     python experiments/qlora.py --errors --out experiments/results/qlora_errors.json
     python experiments/qlora.py --load-memory --out experiments/results/qlora_load_memory.json
     python experiments/qlora.py --ablation --eval-size 256 --ppl-rows 64 --out experiments/results/qlora_ablation.json
+    python experiments/qlora.py --diagnose --ppl-rows 32 --out experiments/results/qlora_diagnose.json
+    python experiments/qlora.py --variants float32,nf4+dq,nf4+dq+outliers,nf4+dq+loftq,nf4+dq+outliers+loftq,\
+nf4+dq/32,nf4+dq+outliers/32 --eval-size 0 --eval-only --out experiments/results/qlora_fullsplit.json
+
+``+outliers`` is ``QuantSpec(outlier_rows=2)``, ``/32`` blocks of 32. A variant name ending in ``+loftq``
+is that base with LoftQ adapters (`LoraSpec(init="loftq")` on the default targets) at step 0, before
+any training.
 """
 
 from __future__ import annotations
@@ -51,6 +66,12 @@ VARIANTS = {  # name -> (param dtype, QuantSpec or None)
     "int8": (jnp.float32, lj.QuantSpec(format="int8", double_quant=False)),
     "nf4": (jnp.float32, lj.QuantSpec(format="nf4", double_quant=False)),
     "nf4+dq": (jnp.float32, lj.QuantSpec(format="nf4", double_quant=True)),
+    "nf4+dq+outliers": (jnp.float32, lj.QuantSpec(format="nf4", double_quant=True, outlier_rows=2)),
+    "nf4+dq/32": (jnp.float32, lj.QuantSpec(format="nf4", double_quant=True, block_size=32)),
+    "nf4+dq+outliers/32": (
+        jnp.float32,
+        lj.QuantSpec(format="nf4", double_quant=True, outlier_rows=2, block_size=32),
+    ),
 }
 
 
@@ -169,6 +190,91 @@ def load_peak(quantize) -> dict:
     return {"device_peak_bytes": peak[0], "loaded_bytes": lj.quant.base_bytes(variables)}
 
 
+def _nf4_round_trip(w, outlier_rows: int = 0) -> np.ndarray:
+    spec = lj.QuantSpec(targets="w", double_quant=False, outlier_rows=outlier_rows)
+    return np.asarray(lj.dequantize(lj.quantize({"w": jnp.asarray(w)}, spec))["w"])
+
+
+def diagnose(rows: int) -> dict:
+    """Per layer and kernel group: massive activations, super weights, output error (see module doc)."""
+    import flax.linen as nn
+
+    model, variables, tok = models.load("smollm2-135m", scan_layers=False)
+    variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), variables)
+    sets = data.load_sentiment()
+    text = data.encode_lm(data.subset(sets["test"], rows), tok, 48, prompt="{text}")
+    ids, mask = jnp.asarray(text["input_ids"]), jnp.asarray(text["attention_mask"])
+    real = np.asarray(mask).reshape(-1) > 0
+    inputs = {}
+
+    def capture(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+            x = np.asarray(args[0], np.float64)
+            inputs["/".join(context.module.path)] = x.reshape(-1, x.shape[-1])[real]
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(capture):
+        model.apply(variables, ids, mask)
+    params = variables["params"]
+    layers = {}
+    for i in range(model.config.num_layers):
+        row = {}
+        for g, pat in GROUPS.items():
+            sub = pat.split("/")[-3:-1]  # e.g. ["mlp", "down"]
+            w = np.asarray(params[f"layers_{i}"][sub[0]][sub[1]]["kernel"], np.float64)
+            x = inputs[f"layers_{i}/{sub[0]}/{sub[1]}"]
+            y = np.linalg.norm(x @ w)
+            dw = _nf4_round_trip(w) - w
+            err = x @ dw
+            chan = np.sqrt(np.mean(x**2, axis=0))
+            top = np.argsort(chan)[-3:][::-1]
+            row[g] = {
+                "act_max_channel_rms_over_median": float(chan.max() / np.median(chan)),
+                "act_top_channels": [int(c) for c in top],
+                "act_max_abs": float(np.abs(x).max()),
+                "w_max_abs_over_rms": float(np.abs(w).max() / np.sqrt(np.mean(w**2))),
+                "w_top_rows_by_max_abs": [int(r) for r in np.argsort(np.abs(w).max(axis=1))[-3:][::-1]],
+                "out_rel_error_nf4": float(np.linalg.norm(err) / y),
+                "out_rel_error_nf4_outlier_rows2": float(np.linalg.norm(x @ (_nf4_round_trip(w, 2) - w)) / y),
+                "error_share_top3_channels": float(np.linalg.norm(x[:, top] @ dw[top]) / np.linalg.norm(err)),
+            }
+        layers[i] = row
+        d = row["down"]
+        print(
+            i, "down", {k: d[k] for k in ("act_max_channel_rms_over_median", "out_rel_error_nf4")}, flush=True
+        )
+    f = jax.jit(model.apply)
+
+    def ppl(v):
+        logp = jax.nn.log_softmax(f(v, ids, mask).astype(jnp.float32), axis=-1)
+        tok_lp = jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+        w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+        return float(jnp.exp(-jnp.sum(tok_lp * w) / jnp.sum(w)))
+
+    sensitivity = {"float32": ppl(variables)}
+    for i in range(model.config.num_layers):
+        v = jax.tree_util.tree_map(lambda x: x, variables)
+        down = v["params"][f"layers_{i}"]["mlp"]["down"]
+        down["kernel"] = jnp.asarray(_nf4_round_trip(down["kernel"]), jnp.float32)
+        sensitivity[f"nf4 on layer {i}'s down only"] = ppl(v)
+        print(i, sensitivity[f"nf4 on layer {i}'s down only"], flush=True)
+    every = {}  # every kernel of every layer nf4, with 0, 1, 2, 4 outlier rows
+    for k in (0, 1, 2, 4):
+        v = jax.tree_util.tree_map(lambda x: x, variables)
+        for i in range(model.config.num_layers):
+            for pat in GROUPS.values():
+                sub = v["params"][f"layers_{i}"][pat.split("/")[-3]][pat.split("/")[-2]]
+                sub["kernel"] = jnp.asarray(_nf4_round_trip(sub["kernel"], k), jnp.float32)
+        every[f"outlier_rows={k}"] = ppl(v)
+        print("all kernels nf4,", k, "outlier rows:", every[f"outlier_rows={k}"], flush=True)
+    return {
+        "ppl_rows": rows,
+        "layers": layers,
+        "perplexity_one_down_layer_nf4": sensitivity,
+        "perplexity_all_kernels_nf4": every,
+    }
+
+
 def kernel_ratio(dense, params) -> float:
     """Bytes of the quantized leaves over the same leaves' float32 bytes."""
     q = [
@@ -196,12 +302,15 @@ def perplexity(model, params, deltas, rows: dict) -> float:
 
 def run(name: str, args, model, variables, tok, splits, *, restore: str | None = None) -> dict:
     """One variant's row; with `restore` (a `GROUPS` key) nf4 + double quant except that group, no step."""
-    dtype, qspec = VARIANTS[name]
+    loftq = name.endswith("+loftq")  # the base variant with LoftQ adapters (step 0: no training yet)
+    dtype, qspec = VARIANTS[name.removesuffix("+loftq")]
     if restore is not None:
         qspec = dataclasses.replace(qspec, exclude=(GROUPS[restore],))
     cfg = config_lib.TrainConfig(max_len=48)
     base = jax.tree_util.tree_map(lambda x: x.astype(dtype), variables)
     spec = loop.lora_spec(cfg, base)
+    if loftq:
+        spec = dataclasses.replace(spec, init="loftq")
     mesh = mesh_lib.make_mesh("data=-1,fsdp=1,tensor=1")
     setup = loop.build(
         model,
@@ -220,7 +329,7 @@ def run(name: str, args, model, variables, tok, splits, *, restore: str | None =
     out["zero_shot_accuracy"] = sentiment.evaluate(setup, setup.deltas, splits["test"], 32)
     out["eval_seconds"] = time.time() - t
     out["perplexity"] = perplexity(model, setup.params, setup.deltas, splits["text"])
-    if restore is not None or args.ablation:
+    if restore is not None or args.ablation or args.eval_only:
         print(name if restore is None else f"{name}, {restore} float32", json.dumps(out), flush=True)
         return out
     tr = splits["train"]
@@ -247,15 +356,19 @@ def run(name: str, args, model, variables, tok, splits, *, restore: str | None =
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="float32,bfloat16,int8,nf4,nf4+dq")
     ap.add_argument("--eval-size", type=int, default=256, help="test reviews scored (0: all 1,056)")
     ap.add_argument("--ppl-rows", type=int, default=64, help="test reviews whose text gives the perplexity")
     ap.add_argument("--steps", type=int, default=3, help="timed train steps (after one warm-up)")
     ap.add_argument("--errors", action="store_true", help="per-group quantization error only (no model run)")
     ap.add_argument("--ablation", action="store_true", help="nf4+dq with each kernel group kept float32")
     ap.add_argument("--load-memory", action="store_true", help="device peak while loading, dense vs nf4")
+    ap.add_argument("--diagnose", action="store_true", help="activations, super weights, per-layer error")
+    ap.add_argument("--eval-only", action="store_true", help="bytes, accuracy and perplexity; no train step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.diagnose:
+        return _write(args, diagnose(args.ppl_rows))
     if args.load_memory:
         qspec = loop.quant_spec(config_lib.TrainConfig(quantize="nf4"))
         return _write(args, {"dense": load_peak(None), "nf4+dq": load_peak(qspec)})

@@ -1,6 +1,6 @@
-"""PiSSA and OLoRA: initialise the delta from W's principal part and train it on top of the residual.
+"""PiSSA, OLoRA and LoftQ: initialise the delta from part of W and train it on top of the residual.
 
-Both inits move a rank-r part of each targeted kernel W into the delta, so they change the base too:
+PiSSA and OLoRA move a rank-r part of each targeted kernel W into the delta, so they change the base too:
 `init_with_residual` returns ``(residual, deltas)`` with ``merge(residual, deltas) == params`` (to float32
 rounding) and the residual is what `wrap` / `merge` are then called with.
 
@@ -10,6 +10,14 @@ rounding) and the residual is what `wrap` / `merge` are then called with.
   n subspace iterations, much faster for large kernels (PEFT's spelling).
 - **OLoRA** (Büyükakyüz 2024, arXiv:2406.01775): with the QR decomposition ``Wᵀ = Q·R``, ``b = Q_rᵀ``,
   ``a = R_rᵀ`` (orthonormal b), ``residual = W - s·a·b``.
+
+- **LoftQ** (Li et al. 2023, arXiv:2310.08659), for a quantized base (QLoRA): starting from ``a·b = 0``,
+  alternately quantize ``Q = q(W - s·a·b)`` and take the top-r SVD of the quantization error,
+  ``s·a·b = SVD_r(W - dequant(Q))`` (split as in PiSSA), so that ``dequant(Q) + s·a·b ≈ W`` at step 0
+  instead of ``dequant(q(W))``. ``init="loftq"`` runs one round (PEFT's ``loftq_iter=1``),
+  ``"loftq_iter_<n>"`` n rounds; `init_with_residual` then needs ``qspec=`` (the `lj.QuantSpec` of the
+  base) and returns the quantized residual (every leaf the `QuantSpec` targets quantized; the LoRA targets
+  by LoftQ).
 
 Users with only the original weights can still use a fine-tuned adapter: `to_original_base` rewrites it as
 a plain LoRA delta of rank 2r against the *original* W (as PEFT's PiSSA conversion does), since
@@ -42,7 +50,15 @@ from lora_jax.full import is_full
 from lora_jax.pairing import paired_leaves
 from lora_jax.spec import LoraSpec, residual_init
 
-__all__ = ["init_with_residual", "principal_factors", "to_original_base"]
+__all__ = ["init_with_residual", "principal_factors", "to_original_base", "loftq_rounds"]
+
+
+def loftq_rounds(init: str) -> int:
+    """LoftQ's number of rounds for ``init`` (``"loftq"``: 1, ``"loftq_iter_<n>"``: n), else 0."""
+    if init == "loftq":
+        return 1
+    m = re.fullmatch(r"loftq_iter_([1-9]\d*)", init)
+    return int(m.group(1)) if m else 0
 
 
 def _randomized_svd(key, m, rank: int, niter: int):
@@ -81,21 +97,39 @@ def init_with_residual(
     fn: Callable | None = None,
     args: tuple = (),
     kwargs: dict | None = None,
+    qspec: Any = None,
 ) -> tuple[Any, Any]:
-    """``(residual, deltas)`` for a PiSSA / OLoRA spec, with ``merge(residual, deltas) ≈ params``.
+    """``(residual, deltas)`` for a PiSSA / OLoRA / LoftQ spec, with ``merge(residual, deltas) ≈ params``.
 
     Args:
         key: PRNG key (used by ``pissa_niter_<n>``; each leaf gets its own).
         params: any pytree of arrays.
-        spec: a `LoraSpec` with ``init="pissa"``, ``"pissa_niter_<n>"`` or ``"olora"``.
+        spec: a `LoraSpec` with ``init="pissa"``, ``"pissa_niter_<n>"``, ``"olora"``, ``"loftq"`` or
+            ``"loftq_iter_<n>"``.
         fn, args, kwargs: as for `lj.init` (axis inference for >2-D kernels).
+        qspec: LoftQ only (and required there): the `lj.QuantSpec` of the quantized base.
 
     Returns:
-        residual: params with each targeted W replaced by ``W - s·a·b`` (in W's dtype).
+        residual: params with each targeted W replaced by ``W - s·a·b`` (in W's dtype); with LoftQ, the
+            quantized base: ``Q`` (a `QuantizedArray`) at the LoRA targets, ``lj.quantize`` of the other
+            leaves `qspec` targets, so that ``merge(residual, deltas) ≈ params`` more closely than
+            ``dequantize(quantize(params, qspec))``.
         deltas: as from `lj.init`, but with a and b holding W's principal part (b is not zero).
 
     Raises:
-        ValueError: `spec.init` is a plain init (``"kaiming"``, ``"gaussian"``): use `lj.init`.
+        ValueError: `spec.init` is a plain init (``"kaiming"``, ``"gaussian"``): use `lj.init`; LoftQ
+            without `qspec`, or with a LoRA target that `qspec` does not quantize.
+
+    Example (LoftQ):
+        >>> import jax, jax.numpy as jnp
+        >>> import lora_jax as lj
+        >>> w = {"w": jax.random.normal(jax.random.key(0), (128, 32))}
+        >>> qspec = lj.QuantSpec(targets="w")
+        >>> q, d = lj.init_with_residual(jax.random.key(1), w, lj.LoraSpec(rank=4, targets="w", init="loftq"),
+        ...                              qspec=qspec)
+        >>> err = lambda p: float(jnp.linalg.norm(p["w"] - w["w"]))
+        >>> err(lj.merge(q, d)) < err(lj.dequantize(lj.quantize(w, qspec)))
+        True
     """
     from lora_jax import core  # core imports this module's neighbours; keep the import local
 
@@ -104,8 +138,25 @@ def init_with_residual(
             f"init_with_residual: LoraSpec(init={spec.init!r}) leaves the base unchanged, so there is no "
             f"residual; use lj.init(key, params, spec), or init='pissa' / 'pissa_niter_<n>' / 'olora'."
         )
+    rounds = loftq_rounds(spec.init)
+    if rounds and qspec is None:
+        raise ValueError(
+            f"init_with_residual: LoraSpec(init={spec.init!r}) quantizes the base, so it needs the base's "
+            f"QuantSpec: init_with_residual(key, params, spec, qspec=lj.QuantSpec(format='nf4'))."
+        )
+    if qspec is not None and not rounds:
+        raise ValueError(
+            f"init_with_residual: qspec= is for LoftQ (init='loftq' or 'loftq_iter_<n>'), not init={spec.init!r}; "
+            f"quantize the residual afterwards with lj.quantize(residual, qspec)."
+        )
     plain = core.init(key, params, dataclasses.replace(spec, init="kaiming"), fn=fn, args=args, kwargs=kwargs)
     treedef, pairs = paired_leaves(params, plain)
+    if rounds:
+        out = _loftq(key, pairs, qspec, rounds)
+        residual = jax.tree_util.tree_unflatten(treedef, [w for w, _ in out])
+        from lora_jax.quant import quantize  # the LoRA targets are quantized already; quantize the rest
+
+        return quantize(residual, qspec), jax.tree_util.tree_unflatten(treedef, [d for _, d in out])
     residual, deltas = [], []
     for path, w, d in pairs:
         if d is None or is_full(d):  # untouched, or trained in full (its copy replaces W as it is)
@@ -121,6 +172,35 @@ def init_with_residual(
         residual.append(w_res)
         deltas.append(d_new)
     return jax.tree_util.tree_unflatten(treedef, residual), jax.tree_util.tree_unflatten(treedef, deltas)
+
+
+def _loftq(key, pairs, qspec, rounds: int) -> list:
+    """``[(Q or W, delta)]`` per leaf: LoftQ's alternation at each LoRA target (see the module doc)."""
+    from lora_jax import core
+    from lora_jax.quant import tree as qtree
+
+    out = []
+    for path, w, d in pairs:
+        if d is None or is_full(d):
+            out.append((w, d))
+            continue
+        if not qspec.matches(path):
+            raise ValueError(
+                f"{path}: LoftQ initialises the adapters of quantized kernels, but the QuantSpec (targets "
+                f"{list(qspec.targets)}, exclude {list(qspec.exclude)}) does not quantize this LoRA target. "
+                f"Quantize it too, or leave it out of LoraSpec.targets."
+            )
+        if getattr(d, "m", None) is not None:
+            raise ValueError(f"{path}: LoftQ with a DoRA delta is not supported; use dora=False.")
+        w32 = jnp.asarray(w, jnp.float32)
+        k = core._leaf_key(key, path)
+        d_new, q = d, None
+        for _ in range(rounds):
+            start = w32 if q is None else w32 - delta_weight(d_new, jnp.float32)
+            q = qtree.quantize_leaf(path, start.astype(w.dtype), qspec)
+            d_new = _principal_delta(k, w32 - q.dequantize(jnp.float32), d, "pissa")
+        out.append((q, d_new))
+    return out
 
 
 def _principal_delta(key, w, d: LoraDelta, init: str) -> LoraDelta:

@@ -24,13 +24,14 @@ __all__ = ["LoraAxes", "LoraSpec", "path_str"]
 INITS = ("kaiming", "gaussian")
 # Inits that move W's principal part into the delta, so they change the base: `lj.init_with_residual`.
 # "pissa_niter_<n>" is PiSSA with a randomized SVD of n subspace iterations (PEFT's spelling).
-RESIDUAL_INITS = ("pissa", "olora")
+# "loftq" / "loftq_iter_<n>" (LoftQ) also quantize the residual: `init_with_residual(..., qspec=)`.
+RESIDUAL_INITS = ("pissa", "olora", "loftq")
 
 
 def residual_init(init: str) -> bool:
     """Whether `init` is a PiSSA / OLoRA init (one that needs `init_with_residual`)."""
     return isinstance(init, str) and (
-        init in RESIDUAL_INITS or bool(re.fullmatch(r"pissa_niter_[1-9]\d*", init))
+        init in RESIDUAL_INITS or bool(re.fullmatch(r"(pissa_niter|loftq_iter)_[1-9]\d*", init))
     )
 
 
@@ -109,7 +110,9 @@ class LoraSpec:
       rslora: rank-stabilised scaling ``alpha / sqrt(rank)`` (Kalajdzievski 2023).
       init: ``"kaiming"`` (a ~ U(±1/sqrt(fan_in)), b zero; PEFT's default) or ``"gaussian"`` (a normal
         with std 1/r, as in PEFT); ``"pissa"``, ``"pissa_niter_<n>"`` (randomized SVD) or ``"olora"``
-        move W's principal part into the delta and need ``lj.init_with_residual``.
+        move W's principal part into the delta and need ``lj.init_with_residual``; ``"loftq"`` /
+        ``"loftq_iter_<n>"`` (a quantized base) fit the delta to the quantization error and need
+        ``lj.init_with_residual(..., qspec=)``.
       dropout: dropout rate on the input of the low-rank path (used by `wrap` when given a key).
       dtype: dtype of a and b; None means float32.
       axes: ``{regex: LoraAxes}`` for kernels that are not plain ``(in, out)``: stacked layers, conv,
@@ -181,7 +184,7 @@ class LoraSpec:
         if self.init not in INITS and not residual_init(self.init):
             raise ValueError(
                 f"LoraSpec.init={self.init!r} is not one of {INITS}, nor of the inits that change the "
-                f"base, {RESIDUAL_INITS} or 'pissa_niter_<n>' (for lj.init_with_residual)"
+                f"base, {RESIDUAL_INITS}, 'pissa_niter_<n>' or 'loftq_iter_<n>' (for lj.init_with_residual)"
             )
         if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraSpec.dropout={self.dropout} must be in [0, 1)")

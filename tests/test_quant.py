@@ -504,6 +504,13 @@ _MESH_SCRIPT = textwrap.dedent("""
     d = lj.init(jax.random.key(2), {"w": w}, lj.LoraSpec(rank=2, targets="w"))
     f = lambda p, x: x @ p["w"]
     np.testing.assert_allclose(jax.jit(lj.wrap(f))({"w": q}, d, x), f(lj.merge({"w": ref}, d), x), rtol=1e-5, atol=1e-5)
+    ospec = lj.QuantSpec(targets="w", outlier_rows=2)  # outlier rows: sharded like W but along the block axis
+    qo = lj.quantize({"w": ws}, ospec)["w"]
+    assert qo.outlier_values.sharding.spec == P(None, "tp"), qo.outlier_values.sharding
+    ro = lj.quantize({"w": w}, ospec)["w"]
+    np.testing.assert_array_equal(qo.outlier_index, ro.outlier_index)
+    np.testing.assert_allclose(qo.dequantize(), ro.dequantize(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(lj.wrap(f))({"w": qo}, d, x), f(lj.merge({"w": ro}, d), x), rtol=1e-5, atol=1e-5)
     bad = jax.device_put(w, NamedSharding(mesh, P(("fsdp", "tp"), None)))
     try:
         lj.quantize({"w": bad}, spec)

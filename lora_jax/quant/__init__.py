@@ -7,6 +7,9 @@ precision. Here that is a transform of the params pytree:
     qparams = lj.quantize(params, lj.QuantSpec(format="nf4"))  # QuantizedArray at the targets
     logits = lj.wrap(apply)(qparams, deltas, x)                # == apply(merge(dequantize(qparams), deltas), x)
 
+`QuantSpec(outlier_rows=k)` (off by default) also keeps the k rows with each kernel's largest weights
+exactly, the "super weight" rows whose errors massive activations multiply (see `codes`).
+
 `lj.wrap` dequantizes each quantized weight right at its use (inside the jitted step, so XLA fuses the
 decode into the op), and its backward pass decodes again rather than keeping a dense copy alive.
 `save` / `load` keep a quantized base on disk so that quantizing is done once.

@@ -2,9 +2,11 @@
 
 Its array leaves are the codes and the block scales (and, with double quantization, the scales' own
 float32 scale and offset); its static metadata is what is needed to rebuild the dense weight: shape,
-dtype, format, block size and block axis. Because it is a pytree, a params tree holding quantized
-leaves goes through ``jax.jit``, ``jax.device_put``, orbax and optax like any other; `lj.wrap` sees a
-`QuantizedArray` leaf as one weight of ``shape`` and ``dtype`` and dequantizes it at each use.
+dtype, format, block size and block axis. With ``QuantSpec(outlier_rows=k)`` it also holds the k rows
+(along the block axis) with the largest weights, exactly, and their indices. Because it is a pytree, a
+params tree holding quantized leaves goes through ``jax.jit``, ``jax.device_put``, orbax and optax like
+any other; `lj.wrap` sees a `QuantizedArray` leaf as one weight of ``shape`` and ``dtype`` and
+dequantizes it at each use.
 
 Example:
     >>> import jax.numpy as jnp
@@ -18,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -26,7 +29,15 @@ import numpy as np
 
 from lora_jax.quant import codes as _codes
 
-__all__ = ["QuantizedArray", "QuantMeta", "QuantLeaf", "is_quantized", "box_quantized", "dequantize_arrays"]
+__all__ = [
+    "QuantizedArray",
+    "QuantMeta",
+    "QuantLeaf",
+    "is_quantized",
+    "box_quantized",
+    "dequantize_arrays",
+    "encode_arrays",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +59,7 @@ class QuantMeta:
     axis: int
 
 
-_FIELDS = ("codes", "scales", "scale_scales", "scale_offset")
+_FIELDS = ("codes", "scales", "scale_scales", "scale_offset", "outlier_index", "outlier_values")
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -61,16 +72,28 @@ class QuantizedArray:
             int8 codes with double quantization.
         scale_scales: with double quantization, ``(*S[:axis], ceil(n / 256))`` float32; else None.
         scale_offset: with double quantization, ``S[:axis]`` float32 (the scales' mean); else None.
+        outlier_index: with outlier rows, ``(*S[:axis], k)`` int32, the rows kept exactly; else None.
+        outlier_values: with outlier rows, ``S`` with ``S[axis] = k`` in W's dtype, those rows; else None.
         meta: the `QuantMeta` (shape, dtype, format, block_size, axis).
     """
 
-    def __init__(self, codes, scales, scale_scales, scale_offset, meta: QuantMeta):
+    def __init__(
+        self,
+        codes,
+        scales,
+        scale_scales,
+        scale_offset,
+        meta: QuantMeta,
+        outlier_index=None,
+        outlier_values=None,
+    ):
         self.codes, self.scales, self.scale_scales, self.scale_offset = (
             codes,
             scales,
             scale_scales,
             scale_offset,
         )
+        self.outlier_index, self.outlier_values = outlier_index, outlier_values
         self.meta = meta
 
     # --- pytree ---
@@ -80,7 +103,7 @@ class QuantizedArray:
 
     @classmethod
     def tree_unflatten(cls, meta, children):
-        return cls(*children, meta)
+        return cls(*children[:4], meta, *children[4:])
 
     # --- what a weight looks like ---
     @property
@@ -104,8 +127,14 @@ class QuantizedArray:
         return self.scale_scales is not None
 
     @property
+    def outlier_rows(self) -> int:
+        """Rows along the block axis kept exactly (0 without outlier rows)."""
+        return 0 if self.outlier_index is None else int(self.outlier_index.shape[-1])
+
+    @property
     def arrays(self) -> tuple:
-        """``(codes, scales, scale_scales, scale_offset)``; the last two None without double quant."""
+        """``(codes, scales, scale_scales, scale_offset, outlier_index, outlier_values)``; the scale parts
+        None without double quant, the outlier parts None without outlier rows."""
         return tuple(getattr(self, k) for k in _FIELDS)
 
     @property
@@ -116,6 +145,7 @@ class QuantizedArray:
     def __repr__(self):
         m = self.meta
         dq = ", double_quant" if self.double_quant else ""
+        dq += f", outlier_rows={self.outlier_rows}" if self.outlier_rows else ""
         return (
             f"QuantizedArray(shape={m.shape}, dtype={m.dtype}, format={m.format}, block_size={m.block_size}, "
             f"axis={m.axis}{dq})"
@@ -123,20 +153,37 @@ class QuantizedArray:
 
     # --- conversions ---
     @classmethod
-    def quantize(cls, w, fmt: str, block_size: int, axis: int, *, double_quant: bool) -> QuantizedArray:
+    def quantize(
+        cls, w, fmt: str, block_size: int, axis: int, *, double_quant: bool, outlier_rows: int = 0
+    ) -> QuantizedArray:
         """Quantize the float array `w` (shape and divisibility already checked by the caller)."""
         meta = QuantMeta(
             tuple(int(s) for s in w.shape), jnp.dtype(w.dtype).name, fmt, int(block_size), int(axis)
         )
-        return cls(*_codes.encode(w, fmt, block_size, axis, double_quant=double_quant), meta)
+        return cls.of_arrays(encode_arrays(w, fmt, block_size, axis, double_quant, outlier_rows), meta)
+
+    @classmethod
+    def of_arrays(cls, arrays: Sequence, meta: QuantMeta) -> QuantizedArray:
+        """From the parts in the order of `arrays` (four, without outlier rows, or six) and the `QuantMeta`."""
+        return cls(*arrays[:4], meta, *arrays[4:])
 
     def dequantize(self, dtype: Any = None):
         """The dense weight, in `dtype` (default: the original dtype)."""
         return dequantize_arrays(self.arrays, self.meta, dtype)
 
 
+def encode_arrays(
+    w, fmt: str, block_size: int, axis: int, double_quant: bool, outlier_rows: int = 0
+) -> tuple:
+    """The six parts of a `QuantizedArray` of `w` (see its attributes)."""
+    if not outlier_rows:
+        return (*_codes.encode(w, fmt, block_size, axis, double_quant=double_quant), None, None)
+    rest, index, values = _codes.split_outliers(w, outlier_rows, axis)
+    return (*_codes.encode(rest, fmt, block_size, axis, double_quant=double_quant), index, values)
+
+
 def dequantize_arrays(arrays: tuple, meta: QuantMeta, dtype: Any = None):
-    """The dense weight from ``(codes, scales, scale_scales, scale_offset)`` and its `QuantMeta`."""
+    """The dense weight from a `QuantizedArray`'s `arrays` and its `QuantMeta`."""
     return _codes.decode(
         *arrays,
         shape=meta.shape,

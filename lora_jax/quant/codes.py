@@ -17,6 +17,15 @@ scales), so it can be sharded like W. The second-level blocks of 256 run over th
 the block axis on; axes before the block axis (stacked layers) stay leading axes of every array, so a
 ``lax.scan`` over layers slices all of them alike.
 
+- **outlier rows** (an option, off by default): the ``k`` slices along the block axis (input rows of a
+  Dense kernel) holding the largest absolute values are kept exactly, in W's dtype, with their indices,
+  and are zeroed before the blocks are quantized, so they neither lose precision nor inflate the block
+  scales. These are the rows of the "super weights" (Yu et al. 2024, arXiv:2411.07191): a few huge
+  weights in the MLP down projection whose input channels carry massive activations, so that any error
+  in those rows is multiplied by activations hundreds of times larger than the others
+  (``experiments/qlora.py --diagnose``). Like SpQR (Dettmers et al. 2023, arXiv:2306.03078) it keeps a
+  small float side table, here whole rows chosen from the weights alone.
+
 Example:
     >>> import jax.numpy as jnp
     >>> w = jnp.linspace(-1.0, 1.0, 256).reshape(128, 2)
@@ -32,10 +41,22 @@ from __future__ import annotations
 
 from statistics import NormalDist
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FORMATS", "NF4_LEVELS", "SCALE_BLOCK", "nf4_levels", "encode", "decode", "decode_scales", "nbits"]
+__all__ = [
+    "FORMATS",
+    "NF4_LEVELS",
+    "SCALE_BLOCK",
+    "nf4_levels",
+    "encode",
+    "decode",
+    "decode_scales",
+    "nbits",
+    "split_outliers",
+    "put_outliers",
+]
 
 FORMATS = ("nf4", "int8")
 SCALE_BLOCK = 256  # second-level block size of double quantization (the paper's)
@@ -139,8 +160,66 @@ def encode(w, fmt: str, block_size: int, axis: int, *, double_quant: bool) -> tu
     return (codes, *_encode_scales(absmax, axis))
 
 
-def decode(codes, scales, scale_scales, scale_offset, *, shape, dtype, fmt: str, block_size: int, axis: int):
-    """The dense array (``shape``, ``dtype``) from the parts `encode` returned."""
+def _rows(x, axis: int):
+    """``x: S`` as ``(prod(S[:axis]), S[axis], prod(S[axis + 1:]))``."""
+    s = x.shape
+    return x.reshape((int(np.prod(s[:axis])), s[axis], int(np.prod(s[axis + 1 :]))))
+
+
+def split_outliers(w, k: int, axis: int) -> tuple:
+    """The `k` rows of `w` along `axis` with the largest absolute value, per leading index, taken out.
+
+    Args:
+        w: a float array of shape ``S``.
+        k: rows kept (``0 < k <= S[axis]``).
+        axis: the block axis; axes before it are leading (stacked) axes, each index choosing its own rows.
+
+    Returns:
+        ``(rest, index, values)``: `w` with those rows zeroed (``S``), their ascending indices
+        ``(*S[:axis], k)`` int32, and the rows themselves ``S`` with ``S[axis] = k``, in `w`'s dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = jnp.array([[1.0, 0.0], [0.0, -9.0], [2.0, 2.0], [0.5, 0.5]])
+        >>> rest, index, values = split_outliers(w, 2, 0)
+        >>> index.tolist(), values.tolist(), rest[1].tolist()
+        ([1, 2], [[0.0, -9.0], [2.0, 2.0]], [0.0, 0.0])
+    """
+    m = _rows(w, axis)
+    score = jnp.max(jnp.abs(m.astype(jnp.float32)), axis=2)
+    index = jnp.sort(jax.lax.top_k(score, k)[1], axis=1).astype(jnp.int32)
+    values = jnp.take_along_axis(m, index[:, :, None], axis=1)
+    rest = jax.vmap(lambda mi, ii: mi.at[ii].set(0))(m, index)
+    s = w.shape
+    return (
+        rest.reshape(s),
+        index.reshape(s[:axis] + (k,)),
+        values.reshape(s[:axis] + (k,) + s[axis + 1 :]),
+    )
+
+
+def put_outliers(w, index, values, axis: int):
+    """`w` (``S``) with the rows `index` (``(*S[:axis], k)``) along `axis` set to `values` (inverse of the above)."""
+    m, v = _rows(w, axis), _rows(values.astype(w.dtype), axis)
+    out = jax.vmap(lambda mi, ii, vi: mi.at[ii].set(vi))(m, index.reshape(m.shape[0], -1), v)
+    return out.reshape(w.shape)
+
+
+def decode(
+    codes,
+    scales,
+    scale_scales,
+    scale_offset,
+    outlier_index=None,
+    outlier_values=None,
+    *,
+    shape,
+    dtype,
+    fmt: str,
+    block_size: int,
+    axis: int,
+):
+    """The dense array (``shape``, ``dtype``) from the parts `encode` (and `split_outliers`) returned."""
     shape = tuple(shape)
     if scale_scales is not None:
         scales = decode_scales(scales, scale_scales, scale_offset, axis)
@@ -149,5 +228,7 @@ def decode(codes, scales, scale_scales, scale_offset, *, shape, dtype, fmt: str,
         vals = jnp.take(jnp.asarray(NF4_LEVELS), idx.astype(jnp.int32), axis=0, mode="clip")
     else:
         vals = codes.astype(jnp.float32) * (1.0 / 127.0)
-    w = _blocked(vals, axis, block_size) * jnp.expand_dims(scales, axis + 1)
-    return w.reshape(shape).astype(dtype)
+    w = (_blocked(vals, axis, block_size) * jnp.expand_dims(scales, axis + 1)).reshape(shape)
+    if outlier_index is not None:
+        w = put_outliers(w, outlier_index, outlier_values, axis)
+    return w.astype(dtype)

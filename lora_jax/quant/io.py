@@ -1,7 +1,8 @@
 """Save and load a quantized base as safetensors (never a pickle), so quantizing is done once.
 
 One tensor per array: ``{key path}`` for a dense leaf, ``{key path}::codes``, ``::scales``,
-``::scale_scales``, ``::scale_offset`` for a `QuantizedArray`, and a JSON header (``lora_jax_quantized``
+``::scale_scales``, ``::scale_offset`` (and ``::outlier_index``, ``::outlier_values`` with outlier rows) for
+a `QuantizedArray`, and a JSON header (``lora_jax_quantized``
 entry, format ``QUANT_FORMAT``) with the model's name and, per leaf, its shape, dtype and quantization.
 bfloat16 arrays are stored as their uint16 bits. Loading checks the file, the model name, the
 quantization format and (given a template) every path and shape, and names what differs.
@@ -32,9 +33,12 @@ from lora_jax.spec import path_str
 
 __all__ = ["QUANT_FORMAT", "save", "load", "info"]
 
-QUANT_FORMAT = "lora_jax.quantized_base/1"
+QUANT_FORMAT = "lora_jax.quantized_base/2"
+# Version 1 files (no outlier rows) read the same; a file with outlier rows is written as version 2 so
+# that a reader of version 1, which knows no outlier tensors, refuses it instead of decoding zeros there.
+_READABLE = ("lora_jax.quantized_base/1", QUANT_FORMAT)
 _KEY = "lora_jax_quantized"
-_PARTS = ("codes", "scales", "scale_scales", "scale_offset")
+_PARTS = ("codes", "scales", "scale_scales", "scale_offset", "outlier_index", "outlier_values")
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -72,6 +76,7 @@ def save(path, params: Any, *, model: str | None = None) -> pathlib.Path:
                 "block_size": m.block_size,
                 "axis": m.axis,
                 "double_quant": x.double_quant,
+                "outlier_rows": x.outlier_rows,
             }
             for part, arr in zip(_PARTS, x.arrays, strict=True):
                 if arr is not None:
@@ -79,7 +84,8 @@ def save(path, params: Any, *, model: str | None = None) -> pathlib.Path:
         else:
             records[name] = {"shape": list(np.shape(x)), "dtype": jnp.dtype(x.dtype).name}
             tensors[name] = _to_numpy(x)
-    header = {"format": QUANT_FORMAT, "model": model, "leaves": records}
+    outliers = any(r.get("outlier_rows") for r in records.values())
+    header = {"format": QUANT_FORMAT if outliers else _READABLE[0], "model": model, "leaves": records}
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".tmp")
     save_file(tensors, str(tmp), metadata={_KEY: json.dumps(header)})
@@ -105,10 +111,10 @@ def info(path) -> dict:
             f"header; an adapter or a Hugging Face checkpoint?)."
         )
     header = json.loads(meta[_KEY])
-    if header.get("format") != QUANT_FORMAT:
+    if header.get("format") not in _READABLE:
         raise ValueError(
-            f"{str(file)!r}: unknown quantized base format {header.get('format')!r}, expected "
-            f"{QUANT_FORMAT!r}."
+            f"{str(file)!r}: unknown quantized base format {header.get('format')!r}, expected one of "
+            f"{list(_READABLE)} (a file from a newer lora_jax? upgrade it)."
         )
     return header
 
@@ -172,12 +178,25 @@ def load(path, *, like: Any = None, model: str | None = None, format: str | None
     with safe_open(str(path), "np") as f:
         for name, r in records.items():
             if "format" in r:
-                parts = [f.get_tensor(f"{name}::{p}") if f"{name}::{p}" in f.keys() else None for p in _PARTS]
+                stored = {p for p in _PARTS if f"{name}::{p}" in f.keys()}
+                want = {"codes", "scales"} | (
+                    {"scale_scales", "scale_offset"} if r.get("double_quant") else set()
+                )
+                want |= {"outlier_index", "outlier_values"} if r.get("outlier_rows") else set()
+                if stored != want:  # a partial or inconsistent file would decode wrong values silently
+                    raise ValueError(
+                        f"{str(path)!r}: {name} is recorded with double_quant={r.get('double_quant')} and "
+                        f"outlier_rows={r.get('outlier_rows', 0)}, which need the parts {sorted(want)}, but the "
+                        f"file holds {sorted(stored)}. The file is damaged or was edited; save the base again."
+                    )
+                parts = [f.get_tensor(f"{name}::{p}") if p in stored else None for p in _PARTS]
                 parts = [None if a is None else jnp.asarray(a) for a in parts]
+                if parts[5] is not None:  # the outlier rows are in W's dtype (bfloat16 stored as its bits)
+                    parts[5] = _from_numpy(np.asarray(parts[5]), r["dtype"])
                 meta = QuantMeta(
                     tuple(r["shape"]), r["dtype"], r["format"], int(r["block_size"]), int(r["axis"])
                 )
-                values[name] = QuantizedArray(*parts, meta)
+                values[name] = QuantizedArray.of_arrays(parts, meta)
             else:
                 values[name] = _from_numpy(f.get_tensor(name), r["dtype"])
     if like is not None:

@@ -353,11 +353,13 @@ def _with_adapter(args) -> int:
                 f"model's {limit} positions."
             )
         eos = tok.token_to_id("<|im_end|>")
-        if cfg.quantize:  # QLoRA: the quantized base, decoded at each use, plus the adapter
+        if (
+            cfg.quantize
+        ):  # QLoRA (or LoftQ's residual): the quantized base, decoded at each use, plus the adapter
             wrapped = lj.wrap(model.apply)
             apply_fn, weights = (
                 (lambda v, *a, **k: wrapped(v, deltas, *a, **k)),
-                lj.quantize(variables, loop.quant_spec(cfg)),
+                loop.adapter_base(cfg, checkpoint.spec_from_json(info["spec"]), variables),
             )
         else:
             apply_fn, weights = model.apply, lj.merge(variables, deltas)

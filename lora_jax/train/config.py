@@ -60,11 +60,12 @@ TRAJECTORY_FIELDS = (
     "loraplus_ratio",
     "train_full",
     "quantize",
+    "quant_outlier_rows",
 )
 # The data-file settings: a checkpoint saved before they existed had their defaults.
 DATA_FIELDS = ("format", "val_fraction", "train_on_prompt", "pack", "drop_long", "labels")
 # The LoRA-variant and quantization settings, likewise.
-VARIANT_FIELDS = ("dora", "init", "loraplus_ratio", "train_full", "quantize")
+VARIANT_FIELDS = ("dora", "init", "loraplus_ratio", "train_full", "quantize", "quant_outlier_rows")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,7 @@ class TrainConfig:
     targets: str | None = None  # None: the model family's default targets
     dropout: float = 0.0
     quantize: str | None = None  # None | nf4 | int8: the frozen base block-quantized (QLoRA)
+    quant_outlier_rows: int = 0  # with --quantize: rows per kernel kept exactly (QuantSpec.outlier_rows)
     # LoRA variants (see README "LoRA variants").
     dora: bool = False  # DoRA: a trained magnitude per output feature
     init: str = "kaiming"  # kaiming | gaussian | pissa | olora | pissa_niter_<n> (last three: residual base)
@@ -275,6 +277,18 @@ def _variant_problems(cfg: TrainConfig) -> list[str]:
             f"--dora with --init {cfg.init} is not supported: the adapter is exported against the original base "
             f"as plain LoRA, which a DoRA magnitude does not allow"
         )
+    k = cfg.quant_outlier_rows
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        problems.append(f"--quant-outlier-rows must be an int >= 0, got {k!r}")
+    elif k and not cfg.quantize:
+        problems.append(
+            f"--quant-outlier-rows {k} keeps rows of a quantized base exactly: add --quantize nf4"
+        )
+    if cfg.init.startswith("loftq") and not cfg.quantize:
+        problems.append(
+            f"--init {cfg.init} (LoftQ) fits the adapter to the base's quantization error: add --quantize nf4 "
+            f"(or int8), or use --init pissa for a float base"
+        )
     if cfg.dora and cfg.quantize:
         problems.append(
             "--dora with --quantize is not supported: DoRA needs the dense kernel's column norms; drop one of them"
@@ -316,10 +330,13 @@ _HELP = {
     "dropout": "LoRA dropout on the low-rank path",
     "dora": "DoRA (Liu et al. 2024): also train a magnitude per output feature of each adapted kernel",
     "init": "LoRA init: kaiming | gaussian, or pissa | olora | pissa_niter_<n>, which move each kernel's "
-    "principal part into the adapter and train on the residual base",
+    "principal part into the adapter and train on the residual base, or loftq | loftq_iter_<n> (with "
+    "--quantize) which fit the adapter to the quantization error of the base",
     "loraplus_ratio": "LoRA+ (Hayou et al. 2024): train b with this times the learning rate of a (16 in the paper)",
     "train_full": "regex of parameters trained in full next to the adapter (PEFT's modules_to_save), e.g. a "
     "head or norms; stored in the adapter",
+    "quant_outlier_rows": "with --quantize: keep this many rows of each kernel, those with its largest weights "
+    "(super weights), exactly in float (QuantSpec.outlier_rows; 2 recovers about half of SmolLM2's nf4 loss)",
     "quantize": "QLoRA: quantize the frozen base's kernels after loading (nf4: 4-bit NormalFloat with double "
     "quantization, int8), dequantized at each use; deltas and optimizer stay float32",
     "steps": "optimizer steps",

@@ -46,13 +46,14 @@ from lora_jax.train import mesh as mesh_lib
 from lora_jax.train import rundir
 from lora_jax.train import step as step_lib
 from lora_jax.train.config import TRAJECTORY_FIELDS, TrainConfig
+from lora_jax.train.engine import Setup
 from lora_jax.train.mesh import log
 from lora_jax.train.resume import check_resume, restore
 from lora_jax.train.sentiment import Splits, load_task
 
 __all__ = [
     "Diverged",
-    "Setup",
+    "adapter_base",
     "build",
     "check_config",
     "check_model",
@@ -224,7 +225,21 @@ def quant_spec(cfg: TrainConfig) -> lj.QuantSpec | None:
         targets=r".*/kernel",
         exclude=r".*lm_head.*",
         block_size=16 if cfg.model == "tiny-llama" else 64,
+        outlier_rows=cfg.quant_outlier_rows,
     )
+
+
+def adapter_base(cfg: TrainConfig, spec: lj.LoraSpec, variables: Any) -> Any:
+    """The frozen base an adapter of a `cfg` run applies to, from the model's dense `variables`.
+
+    LoftQ (``spec.init`` ``"loftq"`` / ``"loftq_iter_<n>"``): the quantized residual its adapters were
+    fitted to, recomputed from the original weights (LoftQ is deterministic; `build` computes the same);
+    ``--quantize`` alone: the quantized base; else `variables` as they are.
+    """
+    qspec = quant_spec(cfg)
+    if lj.residual.loftq_rounds(spec.init):
+        return lj.init_with_residual(jax.random.key(cfg.seed), variables, spec, qspec=qspec)[0]
+    return variables if qspec is None else lj.quantize(variables, qspec)
 
 
 def lora_spec(cfg: TrainConfig, variables: Any) -> lj.LoraSpec:
@@ -244,24 +259,6 @@ def lora_spec(cfg: TrainConfig, variables: Any) -> lj.LoraSpec:
         if spec.matches(path) and len(w.shape) == 3:
             axes[re.escape(path)] = lj.LoraAxes(stack=(0,), inputs=(1,), outputs=(2,))
     return dataclasses.replace(spec, axes=axes) if axes else spec
-
-
-@dataclasses.dataclass
-class Setup:
-    """A model, its params and fresh deltas placed on a mesh, with the jitted steps."""
-
-    model: Any
-    mesh: Any
-    spec: lj.LoraSpec
-    params: Any
-    deltas: Any
-    opt_state: Any
-    tx: Any
-    schedule: Any
-    shardings: dict
-    train_step: Any
-    score_step: Any | None
-    initial: Any = None  # PiSSA / OLoRA (`--init`): the deltas at init, to export against the original base
 
 
 def build(
@@ -307,7 +304,8 @@ def build(
     params = variables if placed else mesh_lib.place(variables, param_sh)
     residual = lj.spec.residual_init(spec.init)
     if residual:  # PiSSA / OLoRA: the principal part moves into the deltas, the base becomes the residual
-        init = lambda k, p: lj.init_with_residual(k, p, spec)[::-1]
+        qs = quantize if lj.residual.loftq_rounds(spec.init) else None  # LoftQ quantizes the residual itself
+        init = lambda k, p: lj.init_with_residual(k, p, spec, qspec=qs)[::-1]
     elif spec.train_full:  # fully trained leaves copy their base values
         init = lambda k, p: lj.init(k, p, spec)
     else:  # shapes are enough: no base value is read
@@ -316,6 +314,8 @@ def build(
     delta_shapes = shapes[0] if residual else shapes
     delta_sh = lj.delta_shardings(delta_shapes, param_sh)
     out_sh = (delta_sh, param_sh) if residual else delta_sh
+    if residual and lj.residual.loftq_rounds(spec.init):  # a quantized residual: its parts as XLA places them
+        out_sh = (delta_sh, None)
     deltas = jax.jit(init, out_shardings=out_sh)(jax.random.key(seed), params)
     initial = None
     if residual:
@@ -560,9 +560,12 @@ def export(cfg: TrainConfig, out: pathlib.Path, setup: Setup, deltas, identity: 
     adapter's size. Every process must call it (gathering sharded arrays is a collective).
 
     A PiSSA / OLoRA run's adapter is written against the *original* base (rank 2r,
-    `lj.residual.to_original_base`), so that it applies to the model it names."""
+    `lj.residual.to_original_base`), so that it applies to the model it names. A LoftQ run's adapter is
+    the trained rank-r deltas with ``init="loftq..."`` kept in its spec: it applies to LoftQ's quantized
+    residual, which `adapter_base` recomputes from the original weights (it is deterministic); written
+    against W it would only approximate the trained model (Q ≈ W − s·a₀·b₀, not equal)."""
     spec, trained = setup.spec, deltas  # the merged params: the (residual) base + the trained deltas
-    if setup.initial is not None:
+    if setup.initial is not None and not lj.residual.loftq_rounds(spec.init):
         deltas = lj.residual.to_original_base(deltas, setup.initial)
         doubled = {k: 2 * v for k, v in dict(spec.rank_pattern).items()}
         spec = dataclasses.replace(
@@ -651,7 +654,9 @@ def _finetune(cfg: TrainConfig, out: pathlib.Path, on_exit: contextlib.ExitStack
         ckpt, cfg
     )  # refuse a checkpoint made with other settings before any expensive work
 
-    model, variables, tok, identity = load_model(cfg, mesh, quantize=True)  # QLoRA: quantized as it loads
+    # QLoRA: quantized as it loads; LoftQ needs the dense kernels and quantizes them in `build`.
+    loftq = bool(lj.residual.loftq_rounds(cfg.init))
+    model, variables, tok, identity = load_model(cfg, mesh, quantize=not loftq)
     splits = load_task(cfg, tok, mesh, out)
     if splits.train_rows < cfg.batch:
         raise ValueError(

@@ -95,6 +95,7 @@ def _setup(paths: dict[str, str], model_override, quantize_override):
     """(cfg, model, variables, tokenizer, bank) from the first adapter's settings."""
     import dataclasses
 
+    import lora_jax as lj
     from lora_jax import checkpoint
     from lora_jax.serve import load_bank
     from lora_jax.train import config as config_lib
@@ -115,6 +116,14 @@ def _setup(paths: dict[str, str], model_override, quantize_override):
     if quantize_override:
         cfg = dataclasses.replace(cfg, quantize=quantize_override)
     loop.check_model(cfg.model)
+    for name, path in paths.items():  # one shared base: LoftQ past one round fits its own quantized residual
+        init = checkpoint.adapter_info(path).get("spec", {}).get("init", "kaiming")
+        if lj.residual.loftq_rounds(init) > 1:
+            raise MultiError(
+                f"adapter {name!r} ({path}) was trained with --init {init}: it applies to its own LoftQ "
+                f"residual, which the other adapters do not share. Use it alone (one --adapter), or train "
+                f"with --init loftq (one round: its base is the plain quantized base)."
+            )
     model, variables, tok, _ = loop.load_model(cfg, mesh_lib.make_mesh("data=-1,fsdp=1,tensor=1"))
     bank = load_bank(paths, variables)
     return cfg, model, variables, tok, bank

@@ -58,7 +58,8 @@ class QuantValue(TrackedValue):
     """A view of a quantized kernel: ``ops(dequant(q)) + Σ_r a·b`` (a, b aligned to the view, or None).
 
     Attributes:
-        q: the quantized arrays ``(codes, scales, scale_scales, scale_offset)`` (see `QuantizedArray`).
+        q: the quantized arrays ``QuantizedArray.arrays`` (codes, scales, the double-quantization and the
+            outlier-row parts).
         meta: their `QuantMeta` (the dense weight's shape, dtype, format, block size and axis).
         ops: the view-like equations met since the input, each ``(eqn, invals, i)`` with this value at
             ``invals[i]``; replayed on the decoded weight at a use.
@@ -126,7 +127,7 @@ class QuantValue(TrackedValue):
         return (*self.q, self.a, self.b)
 
     def with_arrays(self, arrays: tuple, origin: tuple | None = None) -> QuantValue:
-        q, (a, b) = tuple(arrays[:4]), arrays[4:]
+        q, (a, b) = tuple(arrays[:-2]), arrays[-2:]
         kw = {}
         if q[0].ndim == len(self.meta.shape) - 1:  # a slice of a stack (the body of a scan over layers)
             m = self.meta
@@ -208,10 +209,10 @@ def _tied(q: tuple, x) -> tuple:
     """`q` with a zero taken from `x` added to its float32 scales: a decode of it must wait for `x`."""
     x0 = jax.lax.stop_gradient(jnp.reshape(x, (-1,))[0].astype(jnp.float32))
     zero = jnp.where(jnp.isfinite(x0), x0, 0.0) * 0.0  # 0 even for an inf or NaN x0
-    codes, scales, scale_scales, offset = q
+    codes, scales, scale_scales, offset, *rest = q
     if offset is not None:
-        return codes, scales, scale_scales, offset + zero
-    return codes, scales + zero, None, None
+        return codes, scales, scale_scales, offset + zero, *rest
+    return codes, scales + zero, None, None, *rest
 
 
 def _base_use(eqn, v: QuantValue, operands: list, i: int):
