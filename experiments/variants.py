@@ -21,11 +21,25 @@ variant:
   Büyükakyüz 2024);
 * **LoRA+**: `lj.loraplus` with ratio 16, b's learning rate 16x a's (Hayou et al. 2024).
 
-Seeds run at once (``jax.vmap`` over a leading seed axis; the frozen base is shared). Each seed has its
-own adapter init, head init and data order. Reported per configuration: validation accuracy and loss
-after N steps (mean ± standard error over seeds), the validation loss every ``--eval-every`` steps, and
-for LoRA+ the first evaluated step at which each seed reaches plain LoRA's final validation loss (same
-seed). Then the CPU step time of DoRA against LoRA, timed interleaved (one step of each in turn).
+Training and evaluation are the library's sweeps (:mod:`lora_jax.train.sweep`): each variant is a
+``sweep.Config``, its seeds train at once (``jax.vmap`` over a leading seed axis; the frozen base, or
+PiSSA's / OLoRA's residual base, is shared), with the training engine's AdamW schedule (10% warm-up,
+cosine decay). Seed ``k`` draws its adapter from ``key(k)``, the MiniLM head from ``fold_in(key(k), 1)``
+and its data order from ``data.batches(..., seed=k, shuffle=True)``. This script sets up the two tasks
+and the configurations, and computes and writes the table. Reported per configuration: validation
+accuracy and loss after N steps (mean ± standard error over seeds), the validation loss every
+``--eval-every`` steps, and for LoRA+ the first evaluated step at which each seed reaches plain LoRA's
+final validation loss (same seed). Then the CPU step time of DoRA against LoRA: one more step of each
+with the step that trained it (``Result.step``), timed interleaved (one step of each in turn).
+
+Before the sweeps could train these variants the script had a loop of its own; the sweeps give the
+same figures, so the committed results stand. The data order is the same for every run that stays
+within one pass over its training subset (all settings here): epoch 0 of ``data.batches`` is
+``default_rng([k, 0]).permutation(n)``, the same permutation as the old ``default_rng(k)``; a longer run
+reshuffles each epoch where the old loop repeated the first permutation. The SmolLM2 validation loss
+is now the task's own loss (``sweep.lm_task``: the answer token's cross-entropy, summed over the batch
+and divided by its count) rather than a separate mean of the same log-probabilities, which changes it
+by float32 rounding (≤ 4e-6 on a loss near 20 in the ``--small`` run).
 
 Usage::
 
@@ -48,10 +62,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import lora_jax as lj
-from lora_jax.train import step as step_lib
+from lora_jax import data
+from lora_jax.train import sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
@@ -129,7 +143,6 @@ TARGETS = {
     "minilm": r"params/encoder/layers_\d+/attn/(query|value)/kernel",
     "smollm2": r"params/layers_\d+/attn/(query|value)/kernel",
 }
-HEAD = r"params/classifier/.*"
 MODELS = ("minilm", "smollm2")
 
 PAPERS = {
@@ -164,45 +177,35 @@ VARIANTS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
-    """One model on the sentiment data, as every variant trains and scores it.
+class Setup:
+    """One model on the sentiment data, as every variant trains on it and is scored.
 
     Attributes:
         model: ``"minilm"`` or ``"smollm2"``.
-        apply: ``apply(variables, *inputs)``, the network (LoRA runs call ``lj.wrap(apply)``).
-        base: the frozen base variables.
-        train, evals: arrays with one row per example; ``evals`` is scored whole.
-        loss: ``loss(model, batch) -> scalar`` of one seed, ``model(*inputs)`` being `apply` with its
-            weights (base + deltas).
-        evaluate: ``evaluate(model, batch) -> (loss, accuracy)`` of one seed on a whole split.
-        targets: the LoRA target regex.
-        head: whether a new classifier head (``params/classifier``) trains in full.
+        task: the sweep task: the loss, the class scores and (MiniLM) the new head every run trains in
+            full (:mod:`lora_jax.train.sweep`).
+        base: the frozen base variables (MiniLM: the encoder; the sweep adds a placeholder head).
+        train, evals: encoded arrays, one row per example; ``evals`` is scored as one batch.
     """
 
     model: str
-    apply: Callable
+    task: sweep.Task
     base: Any
     train: dict
     evals: dict
-    loss: Callable
-    evaluate: Callable
-    targets: str
-    head: bool
 
 
-def load_task(model: str, s: dict) -> Task:
+def load_task(model: str, s: dict) -> Setup:
     """The task of `model` under settings `s` (subsets of the train and validation splits)."""
-    from lora_jax import data
-
     splits = data.load_sentiment()
     train = data.subset(splits["train"], s["train_examples"])
     evals = data.subset(splits["validation"], s["eval_examples"])
     return (_minilm_task if model == "minilm" else _smollm2_task)(s, train, evals)
 
 
-def _minilm_task(s: dict, train, evals) -> Task:
-    """MiniLM as a `BertClassifier` (a placeholder head; each seed's head lives in its deltas)."""
-    from lora_jax import data
+def _minilm_task(s: dict, train, evals) -> Setup:
+    """MiniLM as a `BertClassifier` whose new head (``N(0, 0.02²)`` kernel, zero bias, from
+    ``fold_in(key(seed), 1)``) trains in full at ``lr_head``."""
     from lora_jax.models import bert
 
     model, variables, tok = bert.load_minilm()
@@ -211,40 +214,25 @@ def _minilm_task(s: dict, train, evals) -> Task:
         p = variables["params"]
         keep = {f"layers_{i}": p["encoder"][f"layers_{i}"] for i in range(s["layers"])}
         model, variables = bert.BertModel(cfg), {"params": {**p, "encoder": keep}}
-    clf, base = bert.classifier_from_encoder(jax.random.key(0), model, variables)
-    enc = lambda ex: {k: jnp.asarray(v) for k, v in data.encode_classification(ex, tok, s["max_len"]).items()}
+    c = model.config
 
-    def ce(logits, y):
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    def init_head(key):  # BertClassifier's own init (classifier_from_encoder)
+        kernel = c.initializer_range * jax.random.normal(key, (c.hidden_size, 2), jnp.float32)
+        return {"kernel": kernel.astype(c.param_dtype), "bias": jnp.zeros((2,), c.param_dtype)}
 
-    def loss(model, batch):
-        return ce(model(batch["input_ids"], batch["attention_mask"]), batch["labels"]).mean()
-
-    def evaluate(model, batch):
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        acc = jnp.mean((jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32))
-        return ce(logits, batch["labels"]).mean(), acc
-
-    return Task(
-        "minilm",
-        clf.apply,
-        base,
-        enc(train),
-        enc(evals),
-        loss,
-        evaluate,
-        TARGETS["minilm"],
-        head=True,
+    task = sweep.classifier_task(
+        bert.BertClassifier(c, num_labels=2).apply, head_key="classifier", init_head=init_head
     )
+    enc = lambda ex: data.encode_classification(ex, tok, s["max_len"])
+    return Setup("minilm", task, variables, enc(train), enc(evals))
 
 
-def _smollm2_task(s: dict, train, evals) -> Task:
-    """SmolLM2-135M as prompt completion, trained with the engine's LM loss on the answer token
-    (:func:`lora_jax.train.sweep.lm_task`); scored with one forward pass at the last prompt position:
-    the answer token's cross-entropy over the whole vocabulary (the validation loss) and the argmax over
-    the two label words (the accuracy)."""
-    from lora_jax import data, models
-    from lora_jax.train import sentiment, sweep
+def _smollm2_task(s: dict, train, evals) -> Setup:
+    """SmolLM2-135M as prompt completion (:func:`lora_jax.train.sweep.lm_task`): trained with the engine's
+    LM loss on the answer token; the validation loss is that token's cross-entropy over the whole
+    vocabulary at the last prompt position, the accuracy the argmax over the two label words."""
+    from lora_jax import models
+    from lora_jax.train import sentiment
 
     model, variables, tok = models.load("smollm2-135m")
     if s["layers"]:  # the first blocks only (smoke runs)
@@ -254,7 +242,7 @@ def _smollm2_task(s: dict, train, evals) -> Task:
             k: v for k, v in p.items() if not k.startswith("layers_") or int(k.split("_")[1]) < s["layers"]
         }
         model, variables = type(model)(cfg), {**variables, "params": keep}
-    enc = lambda ex: {k: jnp.asarray(v) for k, v in data.encode_lm(ex, tok, s["max_len"]).items()}
+    enc = lambda ex: data.encode_lm(ex, tok, s["max_len"])
     train_arrays, eval_arrays = enc(train), enc(evals)
     for name, arr in (("train", train_arrays), ("validation", eval_arrays)):
         n = np.asarray(arr["loss_mask"]).sum(1)
@@ -263,150 +251,65 @@ def _smollm2_task(s: dict, train, evals) -> Task:
                 f"smollm2 task: every {name} row must end in exactly one answer token, found "
                 f"{sorted(set(n.tolist()))} completion tokens; use single-token label words."
             )
-    cand = jnp.asarray(sentiment.candidate_token_ids(tok), jnp.int32)
-    lm = sweep.lm_task(model.apply, cand.tolist(), num_targets=1)
-
-    def evaluate(model, batch):
-        pos = (batch["prompt_len"] - 1)[:, None].astype(jnp.int32)
-        logp = jax.nn.log_softmax(model(batch["input_ids"], batch["attention_mask"], pos)[:, 0], axis=-1)
-        target = cand[batch["labels"]]
-        loss = -jnp.take_along_axis(logp, target[:, None], axis=1).mean()
-        acc = jnp.mean((jnp.argmax(logp[:, cand], -1) == batch["labels"]).astype(jnp.float32))
-        return loss, acc
-
-    return Task(
-        "smollm2",
-        lm.apply,
-        variables,
-        train_arrays,
-        eval_arrays,
-        lm.loss,
-        evaluate,
-        TARGETS["smollm2"],
-        head=False,
-    )
+    task = sweep.lm_task(model.apply, sentiment.candidate_token_ids(tok), num_targets=1)
+    return Setup("smollm2", task, variables, train_arrays, eval_arrays)
 
 
-def init_seed(variant: Variant, task: Task, seed: int, s: dict):
-    """``(base, deltas)`` of one seed: the variant's adapter from ``key(seed)``; with a head, a fresh head
-    (trained in full) from ``fold_in(key(seed), 1)``. PiSSA / OLoRA return the residual base."""
+def make_config(variant: Variant, setup: Setup, s: dict) -> sweep.Config:
+    """The sweep configuration of `variant`: rank ``s["rank"]`` on the task's q, v kernels; the head (if
+    any) at ``lr_head``; LoRA+ at ``s["loraplus_ratio"]``."""
     spec = lj.LoraSpec(
-        rank=s["rank"],
-        alpha=s["alpha"],
-        targets=task.targets,
-        dora=variant.dora,
-        init=variant.init,
-        train_full=HEAD if task.head else (),
+        rank=s["rank"], alpha=s["alpha"], targets=TARGETS[setup.model], dora=variant.dora, init=variant.init
     )
-    key, base = jax.random.key(seed), task.base
-    if lj.spec.residual_init(variant.init):
-        base, deltas = lj.init_with_residual(key, base, spec)
-    else:
-        deltas = lj.init(key, base, spec)
-    if task.head:
-        kernel = base["params"]["classifier"]["kernel"]
-        head = 0.02 * jax.random.normal(jax.random.fold_in(key, 1), kernel.shape, kernel.dtype)
-        deltas["params"]["classifier"] = {
-            "kernel": lj.FullLeaf(head),
-            "bias": lj.FullLeaf(jnp.zeros_like(base["params"]["classifier"]["bias"])),
-        }
-    return base, deltas
+    ratio = s["loraplus_ratio"] if variant.loraplus else None
+    return sweep.Config(variant.name, spec=spec, lr=s["lr"], lr_head=s["lr_head"], loraplus_ratio=ratio)
 
 
-def make_optimizer(variant: Variant, s: dict) -> optax.GradientTransformation:
-    """The training engine's AdamW schedule (10% warm-up, cosine decay); LoRA+ scales b's updates; a
-    fully trained head (when ``lr_head`` is set) gets its own learning rate."""
-    warmup = int(0.1 * s["steps"])
-    lora, _ = step_lib.make_optimizer(s["lr"], s["steps"], warmup)
-    if variant.loraplus:
-        lora = lj.loraplus(lora, s["loraplus_ratio"])
-    if s["lr_head"] is None:
-        return lora
-    head, _ = step_lib.make_optimizer(s["lr_head"], s["steps"], warmup)
-    labels = lambda tree: jax.tree_util.tree_map(
-        lambda x: "head" if lj.is_full(x) else "lora", tree, is_leaf=lambda x: lj.is_full(x) or lj.is_delta(x)
-    )
-    return optax.multi_transform({"lora": lora, "head": head}, lambda t: _expand(labels(t), t))
+def warmup_steps(s: dict) -> int:
+    """The training engine's warm-up: 10% of the steps."""
+    return int(0.1 * s["steps"])
 
 
-def _expand(labels, tree):
-    """A label per array leaf of `tree` from a label per delta / fully trained leaf."""
-    return jax.tree_util.tree_map(
-        lambda lab, sub: jax.tree_util.tree_map(lambda _: lab, sub),
-        labels,
-        tree,
-        is_leaf=lambda x: isinstance(x, str),
+def train_variants(setup: Setup, s: dict) -> list[sweep.Result]:
+    """Every variant in turn, all seeds of each at once (:func:`lora_jax.train.sweep.run`), with the
+    validation loss and accuracy every ``eval_every`` steps; the validation split is one batch."""
+    return sweep.run(
+        setup.task,
+        [make_config(v, setup, s) for v in VARIANTS],
+        setup.base,
+        setup.train,
+        setup.evals,
+        seeds=s["seeds"],
+        steps=s["steps"],
+        batch_size=s["batch_size"],
+        warmup=warmup_steps(s),
+        eval_every=s["eval_every"],
+        eval_batch_size=len(setup.evals["labels"]),
+        log=print,
     )
 
 
-def run_variant(variant: Variant, task: Task, s: dict) -> dict:
-    """Trains all seeds of one variant at once; returns the row (per-seed curves and final metrics)."""
-    seeds = s["seeds"]
-    inits = [init_seed(variant, task, k, s) for k in seeds]
-    base_v = inits[0][0]  # the same for every seed (PiSSA / OLoRA are deterministic)
-    deltas = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[d for _, d in inits])
-    del inits
-    tx = make_optimizer(variant, s)
-    opt_state = jax.vmap(tx.init)(deltas)
-    apply = lj.wrap(task.apply)
-
-    def model(d, b):
-        return lambda *inputs: apply(b, d, *inputs)
-
-    def one_step(d, st, b, batch):
-        loss, g = jax.value_and_grad(lambda d: task.loss(model(d, b), batch))(d)
-        u, st = tx.update(g, st, d)
-        return optax.apply_updates(d, u), st, loss
-
-    step = jax.jit(jax.vmap(one_step, in_axes=(0, 0, None, 0)))
-    evaluate = jax.jit(
-        jax.vmap(lambda d, b, batch: task.evaluate(model(d, b), batch), in_axes=(0, None, None))
-    )
-
-    n, bs = task.train["labels"].shape[0], s["batch_size"]
-    orders = [np.random.default_rng(k).permutation(n) for k in seeds]
-
-    def batch(t):
-        idx = np.stack([np.resize(o, (t + 1) * bs)[t * bs : (t + 1) * bs] for o in orders])
-        return {k: v[idx] for k, v in task.train.items()}
-
-    curve, t0, step_times = [], time.time(), []
-    for t in range(s["steps"]):
-        ts = time.perf_counter()
-        deltas, opt_state, loss = step(deltas, opt_state, base_v, batch(t))
-        loss.block_until_ready()
-        step_times.append(time.perf_counter() - ts)
-        if (t + 1) % s["eval_every"] == 0 or t + 1 == s["steps"]:
-            vl, va = evaluate(deltas, base_v, task.evals)
-            curve.append(
-                {"step": t + 1, "val_loss": np.asarray(vl).tolist(), "val_acc": np.asarray(va).tolist()}
-            )
-            print(
-                f"  {variant.name:6s} step {t + 1:4d}  train loss {float(loss.mean()):.4f}  "
-                f"val loss {float(vl.mean()):.4f}  val acc {100 * float(va.mean()):.2f}%  ({time.time() - t0:.0f}s)",
-                flush=True,
-            )
-    final = curve[-1]
+def row(variant: Variant, result: sweep.Result) -> dict:
+    """The JSON row of one variant: per-seed curve and final validation metrics."""
+    curve = [{"step": c["step"], "val_loss": c["loss"], "val_acc": c["accuracy"]} for c in result.curve]
     return {
         "name": variant.name,
         "variant": dataclasses.asdict(variant),
-        "seeds": list(seeds),
+        "seeds": list(result.seeds),
         "curve": curve,
-        "val_acc": final["val_acc"],
-        "val_loss": final["val_loss"],
-        "trainable_params": lj.count_params(jax.tree_util.tree_map(lambda x: x[0], deltas)),
-        "train_s": time.time() - t0,
-        "median_step_s": float(np.median(step_times[1:] or step_times)),
-        "_step": (step, deltas, opt_state, base_v, batch(0)),
+        "val_acc": curve[-1]["val_acc"],
+        "val_loss": curve[-1]["val_loss"],
+        "trainable_params": result.trainable_params,
+        "train_s": result.train_s,
     }
 
 
-def zero_shot(task: Task) -> dict:
+def zero_shot(setup: Setup) -> dict:
     """Validation loss and accuracy of the base model (no adapter), for the table's first row."""
-    vl, va = jax.jit(lambda b, batch: task.evaluate(lambda *x: task.apply(b, *x), batch))(
-        task.base, task.evals
+    m = sweep.evaluate_loss(
+        setup.task, {"deltas": None}, setup.base, setup.evals, len(setup.evals["labels"]), num_runs=1
     )
-    return {"val_loss": float(vl), "val_acc": float(va)}
+    return {"val_loss": float(m["loss"][0]), "val_acc": float(m["accuracy"][0])}
 
 
 def mean_se(xs) -> tuple[float, float]:
@@ -423,13 +326,29 @@ def steps_to_reach(curve: list[dict], targets: list[float]) -> list[int | None]:
     return out
 
 
-def interleaved_ratio(a, b, rounds: int) -> dict:
+def timed_step(setup: Setup, result: sweep.Result, s: dict) -> Callable[[], None]:
+    """One more training step of `result`'s runs per call, with the compiled step that trained them
+    (``Result.step``), from a copy of their trained state and a fresh optimizer state, on the first
+    batch; blocks until it is done."""
+    step, tx = result.step
+    trainable = jax.tree_util.tree_map(jnp.copy, result.trainable)  # the step donates its state
+    state = [trainable, jax.jit(jax.vmap(tx.init))(trainable)]
+    batch = next(sweep.seed_batches(setup.train, s["batch_size"], result.seeds))
+    keys = sweep.step_keys(result.seeds, 0)
+
+    def once():
+        state[:] = jax.block_until_ready(step(*state, result.base, batch, keys))[:2]
+
+    return once
+
+
+def interleaved_ratio(a: Callable, b: Callable, rounds: int) -> dict:
     """Median step time of `b` over `a`, one step of each in turn (load on a shared machine hits both)."""
     times = {"a": [], "b": []}
     for _ in range(rounds):
-        for k, (step, d, st, base, batch) in (("a", a), ("b", b)):
+        for k, step in (("a", a), ("b", b)):
             t = time.perf_counter()
-            jax.block_until_ready(step(d, st, base, batch))
+            step()
             times[k].append(time.perf_counter() - t)
     ma, mb = float(np.median(times["a"])), float(np.median(times["b"]))
     return {"lora_ms": 1e3 * ma, "dora_ms": 1e3 * mb, "ratio": mb / ma, "rounds": rounds}
@@ -485,20 +404,20 @@ def main(argv=None):
     tag = args.tag or ("variants" if args.model == "minilm" else f"variants_{args.model}")
 
     t0 = time.time()
-    task = load_task(args.model, s)
+    setup = load_task(args.model, s)
     print(
-        f"{tag}: {args.model}, {task.train['labels'].shape[0]} train / {task.evals['labels'].shape[0]} "
+        f"{tag}: {args.model}, {len(setup.train['labels'])} train / {len(setup.evals['labels'])} "
         f"validation sentences, {s['steps']} steps of {s['batch_size']}, rank {s['rank']} on q,v, "
         f"seeds {list(s['seeds'])}",
         flush=True,
     )
-    base = None if task.head else zero_shot(task)  # a new head starts at chance: nothing to report
-    rows = [run_variant(v, task, s) for v in VARIANTS]
+    base = None if setup.task.head_key else zero_shot(setup)  # a new head starts at chance: nothing to report
+    results = train_variants(setup, s)
+    rows = [row(v, r) for v, r in zip(VARIANTS, results, strict=True)]
     by = {r["name"]: r for r in rows}
     reach = steps_to_reach(by["LoRA+"]["curve"], by["LoRA"]["val_loss"])
-    timing = interleaved_ratio(by["LoRA"].pop("_step"), by["DoRA"].pop("_step"), s["timing_rounds"])
-    for r in rows:
-        r.pop("_step", None)
+    lora, dora = (next(r for r in results if r.config.name == n) for n in ("LoRA", "DoRA"))
+    timing = interleaved_ratio(timed_step(setup, lora, s), timed_step(setup, dora, s), s["timing_rounds"])
     result = {
         "experiment": "variants",
         "model": args.model,

@@ -136,7 +136,8 @@ def init_with_residual(
     if not residual_init(spec.init):
         raise ValueError(
             f"init_with_residual: LoraSpec(init={spec.init!r}) leaves the base unchanged, so there is no "
-            f"residual; use lj.init(key, params, spec), or init='pissa' / 'pissa_niter_<n>' / 'olora'."
+            f"residual; use lj.init(key, params, spec), or init='pissa' / 'pissa_niter_<n>' / 'olora' (or "
+            f"'loftq' / 'loftq_iter_<n>' with qspec= for a quantized base)."
         )
     rounds = loftq_rounds(spec.init)
     if rounds and qspec is None:

@@ -29,7 +29,7 @@ RESIDUAL_INITS = ("pissa", "olora", "loftq")
 
 
 def residual_init(init: str) -> bool:
-    """Whether `init` is a PiSSA / OLoRA init (one that needs `init_with_residual`)."""
+    """Whether `init` is a PiSSA / OLoRA / LoftQ init (one that needs `init_with_residual`)."""
     return isinstance(init, str) and (
         init in RESIDUAL_INITS or bool(re.fullmatch(r"(pissa_niter|loftq_iter)_[1-9]\d*", init))
     )

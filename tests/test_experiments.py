@@ -74,7 +74,7 @@ def test_rank_ablation_small(model, tmp_path):
 
 @slow
 def test_variants_small_smollm2(tmp_path):
-    """The SmolLM2 path of variants.py (the MiniLM path is the same loop with a head): every variant trains
+    """The SmolLM2 path of variants.py (the MiniLM path is the same sweep with a head): every variant trains
     and is scored, with the parameter counts of rank 2 on q (576 -> 576) and v (576 -> 192) of one layer."""
     _run("variants.py", "--model", "smollm2", out=tmp_path)
     result = json.loads((tmp_path / "variants_smollm2.json").read_text())

@@ -153,6 +153,7 @@ def test_no_training_scores_the_base_model(llama):
         eval_batch_size=8,
     )
     assert result.losses.shape == (0, 2) and result.trainable_params == result.adapter_params == 0
+    assert result.step is None  # nothing trained, nothing compiled
     score = step_lib.make_score_step(model.apply, CANDIDATES)
     base = engine_accuracy(
         score, variables, lj.init(jax.random.key(0), variables, qv_spec()), arrays
@@ -390,6 +391,48 @@ def test_variants_in_a_sweep(classifier):
             assert r.accuracy[i] == np.mean(np.asarray(logits).argmax(-1) == arrays["labels"])
 
 
+@pytest.mark.standard_promotion  # optax.adam's bias correction (optax.tree.bias_correction) computes `float ** int32`
+def test_make_step_is_the_step_train_runs(classifier):
+    """`make_step` + `step_keys` + `seed_batches`, looped by hand, give exactly what `train` gives (the
+    same compiled computation): LoRA with dropout (so the keys matter), LoRA+ and a head at its own rate."""
+    task, variables, arrays = classifier
+    spec = dataclasses.replace(CLASSIFIER_CONFIGS["lora"].spec, dropout=0.5)
+    cfg = dataclasses.replace(CLASSIFIER_CONFIGS["lora"], spec=spec, loraplus_ratio=4.0)
+    seeds, steps = (0, 2), 3
+    ref = sweep.train(task, cfg, variables, arrays, seeds=seeds, steps=steps, batch_size=8, warmup=1)
+    step, tx = sweep.make_step(task, cfg, steps=steps, warmup=1)
+    trainable = sweep.init(task, cfg, variables, seeds)
+    opt_state = jax.vmap(tx.init)(trainable)
+    batches = sweep.seed_batches(arrays, 8, seeds)
+    losses = []
+    for i in range(steps):
+        trainable, opt_state, loss = step(
+            trainable, opt_state, ref.base, next(batches), sweep.step_keys(seeds, i)
+        )
+        losses.append(np.asarray(loss))
+    np.testing.assert_array_equal(np.stack(losses), ref.losses)
+    assert_trees_close(trainable, ref.trainable, rtol=0, atol=0)
+    # Result.step is that step, already compiled: one more step with it or with make_step's agrees.
+    more = [
+        s(
+            jax.tree_util.tree_map(jnp.copy, trainable),
+            jax.tree_util.tree_map(jnp.copy, opt_state),
+            ref.base,
+            next(sweep.seed_batches(arrays, 8, seeds)),
+            sweep.step_keys(seeds, steps),
+        )
+        for s in (step, ref.step[0])
+    ]
+    assert_trees_close(more[0], more[1], rtol=0, atol=0)
+    # The keys are each run's own per step (dropout differs between runs and steps).
+    keys = np.asarray(jax.random.key_data(sweep.step_keys(seeds, 1)))
+    assert keys.shape[0] == 2 and not np.array_equal(keys[0], keys[1])
+    assert not np.array_equal(keys, np.asarray(jax.random.key_data(sweep.step_keys(seeds, 2))))
+    np.testing.assert_array_equal(
+        keys[1], jax.random.key_data(jax.random.fold_in(jax.random.fold_in(jax.random.key(2), 2), 1))
+    )
+
+
 def test_errors(classifier):
     task, variables, arrays = classifier
     spec = lj.LoraSpec(rank=2, targets="params/dense/kernel")
@@ -415,6 +458,8 @@ def test_errors(classifier):
         sweep.Config("p", spec=spec, loraplus_ratio=0.0)
     with pytest.raises(ValueError, match=r"init='pissa_niter_2'\) draws a random residual base per key"):
         sweep.Config("p", spec=dataclasses.replace(spec, init="pissa_niter_2"))
+    with pytest.raises(ValueError, match=r"init='loftq'\) \(LoftQ\) fits the adapters to a quantized base"):
+        sweep.Config("q", spec=dataclasses.replace(spec, init="loftq"))
     with pytest.raises(ValueError, match=r"eval_every must be >= 0 .*, got -1"):
         sweep.train(
             task, sweep.Config("h"), variables, arrays, seeds=(0,), steps=1, batch_size=8, eval_every=-1

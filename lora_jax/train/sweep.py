@@ -28,7 +28,8 @@ LoRA's variants are configurations too: DoRA (``LoraSpec(dora=True)``), PiSSA / 
 (:attr:`Result.curve`).
 
 Several configurations (ranks, targets, learning rates, variants) run one after another in :func:`run`;
-each compiles its own step.
+each compiles its own step. :func:`make_step` gives that step on its own (to time one configuration's
+step against another's, or to drive a loop of your own).
 
 Example:
     >>> import jax, jax.numpy as jnp, numpy as np, lora_jax as lj
@@ -75,8 +76,10 @@ __all__ = [
     "head_spec",
     "init",
     "lm_task",
+    "make_step",
     "run",
     "seed_batches",
+    "step_keys",
     "table",
     "train",
 ]
@@ -154,6 +157,12 @@ class Config:
                     f"the LoRA+ paper recommends 16.0."
                 )
         init = None if self.spec is None else self.spec.init
+        if init is not None and lj.residual.loftq_rounds(init):
+            raise ValueError(
+                f"Config {self.name!r}: LoraSpec(init={init!r}) (LoftQ) fits the adapters to a quantized base, "
+                f"which sweeps do not have; train it with lj.init_with_residual(key, params, spec, qspec=...) "
+                f"and lj.wrap, or use init='pissa' / 'olora' here."
+            )
         if init is not None and lj.spec.residual_init(init) and init not in ("pissa", "olora"):
             raise ValueError(
                 f"Config {self.name!r}: LoraSpec(init={init!r}) draws a random residual base per key, but "
@@ -179,6 +188,8 @@ class Result:
             a placeholder at a new head's path); pass it to :func:`evaluate`.
         curve: with ``train(..., eval_every=k)``, one entry every ``k`` steps and at the last:
             ``{"step": int, "loss": [S floats], "accuracy": [S floats]}`` on the evaluation arrays.
+        step: ``(step, tx)`` of :func:`make_step`, the compiled step that trained the runs (None when
+            nothing trained): one more step of them costs no new compilation (e.g. to time it).
     """
 
     config: Config
@@ -192,6 +203,7 @@ class Result:
     total_s: float
     base: Any = None
     curve: list = dataclasses.field(default_factory=list)
+    step: tuple[Callable, optax.GradientTransformation] | None = None
 
     def run(self, i: int) -> Any:
         """The trainable tree of run ``i`` (seed ``seeds[i]``), without the run axis."""
@@ -567,17 +579,17 @@ def train(
             )
     else:
         eval_every, on_eval = 0, None
+    step = None
     if trains and steps > 0:
+        step = make_step(task, config, steps=steps, warmup=warmup)
         trainable, losses = _train_loop(
-            task,
-            config,
+            step,
             base,
             trainable,
             train_arrays,
             seeds,
             steps,
             batch_size,
-            warmup,
             lambda: log(f"  {config.name}: compiled + first step {time.time() - t0:.1f}s"),
             eval_every,
             on_eval,
@@ -589,7 +601,9 @@ def train(
     elif eval_arrays is not None:
         acc = evaluate(task, trainable, base, eval_arrays, eval_batch_size, num_runs=len(seeds))
     counts = (_count(trainable), _adapter_count(task, config, trainable))
-    result = Result(config, seeds, trainable, losses, acc, *counts, train_s, time.time() - t0, base, curve)
+    result = Result(
+        config, seeds, trainable, losses, acc, *counts, train_s, time.time() - t0, base, curve, step
+    )
     if acc is not None:
         loss_msg = (
             f"loss {np.mean(result.summary()['final_train_loss']):.3f}" if len(losses) else "no training"
@@ -612,20 +626,25 @@ def _config_base(task: Task, config: Config, variables, seed: int):
     return residual(base)
 
 
-def _train_loop(
-    task,
-    config,
-    variables,
-    trainable,
-    arrays,
-    seeds,
-    steps,
-    batch_size,
-    warmup,
-    first_step,
-    eval_every,
-    on_eval,
-):
+def make_step(
+    task: Task, config: Config, *, steps: int, warmup: int = 0
+) -> tuple[Callable, optax.GradientTransformation]:
+    """The train step :func:`train` runs for `config`'s runs, and its optimizer.
+
+    ``step(trainable, opt_state, variables, batch, keys) -> (trainable, opt_state, loss)`` is one
+    ``jax.jit(jax.vmap(...))`` optimizer step of every run: `trainable` ``(S, ...)`` (:func:`init`),
+    ``opt_state = jax.vmap(tx.init)(trainable)``, `batch` ``(S, B, ...)`` (:func:`seed_batches`),
+    ``keys (S,)`` the runs' dropout keys of this step (:func:`step_keys`), `variables` shared by every
+    run (:attr:`Result.base`); ``loss (S,)``. `trainable` and `opt_state` are donated: continue from the
+    returned ones. For timing a configuration's step, or for training loops of your own.
+
+    Args:
+        task, config: as for :func:`train`.
+        steps, warmup: the learning-rate schedule (linear warm-up, cosine decay to 0 at `steps`).
+
+    Returns:
+        ``(step, tx)``.
+    """
     tx = _optimizer(task, config, steps, warmup)
     wrapped = lj.wrap(task.apply)
     dropout = config.spec is not None and config.spec.dropout > 0
@@ -638,14 +657,24 @@ def _train_loop(
         updates, opt_state = tx.update(grads, opt_state, t)
         return optax.apply_updates(t, updates), opt_state, value
 
-    step = jax.jit(jax.vmap(step, in_axes=(0, 0, None, 0, 0)), donate_argnums=(0, 1))
-    opt_state = jax.jit(jax.vmap(tx.init))(trainable)
+    return jax.jit(jax.vmap(step, in_axes=(0, 0, None, 0, 0)), donate_argnums=(0, 1)), tx
+
+
+def step_keys(seeds: Sequence[int], i: int) -> jax.Array:
+    """The dropout keys of step `i` of every run, ``(S,)``: ``fold_in(fold_in(key(seed), 2), i)``."""
     run_keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 2))(jnp.asarray(seeds, jnp.int32))
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(run_keys, i)
+
+
+def _train_loop(
+    step_tx, variables, trainable, arrays, seeds, steps, batch_size, first_step, eval_every, on_eval
+):
+    step, tx = step_tx
+    opt_state = jax.jit(jax.vmap(tx.init))(trainable)
     batches = seed_batches(arrays, batch_size, seeds)
     losses = []
     for i in range(steps):
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(run_keys, i)
-        trainable, opt_state, loss = step(trainable, opt_state, variables, next(batches), keys)
+        trainable, opt_state, loss = step(trainable, opt_state, variables, next(batches), step_keys(seeds, i))
         losses.append(loss)
         if i == 0:
             jax.block_until_ready(loss)
