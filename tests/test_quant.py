@@ -84,7 +84,7 @@ def test_round_trip_error_on_normal_data(fmt, dq, bound):
     assert q.nbytes * 8 / w.size == pytest.approx(bits, abs=2e-3)
 
 
-def _nf4_numpy(w, block=64):
+def nf4_numpy(w, block=64):
     """NF4 round trip of ``(..., in, out)`` from the paper, in NumPy float64: absmax per block of `block`
     input rows, each value the nearest printed level (argmin of the distance)."""
     w = np.asarray(w, np.float64)
@@ -105,7 +105,7 @@ def test_nf4_equals_a_numpy_reference_from_the_paper():
     codes differ (values within float32 rounding of a midpoint), RMS errors equal to 1e-5 relative."""
     w = _heavy_tailed((2, 256, 96))
     got = np.asarray(lj.dequantize(lj.quantize({"w": w}, lj.QuantSpec(double_quant=False, targets="w")))["w"])
-    want = _nf4_numpy(w)
+    want = nf4_numpy(w)
     # A differing code moves a value by a level gap (>= 0.08 of its block's absmax); equal codes agree to
     # the < 1e-7 gap between our levels and the printed ones.
     close = np.isclose(got, want, rtol=0, atol=1e-6 * float(jnp.abs(w).max()))

@@ -11,18 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import CACHE_ENV
-from test_quant import PAPER_NF4
+from test_quant import nf4_numpy
 
 import lora_jax as lj
 from lora_jax.train import config as config_lib
-
-
-def _nf4_numpy(w, block=64):
-    b = w.reshape(w.shape[:-2] + (w.shape[-2] // block, block, w.shape[-1]))
-    absmax = np.abs(b).max(axis=-2, keepdims=True)
-    x = b / np.where(absmax == 0, 1.0, absmax)
-    levels = np.asarray(PAPER_NF4)
-    return (levels[np.abs(x[..., None] - levels).argmin(-1)] * absmax).reshape(w.shape)
 
 
 def _loftq_numpy(w, rank, rounds):
@@ -30,7 +22,7 @@ def _loftq_numpy(w, rank, rounds):
     w = np.asarray(w, np.float64)
     low, errs = np.zeros_like(w), []
     for _ in range(rounds):
-        q = _nf4_numpy(w - low)
+        q = nf4_numpy(w - low)
         u, s, vt = np.linalg.svd(w - q, full_matrices=False)
         low = (u[:, :rank] * s[:rank]) @ vt[:rank]
         errs.append(float(np.linalg.norm(w - (q + low))))

@@ -11,21 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import Stack, nonzero
-from test_quant import MLP, PAPER_NF4, STACKED, TiedLM, check, rel_err
+from test_quant import MLP, STACKED, TiedLM, check, nf4_numpy, rel_err
 
 import lora_jax as lj
 from lora_jax import quant
 from lora_jax.train import config as config_lib
 from lora_jax.train import loop
-
-
-def _nf4_numpy(w, block):
-    w = np.asarray(w, np.float64)
-    b = w.reshape(w.shape[:-2] + (w.shape[-2] // block, block, w.shape[-1]))
-    absmax = np.abs(b).max(axis=-2, keepdims=True)
-    x = b / np.where(absmax == 0, 1.0, absmax)
-    levels = np.asarray(PAPER_NF4)
-    return (levels[np.abs(x[..., None] - levels).argmin(-1)] * absmax).reshape(w.shape)
 
 
 def _outliers_numpy(w, k, block):
@@ -35,7 +26,7 @@ def _outliers_numpy(w, k, block):
     rest = w.copy()
     for i, r in enumerate(rows):
         rest[i, r] = 0.0
-    out = _nf4_numpy(rest, block)
+    out = nf4_numpy(rest, block)
     for i, r in enumerate(rows):
         out[i, r] = w[i, r]
     return out, np.sort(rows, axis=-1)
