@@ -63,7 +63,7 @@ import numpy as np
 import optax
 
 import lora_jax as lj
-from lora_jax.models.gpt2 import attention as sdpa
+from lora_jax.models.layers import attention as sdpa
 from lora_jax.train.step import chunked_lm_loss
 
 ALL_TARGETS = ("query", "key", "value", "out", "up", "down")
@@ -168,7 +168,7 @@ class Block(nn.Module):
             att = jax.nn.softmax(jnp.where(mask, att, jnp.asarray(-1e9, dt)).astype(jnp.float32)).astype(dt)
             o = jnp.einsum("bhqk,bkhd->bqhd", att, v)
         else:
-            o = sdpa(q, k, v, None, c.attention)
+            o = sdpa(q, k, v, implementation=c.attention)
         h = h + dense(c.dim, "out")(o.reshape(h.shape))
         x = nn.LayerNorm(dtype=dt, name="ln2")(h)
         return h + dense(c.dim, "down")(jax.nn.gelu(dense(4 * c.dim, "up")(x)))

@@ -77,11 +77,11 @@ class GPT2Config:
     approximation, GPT-2's) or ``"gelu"`` (exact erf). ``dtype`` is the compute dtype, ``param_dtype``
     the storage dtype; LayerNorm statistics, softmax and the logits are float32.
 
-    ``attention`` picks the attention kernel: ``"xla"`` (``jax.nn.dot_product_attention``'s XLA
-    implementation), ``"cudnn"`` (its cuDNN flash attention, which never stores the ``(B, H, T, T)``
-    scores; GPUs only), ``"auto"`` (cuDNN when the default backend is a GPU and cuDNN accepts the
-    shapes, else XLA) or ``"einsum"`` (an explicit einsum-softmax-einsum). Attention dropout
-    (``dropout_rate > 0``, not deterministic) always takes the einsum path.
+    ``attention`` picks the attention kernel: ``"auto"``, ``"xla"`` or ``"cudnn"`` as in
+    ``lora_jax.models.layers.attention`` (the decoders' one selection; cuDNN's flash attention never
+    stores the ``(B, H, T, T)`` scores), or ``"einsum"`` (an explicit einsum-softmax-einsum, the
+    reference form). Attention dropout (``dropout_rate > 0``, not deterministic) always takes the einsum
+    path.
     """
 
     vocab_size: int = 50257
@@ -174,31 +174,10 @@ class GPT2Attention(nn.Module):
             probs = nn.Dropout(c.dropout_rate)(probs, deterministic=deterministic)
             out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
         else:
-            out = attention(q, k, v, mask, c.attention)
+            # None: plain causal attention; a padding mask (B, 1, T, T) already holds causality.
+            out = layers.attention(q, k, v, causal=mask is None, mask=mask, implementation=c.attention)
         out = out.reshape(batch, seq_len, c.hidden_size)
         return _dense(c, c.hidden_size, ("heads", "embed"), "out", out_scale)(out)
-
-
-def attention(q: Array, k: Array, v: Array, mask: Array | None, implementation: str = "auto") -> Array:
-    """Softmax attention ``(B, T, H, hd) x3 -> (B, T, H, hd)`` by ``jax.nn.dot_product_attention``.
-
-    Args:
-      q, k, v: ``(B, T, H, hd)`` in the compute dtype (the scores are float32 either way).
-      mask: boolean ``(B, 1, T, T)`` (True = attend), or None for plain causal attention.
-      implementation: ``"xla"``, ``"cudnn"`` or ``"auto"`` (cuDNN on a GPU backend when it accepts
-        the shapes and dtypes, else XLA).
-    """
-    # JAX's implementation promotes bfloat16 with float32 implicitly: allowed here even under strict promotion.
-    with jax.numpy_dtype_promotion("standard"):
-        if implementation == "cudnn" or (implementation == "auto" and jax.default_backend() == "gpu"):
-            try:  # cuDNN checks shapes and dtypes while tracing; a mask becomes a bias there.
-                return jax.nn.dot_product_attention(
-                    q, k, v, mask=mask, is_causal=mask is None, implementation="cudnn"
-                )
-            except (ValueError, NotImplementedError, RuntimeError):
-                if implementation == "cudnn":
-                    raise
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation="xla")
 
 
 class GPT2MLP(nn.Module):

@@ -164,6 +164,16 @@ def attention(
     padding) and the output moved back; an explicit ``mask`` (or ``valid`` with a window) as a bias. The
     XLA implementation (CPU, TPU, or what cuDNN refuses under ``"auto"``) computes float32 scores.
 
+    What ``"auto"`` covers, and what not: on a GPU backend it calls cuDNN, and falls back to XLA only
+    when jax refuses the call while tracing, which is where jax checks what cuDNN needs: 16-bit inputs
+    (float16/bfloat16), a head dim that is a multiple of 8 and at most 128 (256 on Hopper and later),
+    even sequence lengths with a bias in training, cuDNN being installed (``NotImplementedError``, or
+    jax's ``"cuDNN is not detected"`` / ``"Unsupported dtype for inputs"``). A cuDNN failure after
+    tracing (XLA's compile of the jitted step, a kernel cuDNN rejects at run time) is not caught and
+    propagates, as does anything else (out of memory, a shape error): no silent retry with XLA. Set
+    ``"xla"`` to avoid cuDNN. The cuDNN paths compile deviceless for an H200 (the planner's GPU target)
+    but none has run on a GPU yet.
+
     A query that sees no key (a padding query under left padding) gets a finite output (an average of the
     values, or zeros) and a finite gradient, and never affects other rows.
 
@@ -171,7 +181,8 @@ def attention(
       q: ``(B, T, H, D)``; k, v: ``(B, S, K, D)`` with ``K`` dividing ``H`` (not repeated), one dtype.
       scale: multiplies ``q·k``; None = ``D ** -0.5``.
       causal, window, valid, mask: the masks above.
-      implementation: ``"auto"``, ``"xla"`` or ``"cudnn"`` (an error where cuDNN cannot run).
+      implementation: ``"auto"``, ``"xla"`` or ``"cudnn"`` (a ``ValueError`` naming the fix where jax
+        refuses cuDNN for these inputs or this backend).
 
     Returns:
       ``(B, T, H, D)`` in ``q``'s dtype (scores and softmax in float32 either way).
@@ -189,7 +200,7 @@ def attention(
     # jax.nn's implementations promote bfloat16 with float32 inside: allowed here under strict promotion.
     with jax.numpy_dtype_promotion("standard"):
         if implementation == "cudnn" or (implementation == "auto" and jax.default_backend() == "gpu"):
-            try:  # cuDNN checks shapes and dtypes while tracing
+            try:  # jax checks what cuDNN needs while tracing (see "What auto covers" above)
                 if valid is not None and mask is None and window is None:
                     return _cudnn_compacted(q, k, v, valid, causal, scale)
                 bias_mask = _combine(valid, mask)  # cuDNN takes it as a bias with the full (T, S) extent
@@ -205,9 +216,18 @@ def attention(
                     local_window_size=local,
                     implementation="cudnn",
                 )
-            except (ValueError, NotImplementedError, RuntimeError):
-                if implementation == "cudnn":
+            except (NotImplementedError, ValueError, RuntimeError) as e:
+                if not _is_cudnn_refusal(e):
                     raise
+                if implementation == "cudnn":
+                    raise ValueError(
+                        f'attention="cudnn": cuDNN cannot run here ({type(e).__name__}: {e}). q {q.dtype} '
+                        f"{tuple(q.shape)}, k/v {k.dtype} {tuple(k.shape)}, backend "
+                        f"{jax.default_backend()!r}. cuDNN needs a GPU backend with cuDNN installed, "
+                        "float16/bfloat16 inputs, a head dim that is a multiple of 8 and at most 128 (256 "
+                        'on Hopper and later). Fix: attention="auto" (cuDNN where it runs, else XLA) or '
+                        'attention="xla".'
+                    ) from e
         return jax.nn.dot_product_attention(
             q,
             k,
@@ -218,6 +238,17 @@ def attention(
             local_window_size=local,
             implementation="xla",
         )
+
+
+# What jax raises while tracing a cuDNN call it cannot make (jax/_src/cudnn/fused_attention_stablehlo.py):
+# NotImplementedError for the dtype, head dim, sequence lengths and GPU generation; RuntimeError when no cuDNN
+# is installed; ValueError for a float32 mask turned into a bias (checked before the dtype).
+_CUDNN_REFUSALS = ("cuDNN is not detected", "Unsupported dtype for inputs")
+
+
+def _is_cudnn_refusal(e: Exception) -> bool:
+    """Whether ``e`` is jax refusing a cuDNN attention call for these inputs or this backend."""
+    return isinstance(e, NotImplementedError) or any(m in str(e) for m in _CUDNN_REFUSALS)
 
 
 def _combine(valid: jax.Array | None, mask: jax.Array | None) -> jax.Array | None:
