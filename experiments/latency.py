@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
-from lora_jax.models.gpt2 import attention as sdpa
+from lora_jax.models.layers import attention as sdpa
 
 VARIANTS = ("base", "merged", "wrap", "adapter")
 
@@ -128,9 +128,9 @@ def forward(c: Cfg, params, ids, cache, start, adapters=None):
         new_k.append(k_all)
         new_v.append(v_all)
         if t > 1:  # prefill: attend within the prompt only
-            o = sdpa(q, k, v, None, "auto")
+            o = sdpa(q, k, v, causal=True)
         else:
-            o = sdpa(q, k_all, v_all, jnp.broadcast_to(allowed, (b, 1, t, s)), "auto")
+            o = sdpa(q, k_all, v_all, causal=False, mask=jnp.broadcast_to(allowed, (b, 1, t, s)))
         y = dense(o.reshape(b, t, c.dim), p["out"])
         if adapters is not None:
             y = adapter(y, adapters[i]["attn"])
