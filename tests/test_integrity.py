@@ -170,7 +170,7 @@ def test_bit_flips_anywhere_in_an_adapter_file_raise(train_state, tmp_path):
 
 WORKER = r"""
 import pathlib, sys
-out, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out, port, pid, phase = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
@@ -187,6 +187,18 @@ state = {"w": put(full, P("x", "y")), "r": put(full[:8], P()), "v": put(full[:, 
 # Another sharding, whose shards do not contain the saved blocks: checked after a gather.
 other = {"w": put(0 * full, P(None, ("x", "y"))), "r": put(0 * full[:8], P("x")), "v": put(0 * full[:, :16], P("y"))}
 root = pathlib.Path(out)
+if phase == "read":  # fresh processes: nothing read before the flip can be served from a cache
+    errors = []
+    for template in (state, other):
+        ckpt = checkpoint.TrainCheckpointer(root, every=1)
+        try:
+            ckpt.restore(template)
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e).split("corrupted: ")[1].split(". ")[0])
+        ckpt.close()
+    print("RESULT", errors, flush=True)
+    sys.exit(0)
 ckpt = checkpoint.TrainCheckpointer(root, every=1)
 ckpt.save(1, state, {})
 ckpt.wait()
@@ -204,49 +216,49 @@ if pid == 0:  # one bit of the data that process 1 wrote
     raw[len(raw) // 2] ^= 8
     data.write_bytes(bytes(raw))
 multihost_utils.sync_global_devices("flipped")
-errors = []
-for template in (state, other):
-    ckpt = checkpoint.TrainCheckpointer(root, every=1)
-    try:
-        ckpt.restore(template)
-        errors.append(None)
-    except ValueError as e:
-        errors.append(str(e).split("corrupted: ")[1].split(". ")[0])
-    ckpt.close()
-print("RESULT", blocks, errors, flush=True)
+print("RESULT", blocks, flush=True)
 """
 
 
 def test_checksums_of_arrays_sharded_across_two_processes(tmp_path):
+    """Two processes save arrays sharded across both, read them back under two shardings, then one bit of
+    the data process 1 wrote is flipped; fresh processes (so that no read is served from what the writers
+    cached before the flip) must refuse it under both shardings, naming the leaf."""
     import os
     import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path), str(port), str(i)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    results = []
-    for p, (out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-        results.append([line for line in out.splitlines() if line.startswith("RESULT")][-1])
-    # Leaves r (replicated), v (2 blocks), w (2x2 blocks); both processes refuse the flipped bit, both ways.
+
+    def run(phase: str) -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, str(tmp_path), str(port), str(i), phase],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        try:
+            outs = [p.communicate(timeout=600) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        results = []
+        for p, (out, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err[-3000:]
+            results.append([line for line in out.splitlines() if line.startswith("RESULT")][-1])
+        return results
+
+    # Leaves r (replicated), v (2 blocks), w (2x2 blocks), each read back exactly under both shardings.
+    assert run("write") == ["RESULT [1, 2, 4]"] * 2
+    # Both processes refuse the flipped bit, both ways.
     want = "1 of 3 leaves do not match the checksums saved with them: ['w']"
-    assert results[0] == results[1] == f"RESULT [1, 2, 4] {[want, want]}"
+    assert run("read") == [f"RESULT {[want, want]}"] * 2
