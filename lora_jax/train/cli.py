@@ -289,7 +289,6 @@ def _check_adapter_args(args) -> None:
 
 
 def _with_adapter(args) -> int:
-    import dataclasses
 
     import jax
     import jax.numpy as jnp
@@ -306,18 +305,7 @@ def _with_adapter(args) -> int:
         return multi.run(args)
     args.adapter = args.adapter[0]
     info = checkpoint.adapter_info(args.adapter)
-    stored = dict(info.get("extra", {}).get("config", {}))
-    fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
-    try:
-        cfg = config_lib.TrainConfig(**{k: v for k, v in stored.items() if k in fields})
-    except ValueError as e:
-        raise ValueError(
-            f"{args.adapter}: the training settings stored in the adapter are not usable ({e})."
-        ) from None
-    if args.model:
-        cfg = dataclasses.replace(cfg, model=args.model)
-    if args.quantize:
-        cfg = dataclasses.replace(cfg, quantize=args.quantize)
+    cfg = config_lib.from_adapter(info, args.adapter, model=args.model, quantize=args.quantize)
     try:
         loop.check_model(cfg.model)
     except ValueError as e:

@@ -25,6 +25,7 @@ __all__ = [
     "TrainConfig",
     "add_arguments",
     "default_targets",
+    "from_adapter",
     "from_args",
 ]
 
@@ -384,6 +385,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 kind = int
             shown = "" if f.name == "targets" else f" (default: {f.default!r})"
             parser.add_argument(flag, type=kind, default=f.default, help=f"{_HELP.get(f.name, '')}{shown}")
+
+
+def from_adapter(
+    info: dict, source: str, *, model: str | None = None, quantize: str | None = None
+) -> TrainConfig:
+    """The `TrainConfig` an adapter was trained with, from its header (`lora_jax.adapter.adapter_info`),
+    with ``model`` / ``quantize`` overriding the stored values when given. `source` names the file in errors.
+
+    Raises:
+      ValueError: the stored settings do not make a valid config.
+    """
+    stored = dict(info.get("extra", {}).get("config", {}))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        cfg = TrainConfig(**{k: v for k, v in stored.items() if k in fields})
+    except ValueError as e:
+        raise ValueError(
+            f"{source}: the training settings stored in the adapter are not usable ({e})."
+        ) from None
+    if model:
+        cfg = dataclasses.replace(cfg, model=model)
+    if quantize:
+        cfg = dataclasses.replace(cfg, quantize=quantize)
+    return cfg
 
 
 def from_args(argv: Sequence[str] | None = None) -> TrainConfig:

@@ -93,7 +93,6 @@ def read_prompts(path: str, names: list[str]) -> list[tuple[str | None, str]]:
 
 def _setup(paths: dict[str, str], model_override, quantize_override):
     """(cfg, model, variables, tokenizer, bank) from the first adapter's settings."""
-    import dataclasses
 
     import lora_jax as lj
     from lora_jax import checkpoint
@@ -103,18 +102,9 @@ def _setup(paths: dict[str, str], model_override, quantize_override):
     from lora_jax.train import mesh as mesh_lib
 
     first = next(iter(paths.values()))
-    stored = dict(checkpoint.adapter_info(first).get("extra", {}).get("config", {}))
-    fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
-    try:
-        cfg = config_lib.TrainConfig(**{k: v for k, v in stored.items() if k in fields})
-    except ValueError as e:
-        raise ValueError(
-            f"{first}: the training settings stored in the adapter are not usable ({e})."
-        ) from None
-    if model_override:
-        cfg = dataclasses.replace(cfg, model=model_override)
-    if quantize_override:
-        cfg = dataclasses.replace(cfg, quantize=quantize_override)
+    cfg = config_lib.from_adapter(
+        checkpoint.adapter_info(first), first, model=model_override, quantize=quantize_override
+    )
     loop.check_model(cfg.model)
     for name, path in paths.items():  # one shared base: LoftQ past one round fits its own quantized residual
         init = checkpoint.adapter_info(path).get("spec", {}).get("init", "kaiming")
