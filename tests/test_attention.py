@@ -379,3 +379,39 @@ def test_planned_gpu_step_calls_cudnn_fused_attention(tmp_path):
     request = plan.PlanRequest(str(tmp_path), devices=1, mesh="fsdp=1", batch=2, seq=64, target="gpu:h200")
     report = plan.plan(request)
     assert report["attention"] == "cudnn" and report["fused_attention_calls"] >= 2
+
+
+def test_attention_flag_reaches_the_model_not_the_adapter_identity(monkeypatch):
+    """``--attention`` (finetune, eval, generate) sets the model's kernel; it is a per-run choice, so it is
+    left out of the identity an adapter is checked against, and eval/generate do not inherit it."""
+    from lora_jax.train import cli, loop
+    from lora_jax.train import config as config_lib
+
+    assert config_lib.TrainConfig().attention == "auto"
+    assert config_lib.ATTENTION == layers.ATTENTION
+    with pytest.raises(ValueError, match=r"--attention must be one of auto, xla, cudnn, got 'flash'"):
+        config_lib.from_args(["--attention", "flash"])
+    models = {}
+    for choice in ("auto", "xla"):
+        cfg = config_lib.from_args(["--model", "tiny-llama", "--attention", choice])
+        model, variables, _, identity = loop.load_model(cfg)
+        models[choice] = (model, variables, identity)
+    assert models["xla"][0].config.attention == "xla" and models["auto"][0].config.attention == "auto"
+    assert models["xla"][2] == models["auto"][2] and "attention" not in models["xla"][2]["config"]
+    # On a (faked) GPU backend: "auto" tries cuDNN first (refused on this host), "xla" never does.
+    model, variables, _ = models["xla"]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    calls = _record_calls(monkeypatch, NotImplementedError("The head dim must be <= 128 and a multiple of 8"))
+    jax.eval_shape(model.apply, variables, jnp.zeros((1, 4), jnp.int32))
+    assert calls and set(calls) == {"xla"}
+    calls.clear()
+    model, variables, _ = models["auto"]
+    jax.eval_shape(model.apply, variables, jnp.zeros((1, 4), jnp.int32))
+    assert calls[0] == "cudnn" and "xla" in calls
+    # eval / generate: this machine's choice (default auto), never the one stored with the adapter.
+    info = {"extra": {"config": {"model": "tiny-llama", "attention": "cudnn"}}}
+    assert config_lib.from_adapter(info, "a.safetensors").attention == "auto"
+    assert config_lib.from_adapter(info, "a.safetensors", attention="xla").attention == "xla"
+    args = cli._parser().parse_args(["eval", "--adapter", "a", "--attention", "xla"])
+    assert args.attention == "xla"
+    assert cli._parser().parse_args(["generate", "--adapter", "a"]).attention == "auto"

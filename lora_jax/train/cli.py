@@ -109,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
             choices=("nf4", "int8"),
             help="QLoRA: quantize the base's kernels (default: the adapter's training setting)",
         )
+        p.add_argument(
+            "--attention",
+            default="auto",
+            choices=config_lib.ATTENTION,
+            help="attention kernel: auto (cuDNN's fused attention on a GPU where it runs, else XLA's), xla, "
+            "or cudnn (default: auto, whatever the adapter was trained with)",
+        )
         if name == "eval":
             p.add_argument("--split", default="test", choices=("train", "validation", "test"))
             p.add_argument(
@@ -305,7 +312,9 @@ def _with_adapter(args) -> int:
         return multi.run(args)
     args.adapter = args.adapter[0]
     info = checkpoint.adapter_info(args.adapter)
-    cfg = config_lib.from_adapter(info, args.adapter, model=args.model, quantize=args.quantize)
+    cfg = config_lib.from_adapter(
+        info, args.adapter, model=args.model, quantize=args.quantize, attention=args.attention
+    )
     try:
         loop.check_model(cfg.model)
     except ValueError as e:

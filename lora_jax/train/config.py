@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 
 __all__ = [
+    "ATTENTION",
     "DATA_FIELDS",
     "TRAJECTORY_FIELDS",
     "VARIANT_FIELDS",
@@ -115,6 +116,7 @@ class TrainConfig:
     mesh: str = "data=-1,fsdp=1,tensor=1"
     scan_layers: bool = True
     remat: str = "none"  # none | dots | full: each layer's recompute policy (measured: README)
+    attention: str = "auto"  # auto | xla | cudnn: the attention kernel (not part of the adapter's identity)
     dtype: str = "float32"  # compute dtype; bfloat16 is slower on CPU (measured)
     coordinator: str | None = None
     num_processes: int | None = None
@@ -161,6 +163,7 @@ class TrainConfig:
 
 FORMATS = ("auto", "prompt-completion", "messages", "text")
 REMAT = ("none", "dots", "full")
+ATTENTION = ("auto", "xla", "cudnn")  # lora_jax.models.layers.ATTENTION (not imported: config stays light)
 
 
 def _data_problems(cfg: TrainConfig) -> list[str]:
@@ -250,6 +253,8 @@ def _number_problems(cfg: TrainConfig) -> list[str]:
     problems += _variant_problems(cfg)
     if cfg.remat not in REMAT:
         problems.append(f"--remat must be one of {', '.join(REMAT)}, got {cfg.remat!r}")
+    if cfg.attention not in ATTENTION:
+        problems.append(f"--attention must be one of {', '.join(ATTENTION)}, got {cfg.attention!r}")
     if not str(cfg.out).strip():
         problems.append("--out must name a folder, got an empty string")
     if cfg.resume_from is not None and cfg.resume_from < 1:
@@ -357,6 +362,8 @@ _HELP = {
     "scan_layers": "stack the layers in one nn.scan (faster compile)",
     "remat": "rematerialise each layer in the backward pass: none (keep all activations), dots (keep the "
     "projection outputs, recompute attention and element-wise work) or full (keep only each layer's input)",
+    "attention": "attention kernel: auto (cuDNN's fused attention on a GPU where it runs, else XLA's), xla, "
+    "or cudnn (an error where cuDNN cannot run)",
     "dtype": "compute dtype (float32 | bfloat16)",
     "coordinator": "multi-host: coordinator host:port (process 0's address)",
     "num_processes": "multi-host: number of processes",
@@ -388,10 +395,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_adapter(
-    info: dict, source: str, *, model: str | None = None, quantize: str | None = None
+    info: dict,
+    source: str,
+    *,
+    model: str | None = None,
+    quantize: str | None = None,
+    attention: str = "auto",
 ) -> TrainConfig:
     """The `TrainConfig` an adapter was trained with, from its header (`lora_jax.adapter.adapter_info`),
     with ``model`` / ``quantize`` overriding the stored values when given. `source` names the file in errors.
+    ``attention`` is this machine's choice, never the stored one (a run on a GPU may have forced cudnn).
 
     Raises:
       ValueError: the stored settings do not make a valid config.
@@ -408,7 +421,7 @@ def from_adapter(
         cfg = dataclasses.replace(cfg, model=model)
     if quantize:
         cfg = dataclasses.replace(cfg, quantize=quantize)
-    return cfg
+    return dataclasses.replace(cfg, attention=attention)
 
 
 def from_args(argv: Sequence[str] | None = None) -> TrainConfig:

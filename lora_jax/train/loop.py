@@ -192,11 +192,13 @@ def load_model(cfg: TrainConfig, mesh=None, *, quantize: bool = False):
             mesh=mesh,
             quantize=quant_spec(cfg) if quantize else None,
         )
+    if model.config.attention != cfg.attention:  # the kernel is chosen per run, like remat
+        model = type(model)(dataclasses.replace(model.config, attention=cfg.attention))
     mc = model.config
     config = {
         k: (jnp.dtype(v).name if k in ("dtype", "param_dtype") else v)
         for k, v in dataclasses.asdict(mc).items()
-        if k not in ("remat",)
+        if k not in ("remat", "attention")
         # Llama-family switches at their Llama-2 values are left out: adapters saved before they existed match.
         and not (k in _LLAMA_SWITCHES and v == _LLAMA_SWITCHES[k])
     }

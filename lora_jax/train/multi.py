@@ -91,7 +91,7 @@ def read_prompts(path: str, names: list[str]) -> list[tuple[str | None, str]]:
     return rows
 
 
-def _setup(paths: dict[str, str], model_override, quantize_override):
+def _setup(paths: dict[str, str], model_override, quantize_override, attention="auto"):
     """(cfg, model, variables, tokenizer, bank) from the first adapter's settings."""
 
     import lora_jax as lj
@@ -103,7 +103,11 @@ def _setup(paths: dict[str, str], model_override, quantize_override):
 
     first = next(iter(paths.values()))
     cfg = config_lib.from_adapter(
-        checkpoint.adapter_info(first), first, model=model_override, quantize=quantize_override
+        checkpoint.adapter_info(first),
+        first,
+        model=model_override,
+        quantize=quantize_override,
+        attention=attention,
     )
     loop.check_model(cfg.model)
     for name, path in paths.items():  # one shared base: LoftQ past one round fits its own quantized residual
@@ -126,7 +130,7 @@ def run(args) -> int:
         if not args.prompts:
             raise MultiError("generate with several adapters reads its prompts from --prompts FILE.jsonl")
         rows = read_prompts(args.prompts, list(paths))
-    cfg, model, variables, tok, bank = _setup(paths, args.model, args.quantize)
+    cfg, model, variables, tok, bank = _setup(paths, args.model, args.quantize, args.attention)
     if args.command == "generate":
         return _generate(args, cfg, model, variables, tok, bank, rows)
     return _eval(args, cfg, model, variables, tok, bank)
