@@ -1,14 +1,27 @@
-"""Small helpers shared by several test modules (import them: ``from helpers import nonzero``)."""
+"""Small helpers shared by several test modules (import them: ``from helpers import nonzero``).
 
+Importing this module initialises no JAX backend, so a worker script that must call
+``jax.distributed.initialize`` first may import it too.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 
 
-def nonzero(deltas, key=jax.random.key(7)):
+def nonzero(deltas, key=None):
     """Deltas with every factor random (a fresh delta has b = 0, which would hide errors in the low-rank
-    path): each leaf ~ 0.3 · N(0, 1) in its own shape and dtype."""
+    path): each leaf ~ 0.3 · N(0, 1) in its own shape and dtype; ``key`` defaults to ``jax.random.key(7)``."""
+    key = jax.random.key(7) if key is None else key
     leaves, tree = jax.tree_util.tree_flatten(deltas)
     keys = jax.random.split(key, len(leaves))
     return jax.tree_util.tree_unflatten(
@@ -66,3 +79,129 @@ sys.exit(cli.main(sys.argv[1:]))
 # the programs an earlier run compiled (the same executables) instead of compiling them again. Filled by
 # the `compilation_cache` fixture (tests/conftest.py) for the module that uses it; empty otherwise.
 CACHE_ENV: dict[str, str] = {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Child processes: CLI runs, worker scripts and several JAX processes on localhost (`jax.distributed`).
+#
+#     port = free_port()
+#     outs = run_processes([[sys.executable, "-c", WORKER, str(port), str(i)] for i in range(2)], devices=4)
+#     assert result(outs[0]) == {...}
+#
+# Each child runs on the CPU platform with `devices` simulated devices (set before JAX starts in it) and
+# `CACHE_ENV`. Its stdout and stderr go to temporary files, not pipes: a child that prints a lot while it
+# waits for its peer cannot block on a full pipe that nobody reads.
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a ``jax.distributed`` coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(devices: int = 1, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a child: the CPU platform with ``devices`` devices, `CACHE_ENV`
+    (empty unless the module uses the ``compilation_cache`` fixture), then ``env`` on top."""
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        **CACHE_ENV,
+        **(env or {}),
+    }
+
+
+class Child(subprocess.Popen):
+    """A started child (a `subprocess.Popen`) whose stdout and stderr go to temporary files."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str]):
+        self._logs = [tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") for _ in range(2)]
+        super().__init__(
+            [str(a) for a in argv], env=env, stdout=self._logs[0], stderr=self._logs[1], text=True
+        )
+
+    def output(self) -> tuple[str, str]:
+        """(stdout, stderr) written so far."""
+        texts = []
+        for f in self._logs:
+            f.seek(0)
+            texts.append(f.read())
+        return texts[0], texts[1]
+
+    def describe(self, tail: int = 4000) -> str:
+        """The command (long arguments such as a ``-c`` script shortened), its exit code and its stderr tail."""
+        argv = " ".join(a if len(a) <= 80 else a[:40].strip() + " ..." for a in self.args)
+        state = "still running" if self.returncode is None else f"exit code {self.returncode}"
+        return f"`{argv}`: {state}; stderr tail:\n{self.output()[1][-tail:]}"
+
+
+def spawn(argv: Sequence[str], *, devices: int = 1, env: Mapping[str, str] | None = None) -> Child:
+    """Start ``argv`` with `child_env` (``devices``, ``env``). The caller kills it; `launched` does that."""
+    return Child(argv, child_env(devices, env))
+
+
+@contextlib.contextmanager
+def launched(
+    argvs: Sequence[Sequence[str]], *, devices: int = 1, env: Mapping[str, str] | None = None
+) -> Iterator[list[Child]]:
+    """Start one child per argv (`spawn`); on leaving, however that happens, kill those still running.
+
+    For a child the test kills itself (a victim killed mid-run), or to watch children while they run;
+    `run_processes` is the usual way to run them to the end.
+    """
+    children = []
+    try:
+        for argv in argvs:
+            children.append(spawn(argv, devices=devices, env=env))
+        yield children
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+            c.wait()
+            for f in c._logs:
+                f.close()
+
+
+def run_processes(
+    argvs: Sequence[Sequence[str]],
+    *,
+    devices: int = 1,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600,
+    tail: int = 4000,
+) -> list[str]:
+    """Run one child per argv at once (several JAX processes of one job) and return their stdouts in order.
+
+    Every child must exit with code 0. As soon as one fails, the others are killed (peers would wait for
+    it until their own timeouts) and an ``AssertionError`` shows each failed child's stderr tail (``tail``
+    characters); after ``timeout`` seconds, the same with the children still running.
+    """
+    with launched(argvs, devices=devices, env=env) as children:
+        deadline = time.monotonic() + timeout
+        while None in (codes := [c.poll() for c in children]):  # poll every child, each time
+            if any(code not in (None, 0) for code in codes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        bad = [c for c in children if c.returncode != 0]
+        if bad:
+            what = "failed" if any(c.returncode is not None for c in bad) else f"timed out after {timeout} s"
+            bad = [c for c in bad if c.returncode is not None] or bad
+            raise AssertionError(
+                f"{len(bad)} of {len(children)} processes {what}:\n"
+                + "\n".join(c.describe(tail) for c in bad)
+            )
+        return [c.output()[0] for c in children]
+
+
+def result_line(stdout: str) -> str | None:
+    """The last line of ``stdout`` that starts with ``RESULT`` (how the workers report), or None."""
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT")]
+    return lines[-1] if lines else None
+
+
+def result(stdout: str):
+    """The JSON value of the last ``RESULT <json>`` line of ``stdout``, or None if there is none."""
+    line = result_line(stdout)
+    return None if line is None else json.loads(line[len("RESULT") :])

@@ -3,16 +3,14 @@ samples; bad data is a one-line error; a run killed with SIGKILL mid-epoch resum
 two processes read disjoint shares whose union is the data set."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from helpers import CACHE_ENV, SLOW_CLI
+from helpers import SLOW_CLI, child_env, free_port, launched, run_processes
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # helpers.CACHE_ENV
 
@@ -54,17 +52,8 @@ SHARED = [
 ]
 
 
-def _env(devices=1):
-    return dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        **CACHE_ENV,
-    )
-
-
 def _run(args, timeout=600):
-    return subprocess.run(CLI + args, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(CLI + args, env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _write(path, rows):
@@ -156,21 +145,15 @@ def test_sigkill_mid_epoch_resumes_with_the_same_batches(tmp_path):
     ref = _run(args + ["--out", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "killed"
-    victim = subprocess.Popen(
-        SLOW_CLI + args + ["--out", str(out)],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 400
-    while time.time() < deadline and victim.poll() is None:
-        if any(p.name.isdigit() and int(p.name) >= 4 for p in (out / "checkpoints").glob("*")):
-            break
-        time.sleep(0.2)
-    assert victim.poll() is None, "finished before it could be killed: " + victim.communicate()[1][-2000:]
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    with launched([SLOW_CLI + args + ["--out", str(out)]]) as [victim]:
+        deadline = time.time() + 400
+        while time.time() < deadline and victim.poll() is None:
+            if any(p.name.isdigit() and int(p.name) >= 4 for p in (out / "checkpoints").glob("*")):
+                break
+            time.sleep(0.2)
+        assert victim.poll() is None, "finished before it could be killed: " + victim.output()[1][-2000:]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
     killed_at = max(int(p.name) for p in (out / "checkpoints").glob("*") if p.name.isdigit())
     assert 4 <= killed_at < 8 and killed_at % 3 != 0  # mid-epoch
 
@@ -191,18 +174,12 @@ def test_sigkill_mid_epoch_resumes_with_the_same_batches(tmp_path):
         np.testing.assert_array_equal(x[k], y[k], err_msg=k)  # bit for bit
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.assets
 def test_two_processes_read_disjoint_shares(tmp_path):
     from lora_jax.data import files
 
-    data, out, port = _write(tmp_path / "d.jsonl", PC), tmp_path / "run", _free_port()
+    data, out, port = _write(tmp_path / "d.jsonl", PC), tmp_path / "run", free_port()
     args = TINY + [
         "--data",
         str(data),
@@ -215,25 +192,8 @@ def test_two_processes_read_disjoint_shares(tmp_path):
         "--num-processes",
         "2",
     ]
-    procs = [
-        subprocess.Popen(
-            CLI + args + ["--process-id", str(i)],
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        results = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_stdout, stderr) in zip(procs, results):
-        assert p.returncode == 0, stderr[-3000:]
-    assert "/ 2 processes" in results[0][0] and "processes_reading" in (out / "results.json").read_text()
+    stdouts = run_processes([CLI + args + ["--process-id", str(i)] for i in range(2)])
+    assert "/ 2 processes" in stdouts[0] and "processes_reading" in (out / "results.json").read_text()
     train, _ = files.carve(len(PC), 0.1)
     shares = []
     for i in range(2):

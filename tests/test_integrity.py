@@ -13,12 +13,14 @@ the counts per file.
 import collections
 import logging
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import free_port, result_line, run_processes
 
 import lora_jax as lj
 from lora_jax import adapter, checkpoint
@@ -224,38 +226,11 @@ def test_checksums_of_arrays_sharded_across_two_processes(tmp_path):
     """Two processes save arrays sharded across both, read them back under two shardings, then one bit of
     the data process 1 wrote is flipped; fresh processes (so that no read is served from what the writers
     cached before the flip) must refuse it under both shardings, naming the leaf."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
 
     def run(phase: str) -> list[str]:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", WORKER, str(tmp_path), str(port), str(i), phase],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for i in range(2)
-        ]
-        try:
-            outs = [p.communicate(timeout=600) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        results = []
-        for p, (out, err) in zip(procs, outs, strict=True):
-            assert p.returncode == 0, err[-3000:]
-            results.append([line for line in out.splitlines() if line.startswith("RESULT")][-1])
-        return results
+        port = free_port()
+        argvs = [[sys.executable, "-c", WORKER, str(tmp_path), str(port), str(i), phase] for i in range(2)]
+        return [result_line(out) for out in run_processes(argvs, devices=2)]
 
     # Leaves r (replicated), v (2 blocks), w (2x2 blocks), each read back exactly under both shardings.
     assert run("write") == ["RESULT [1, 2, 4]"] * 2

@@ -3,13 +3,10 @@
 Each process builds the global batch from its own rows only (make_array_from_process_local_data).
 """
 
-import json
-import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
+from helpers import free_port, result, run_processes
 
 WORKER = r"""
 import json, sys
@@ -27,40 +24,14 @@ if jax.process_index() == 0:
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(tmp_path, devices, port, pid):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    return subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(tmp_path), str(port), pid],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _result(proc):
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-4000:]
-    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
-    return json.loads(lines[-1][len("RESULT ") :]) if lines else None
+def _worker(tmp_path, port, pid):
+    return [sys.executable, "-c", WORKER, str(tmp_path), str(port), pid]
 
 
 def test_two_processes_match_one_process(tmp_path):
-    port = _free_port()
-    procs = [_spawn(tmp_path, 4, port, str(i)) for i in range(2)]
-    try:
-        multi = [_result(p) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    single = _result(_spawn(tmp_path, 8, 0, "single"))
+    port = free_port()
+    multi = [result(out) for out in run_processes([_worker(tmp_path, port, i) for i in "01"], devices=4)]
+    [single] = map(result, run_processes([_worker(tmp_path, 0, "single")], devices=8))
     assert multi[1] is None  # only process 0 reports
     multi = multi[0]
     assert multi["processes"] == 2 and multi["devices"] == 8

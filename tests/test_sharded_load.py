@@ -16,11 +16,11 @@ device is needed.
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers import free_port, result, run_processes
 
 MESH = "data=1,fsdp=4,tensor=2"
 
@@ -388,18 +388,8 @@ def _assets_worker():
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharded_load")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(tmp)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    [out] = run_processes([[sys.executable, __file__, str(tmp)]], devices=8)
+    return result(out)
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
@@ -483,35 +473,10 @@ def test_two_processes_each_read_only_their_half(tmp_path):
     Every parameter of this Llama but the norm scales is split over fsdp (4, two per process), so each
     process reads about half the checkpoint; its shards equal the whole-model load bit for bit.
     """
-    import socket
-
     folder = write_folder(tmp_path / "m", {**LLAMA, "tie_word_embeddings": True}, "bfloat16", shards=2)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--process", str(folder), str(i), str(port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, err[-4000:]
-            outs.append(
-                json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT ") :])
-            )
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    port = free_port()
+    argvs = [[sys.executable, __file__, "--process", str(folder), str(i), str(port)] for i in range(2)]
+    outs = [result(out) for out in run_processes(argvs, devices=4)]
     assert sorted(o["process"] for o in outs) == [0, 1]
     for o in outs:
         assert o["local_devices"] == 4 and o["devices"] == 8
@@ -523,19 +488,7 @@ def test_two_processes_each_read_only_their_half(tmp_path):
 @pytest.mark.assets
 def test_assets_by_name_load_sharded():
     """GGUF keeps working (dequantized whole, then placed with its shardings); MiniLM by name too."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, __file__, "--assets"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(
-        [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT ") :]
-    )
+    [out] = map(result, run_processes([[sys.executable, __file__, "--assets"]], devices=8))
     for name, o in out.items():
         assert o["equal"] and o["shardings"], (name, o)
         assert o["split"] >= o["leaves"] // 2, (name, o)  # most parameters are split across devices
