@@ -370,7 +370,7 @@ def main():
     if args.diagnose:
         return _write(args, diagnose(args.ppl_rows))
     if args.load_memory:
-        qspec = loop.quant_spec(config_lib.TrainConfig(quantize="nf4"))
+        qspec = loop.quant_spec(config_lib.TrainConfig(quantize="nf4", quant_outlier_rows=0))
         return _write(args, {"dense": load_peak(None), "nf4+dq": load_peak(qspec)})
     model, variables, tok = models.load("smollm2-135m", scan_layers=True)
     variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), variables)

@@ -48,6 +48,7 @@ import numpy as np
 from lora_jax.delta import LoraDelta, delta_weight, is_delta
 from lora_jax.full import is_full
 from lora_jax.pairing import paired_leaves
+from lora_jax.quant.array import is_quantized
 from lora_jax.spec import LoraSpec, residual_init
 
 __all__ = ["init_with_residual", "principal_factors", "to_original_base", "loftq_rounds"]
@@ -150,6 +151,7 @@ def init_with_residual(
             f"init_with_residual: qspec= is for LoftQ (init='loftq' or 'loftq_iter_<n>'), not init={spec.init!r}; "
             f"quantize the residual afterwards with lj.quantize(residual, qspec)."
         )
+    _check_dense(params, spec.init, rounds)
     plain = core.init(key, params, dataclasses.replace(spec, init="kaiming"), fn=fn, args=args, kwargs=kwargs)
     treedef, pairs = paired_leaves(params, plain)
     if rounds:
@@ -173,6 +175,26 @@ def init_with_residual(
         residual.append(w_res)
         deltas.append(d_new)
     return jax.tree_util.tree_unflatten(treedef, residual), jax.tree_util.tree_unflatten(treedef, deltas)
+
+
+def _check_dense(params, init: str, rounds: int) -> None:
+    """Raise if `params` holds a `QuantizedArray`: these inits need the dense weights (see `init_with_residual`)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=is_quantized)
+    path = next((p for p, x in leaves if is_quantized(x)), None)
+    if path is None:
+        return
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    fix = (
+        "LoftQ quantizes the base itself: pass the dense params (the original weights, or "
+        "lj.dequantize(params)) together with qspec=your QuantSpec"
+        if rounds
+        else f"init={init!r} splits each dense weight (SVD/QR): pass the dense params (the original weights, "
+        "or lj.dequantize(params)) and quantize the residual afterwards with lj.quantize(residual, qspec)"
+    )
+    raise ValueError(
+        f"init_with_residual: {name} is already quantized (a QuantizedArray), but LoraSpec(init={init!r}) "
+        f"needs dense weights. {fix}."
+    )
 
 
 def _loftq(key, pairs, qspec, rounds: int) -> list:

@@ -123,22 +123,21 @@ def test_save_load_round_trip_with_outlier_rows(tmp_path):
     assert back["params"]["query"]["kernel"].outlier_values.dtype == jnp.bfloat16
 
 
-def test_file_with_outlier_rows_is_version_2_and_must_hold_them(tmp_path):
-    """A base with outlier rows is written as format version 2 (a version-1 reader refuses it rather than
-    decode zeros in those rows); without them, version 1 as before; a file whose header records outlier
-    rows (or double quantization) but lacks their tensors is refused, not decoded without them."""
+def test_file_with_outlier_rows_must_hold_them(tmp_path):
+    """Every base is written as format version 3 (older readers refuse it); a file whose header records
+    outlier rows (or double quantization) but lacks their tensors is refused, not decoded without them."""
     import json
 
     from safetensors.numpy import load_file, save_file
 
     v = MLP().init(jax.random.key(0), jnp.ones((1, 32)))
     plain = quant.save(tmp_path / "plain", lj.quantize(v, lj.QuantSpec(block_size=16)), model="mlp")
-    assert quant.info(plain)["format"] == "lora_jax.quantized_base/1"
+    assert quant.info(plain)["format"] == "lora_jax.quantized_base/3"
     file = quant.save(
         tmp_path / "base", lj.quantize(v, lj.QuantSpec(block_size=16, outlier_rows=2)), model="mlp"
     )
     header = quant.info(file)
-    assert header["format"] == "lora_jax.quantized_base/2"
+    assert header["format"] == "lora_jax.quantized_base/3"
     from safetensors import safe_open
 
     with safe_open(str(file), "np") as f:
@@ -176,3 +175,34 @@ def test_finetune_flag_quant_outlier_rows():
         config_lib.TrainConfig(quant_outlier_rows=2)
     with pytest.raises(ValueError, match=r"--quant-outlier-rows must be an int >= 0, got -1"):
         config_lib.TrainConfig(quantize="nf4", quant_outlier_rows=-1)
+
+
+def test_finetune_outlier_rows_default_follows_the_format(tmp_path):
+    """``--quantize nf4`` keeps 2 outlier rows unless told otherwise; int8 and a float base keep none; an
+    adapter trained on a float base and scored with ``--quantize nf4`` gets nf4's default, a stored nf4
+    choice is kept; a checkpoint saved before the flag existed ran plain NF4, and resumes as such."""
+    import dataclasses
+
+    from lora_jax import checkpoint
+    from lora_jax.train import resume
+
+    assert config_lib.TrainConfig().quant_outlier_rows == 0
+    assert config_lib.from_args(["--quantize", "nf4"]).quant_outlier_rows == 2
+    assert config_lib.from_args(["--quantize", "int8"]).quant_outlier_rows == 0
+    assert config_lib.from_args(["--quantize", "nf4", "--quant-outlier-rows", "0"]).quant_outlier_rows == 0
+    stored = lambda **kw: {"extra": {"config": dataclasses.asdict(config_lib.TrainConfig(**kw))}}  # noqa: E731
+    assert config_lib.from_adapter(stored(), "a", quantize="nf4").quant_outlier_rows == 2
+    plain = stored(quantize="nf4", quant_outlier_rows=0)
+    assert config_lib.from_adapter(plain, "a").quant_outlier_rows == 0
+    assert config_lib.from_adapter(plain, "a", quantize="nf4").quant_outlier_rows == 0
+    cfg = config_lib.TrainConfig(model="tiny-llama", quantize="nf4", quant_outlier_rows=0)
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "quant_outlier_rows"}
+    ckpt = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", every=1)
+    try:
+        ckpt.save(2, {"w": jnp.zeros(3)}, {"config": old})
+        ckpt.wait()
+        assert resume.check_resume(ckpt, cfg) is True
+        with pytest.raises(ValueError, match=r"\{'quant_outlier_rows': \(0, 2\)\}"):
+            resume.check_resume(ckpt, dataclasses.replace(cfg, quant_outlier_rows=2))
+    finally:
+        ckpt.close()

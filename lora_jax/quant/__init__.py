@@ -16,13 +16,14 @@ decode into the op), and its backward pass decodes again rather than keeping a d
 
 Modules: `codes` (the arithmetic on one array), `array` (`QuantizedArray`), `tree` (`QuantSpec`,
 `quantize`, `dequantize`; `quantize_leaf` for loaders that quantize as they place each weight,
-`abstract_quantize` for the memory planner), `io` (safetensors files).
+`abstract_quantize` for the memory planner, `shardings` to place a quantized tree on a mesh), `io`
+(safetensors files, checksummed).
 """
 
 from lora_jax.quant.array import QuantizedArray, QuantMeta, is_quantized
 from lora_jax.quant.codes import NF4_LEVELS
 from lora_jax.quant.io import info, load, save
-from lora_jax.quant.tree import QuantSpec, abstract_quantize, dequantize, quantize, quantize_leaf
+from lora_jax.quant.tree import QuantSpec, abstract_quantize, dequantize, quantize, quantize_leaf, shardings
 
 __all__ = [
     "QuantSpec",
@@ -37,6 +38,7 @@ __all__ = [
     "save",
     "load",
     "info",
+    "shardings",
     "base_bytes",
 ]
 

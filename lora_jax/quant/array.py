@@ -1,12 +1,17 @@
 """`QuantizedArray`: a frozen base weight stored as block-quantized codes, a registered pytree.
 
 Its array leaves are the codes and the block scales (and, with double quantization, the scales' own
-float32 scale and offset); its static metadata is what is needed to rebuild the dense weight: shape,
-dtype, format, block size and block axis. With ``QuantSpec(outlier_rows=k)`` it also holds the k rows
+float32 log2 step and offset per 256 scales); its static metadata is what is needed to rebuild the
+dense weight: shape, dtype, format, block size and block axis. With ``QuantSpec(outlier_rows=k)`` it also holds the k rows
 (along the block axis) with the largest weights, exactly, and their indices. Because it is a pytree, a
 params tree holding quantized leaves goes through ``jax.jit``, ``jax.device_put``, orbax and optax like
 any other; `lj.wrap` sees a `QuantizedArray` leaf as one weight of ``shape`` and ``dtype`` and
 dequantizes it at each use.
+
+A stacked one (``(layers, in, out)`` quantized along ``in``) can be sliced along its leading axes by
+tree functions (``jax.tree.map(lambda a: a[0], q)``, ``lax.scan`` over it, ``jax.vmap``): its shape
+follows the codes' leading axes. Casting its parts (``jax.tree.map(lambda a: a.astype(...), q)``)
+destroys the codes: dequantize with a ``dtype`` instead.
 
 Example:
     >>> import jax.numpy as jnp
@@ -69,9 +74,11 @@ class QuantizedArray:
     Attributes:
         codes: ``S`` with the block axis halved (nf4, two codes per uint8) or ``S`` (int8).
         scales: ``S`` with the block axis divided by ``block_size``: float32 absmax per block, or their
-            int8 codes with double quantization.
-        scale_scales: with double quantization, ``(*S[:axis], ceil(n / 256))`` float32; else None.
-        scale_offset: with double quantization, ``S[:axis]`` float32 (the scales' mean); else None.
+            uint8 log-domain codes with double quantization (see `lora_jax.quant.codes`).
+        scale_scales: with double quantization, the log2 step of the scale codes per block of 256 scales,
+            ``(*S[:axis], ceil(n / 256))`` float32 (n the scales per leading index); else None.
+        scale_offset: with double quantization, the log2 of the smallest positive scale per block of 256,
+            ``(*S[:axis], ceil(n / 256))`` float32; else None.
         outlier_index: with outlier rows, ``(*S[:axis], k)`` int32, the rows kept exactly; else None.
         outlier_values: with outlier rows, ``S`` with ``S[axis] = k`` in W's dtype, those rows; else None.
         meta: the `QuantMeta` (shape, dtype, format, block_size, axis).
@@ -103,7 +110,7 @@ class QuantizedArray:
 
     @classmethod
     def tree_unflatten(cls, meta, children):
-        return cls(*children[:4], meta, *children[4:])
+        return cls(*children[:4], _sliced_meta(meta, children[0]), *children[4:])
 
     # --- what a weight looks like ---
     @property
@@ -172,6 +179,55 @@ class QuantizedArray:
         return dequantize_arrays(self.arrays, self.meta, dtype)
 
 
+def _codes_shape(meta: QuantMeta) -> tuple[int, ...]:
+    """The codes' shape for `meta`: W's, with the block axis halved for nf4."""
+    s, ax = meta.shape, meta.axis
+    return s[:ax] + ((s[ax] // 2 if meta.format == "nf4" else s[ax]),) + s[ax + 1 :]
+
+
+def _sliced_meta(meta: QuantMeta, codes) -> QuantMeta:
+    """`meta` with its leading (stacked) axes taken from `codes`, when they are what changed.
+
+    A tree function that slices or stacks every part alike (``lax.scan`` over layers, ``vmap``,
+    ``jax.tree.map(lambda a: a[0], q)``) changes the axes before the block axis: the codes then still end in
+    the codes' axes from the block axis on, and the new leading axes are theirs. Anything else (no shape, a
+    reduction, a cut through the block axis) leaves `meta` as it is; `dequantize` then says what is wrong.
+    """
+    shape = getattr(codes, "shape", None)
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) for d in shape):
+        return meta
+    want = _codes_shape(meta)
+    tail = want[meta.axis :]
+    if shape == want or len(shape) < len(tail) or shape[len(shape) - len(tail) :] != tail:
+        return meta
+    lead = shape[: len(shape) - len(tail)]
+    return dataclasses.replace(meta, shape=lead + meta.shape[meta.axis :], axis=len(lead))
+
+
+def _check_parts(arrays: tuple, meta: QuantMeta) -> None:
+    """Raises when the parts cannot be decoded with `meta` (cast or cut by a tree function)."""
+    codes, scales, scale_scales = arrays[:3]
+    want_codes = jnp.dtype(jnp.uint8 if meta.format == "nf4" else jnp.int8)
+    want_scales = jnp.dtype(jnp.uint8) if scale_scales is not None else None
+    found = jnp.dtype(codes.dtype), jnp.dtype(scales.dtype)
+    if found[0] != want_codes or (want_scales is not None and found[1] != want_scales):
+        raise TypeError(
+            f"QuantizedArray(shape={meta.shape}, format={meta.format}): its codes are {found[0]} and its "
+            f"scales {found[1]}, expected {want_codes} and {want_scales or 'float'}: the parts were cast "
+            f"(e.g. by jax.tree.map(lambda a: a.astype(...), params)), which destroys the codes. Cast the "
+            f"dense weights instead: lj.dequantize(params, dtype=...) or lj.merge(params, deltas, dtype=...), "
+            f"or skip quantized leaves when casting (jax.tree.map(f, params, is_leaf=lj.quant.is_quantized) "
+            f"with f returning a QuantizedArray unchanged)."
+        )
+    if tuple(codes.shape) != _codes_shape(meta):
+        raise ValueError(
+            f"QuantizedArray(shape={meta.shape}, format={meta.format}, axis={meta.axis}): its codes have shape "
+            f"{tuple(codes.shape)}, expected {_codes_shape(meta)}. Only the axes before the block axis (stacked "
+            f"layers) can be sliced or mapped over part by part (lax.scan, vmap, jax.tree.map(lambda a: a[i], "
+            f"q)); for anything else dequantize first (lj.dequantize) and slice the dense weight."
+        )
+
+
 def encode_arrays(
     w, fmt: str, block_size: int, axis: int, double_quant: bool, outlier_rows: int = 0
 ) -> tuple:
@@ -184,6 +240,7 @@ def encode_arrays(
 
 def dequantize_arrays(arrays: tuple, meta: QuantMeta, dtype: Any = None):
     """The dense weight from a `QuantizedArray`'s `arrays` and its `QuantMeta`."""
+    _check_parts(arrays, meta)
     return _codes.decode(
         *arrays,
         shape=meta.shape,

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lora_jax._closest import closest
@@ -41,6 +42,9 @@ __all__ = [
     "check_targets",
     "abstract_quantize",
     "part_shardings",
+    "leaf_shardings",
+    "shardings",
+    "check_shard_blocks",
 ]
 
 
@@ -66,7 +70,13 @@ class QuantSpec:
     Attributes:
         format: ``"nf4"`` (4-bit NormalFloat, two codes per byte) or ``"int8"`` (absmax int8).
         block_size: elements per absmax block along the block axis (even; 64 in the paper).
-        double_quant: quantize the block scales too (int8, blocks of 256, one float32 scale each).
+        double_quant: quantize the block scales too, to 8 bits in blocks of 256 scales (the paper's layout
+            and bits: 0.129 instead of 0.5 bits per parameter at block size 64). Each block of 256 stores
+            two float32, the log2 of its smallest positive scale and a log2 step; a code is linear in
+            log2(scale), with one code for an exact 0. The paper codes the mean-centred scales as dynamic
+            8-bit floats instead; log codes keep every scale's relative error below ``2 ** (step / 2) - 1``,
+            ``step = log2(max / min) / 253`` (0.16% on Gaussian weights, 1.5% next to a 1000× larger
+            block), so one huge weight cannot wreck the small scales of the other 255 blocks.
         targets: regex or regexes; a leaf is quantized when one matches its whole "/"-joined key path.
         exclude: regex or regexes removing leaves from the targets.
         block_axis: the axis the blocks run along, an input axis of the kernel: an int for every leaf,
@@ -114,9 +124,16 @@ class QuantSpec:
                 if not isinstance(ax, int):
                     raise TypeError(f"QuantSpec.block_axis[{pat!r}] must be an int, got {ax!r}")
             object.__setattr__(self, "block_axis", tuple(self.block_axis.items()))
-        elif not isinstance(self.block_axis, (int, tuple)):
+        elif isinstance(self.block_axis, tuple) and all(
+            isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int)
+            for e in self.block_axis
+        ):
+            pass  # the normalised form of a dict (what dataclasses.replace passes back)
+        elif not isinstance(self.block_axis, int) or isinstance(self.block_axis, bool):
             raise TypeError(
-                f"QuantSpec.block_axis must be an int or a {{regex: int}} dict, got {self.block_axis!r}"
+                f"QuantSpec.block_axis must be an int (one axis for every leaf) or a {{regex: int}} dict, got "
+                f"{self.block_axis!r}. A block runs along one axis; for an axis per leaf write e.g. "
+                f"block_axis={{'.*/qkv/kernel': 0, '.*/out/kernel': 1}}."
             )
 
     def matches(self, path: str) -> bool:
@@ -161,10 +178,17 @@ def _check_leaf(path: str, w, spec: QuantSpec) -> int:
     n, bs = shape[axis], spec.block_size
     if n % bs:
         ok = [b for b in (256, 128, 64, 32, 16, 8, 4, 2) if n % b == 0]
+        use = (
+            f"Use a block size that divides {n} (e.g. {ok[:3]})"
+            if ok
+            else f"No even block size divides {n} (QuantSpec.block_size must be even), and "
+            f"padding is not supported: pad that axis to a multiple of {bs} in the model"
+        )
         raise ValueError(
             f"{path}: its block axis {axis} has size {n}, not divisible by QuantSpec.block_size={bs} (shape "
-            f"{tuple(shape)}). Use a block size that divides {n} (e.g. {ok[:3]}), quantize along another input "
-            f"axis with QuantSpec(block_axis={{{path!r}: <axis>}}), or exclude this path."
+            f"{tuple(shape)}). {use}, quantize along another input axis with "
+            f"QuantSpec(block_axis={{{path!r}: <axis>}}), or leave this path unquantized with "
+            f"QuantSpec(exclude={path!r})."
         )
     if spec.outlier_rows >= n:
         raise ValueError(
@@ -172,21 +196,27 @@ def _check_leaf(path: str, w, spec: QuantSpec) -> int:
             f"its block axis {axis} (shape {tuple(shape)}): nothing would be quantized. Use fewer outlier rows "
             f"(a handful; 2 for SmolLM2), or exclude this path."
         )
-    sharding = getattr(w, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-        entry = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-        names = entry[axis]
-        names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
-        parts = 1
-        for name in names:
-            parts *= sharding.mesh.shape[name]
-        if parts > 1 and (n // parts) % bs:
-            raise ValueError(
-                f"{path}: its block axis {axis} (size {n}) is sharded over mesh axis {names} ({parts} shards of "
-                f"{n // parts}), so blocks of {bs} would cross a shard boundary. Use a block size dividing "
-                f"{n // parts}, or shard this axis over fewer devices."
-            )
+    check_shard_blocks(path, tuple(shape), axis, bs, getattr(w, "sharding", None))
     return axis
+
+
+def check_shard_blocks(path: str, shape: tuple, axis: int, block_size: int, sharding) -> None:
+    """Raises when W's `sharding` would split a block of `block_size` along `axis` over two shards."""
+    if not isinstance(sharding, NamedSharding):
+        return
+    n, bs = shape[axis], block_size
+    entry = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    names = entry[axis]
+    names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+    parts = 1
+    for name in names:
+        parts *= sharding.mesh.shape[name]
+    if parts > 1 and (n // parts) % bs:
+        raise ValueError(
+            f"{path}: its block axis {axis} (size {n}) is sharded over mesh axis {names} ({parts} shards of "
+            f"{n // parts}), so blocks of {bs} would cross a shard boundary. Use a block size dividing "
+            f"{n // parts}, or shard this axis over fewer devices."
+        )
 
 
 def part_shardings(sharding, ndim: int, axis: int, double_quant: bool, outliers: bool = False):
@@ -202,9 +232,96 @@ def part_shardings(sharding, ndim: int, axis: int, double_quant: bool, outliers:
     named = lambda *s: NamedSharding(sharding.mesh, PartitionSpec(*s))  # noqa: E731
     like = named(*spec)
     lead = spec[:axis]
-    dq = (named(*lead, None), named(*lead)) if double_quant else (None, None)
+    dq = (named(*lead, None), named(*lead, None)) if double_quant else (None, None)
     out = (named(*lead, None), named(*lead, None, *spec[axis + 1 :])) if outliers else (None, None)
     return (like, like, *dq, *out)
+
+
+def leaf_shardings(path: str, q: QuantizedArray, sharding) -> Any:
+    """The shardings of `q`'s parts (a `QuantizedArray` holding them) from its dense weight's `sharding`.
+
+    None gives None (left where it is); a fully replicated sharding (one device) is used for every part.
+    """
+    if sharding is None:
+        return None
+    if isinstance(sharding, NamedSharding):
+        if len(sharding.spec) > q.ndim:
+            raise ValueError(
+                f"{path}: its sharding {sharding.spec} has {len(sharding.spec)} entries, but the weight has "
+                f"{q.ndim} dims (shape {q.shape}). Give the sharding of this weight in the dense model."
+            )
+        check_shard_blocks(path, q.shape, q.meta.axis, q.meta.block_size, sharding)
+        parts = part_shardings(sharding, q.ndim, q.meta.axis, q.double_quant, q.outlier_rows > 0)
+    elif isinstance(sharding, jax.sharding.Sharding) and sharding.is_fully_replicated:
+        parts = (sharding,) * 6
+    else:
+        raise TypeError(
+            f"{path}: expected a jax.sharding.NamedSharding (or None) for this quantized weight, found "
+            f"{type(sharding).__name__}. Give the dense model's NamedSharding of this weight."
+        )
+    return QuantizedArray.of_arrays([None if x is None else s for x, s in zip(q.arrays, parts)], q.meta)
+
+
+def shardings(qparams: Any, dense_shardings: Any) -> Any:
+    """Shardings for every array of a quantized params tree, from the dense model's shardings.
+
+    Codes and scales are sharded like the dense weight, the double-quantization parts on its leading
+    (stacked) axes, outlier rows like W but whole along the block axis (as `quantize` places them).
+
+    Args:
+        qparams: a params tree with `QuantizedArray` leaves (from `quantize`, `abstract_quantize` or
+            `lj.quant.load`), arrays or ``jax.ShapeDtypeStruct`` elsewhere.
+        dense_shardings: the dense model's shardings: a tree with the structure of `qparams` where each
+            `QuantizedArray` stands for one weight, holding a ``jax.sharding.Sharding`` (``NamedSharding`` for
+            a sharded quantized weight) or None (left as is) per weight; or one sharding for every leaf.
+
+    Returns:
+        A tree matching `qparams` array for array (a `QuantizedArray` of shardings for each quantized
+        weight), for ``jax.device_put(qparams, ...)`` or ``jax.jit(out_shardings=...)``.
+
+    Raises:
+        ValueError: the paths of the two trees differ (listed), a sharding has more entries than its weight
+            has dims, or a block would cross a shard boundary (naming the path and the mesh axis).
+        TypeError: a quantized weight's sharding is neither a ``NamedSharding`` nor replicated.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> mesh = jax.make_mesh((1,), ("tp",))
+        >>> q = quantize({"w": jnp.ones((128, 8)), "b": jnp.ones(8)}, QuantSpec(targets="w"))
+        >>> s = shardings(q, {"w": NamedSharding(mesh, P(None, "tp")), "b": None})
+        >>> s["w"].codes.spec, s["w"].scale_offset.spec, s["b"]
+        (P(None, 'tp'), P(None,), None)
+        >>> jax.device_put(q, s)["w"].scales.sharding.spec
+        P(None, 'tp')
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_quantized)
+    paths = [path_str(p) for p, _ in leaves]
+    if isinstance(dense_shardings, jax.sharding.Sharding):
+        given = dict.fromkeys(paths, dense_shardings)
+    else:
+        flat = jax.tree_util.tree_flatten_with_path(
+            dense_shardings, is_leaf=lambda x: x is None or isinstance(x, jax.sharding.Sharding)
+        )[0]
+        given = {path_str(p): s for p, s in flat}
+    problems = [
+        f"{k}: no sharding given (closest: {closest(k, list(given), n=2)})" for k in paths if k not in given
+    ]
+    problems += [
+        f"{k}: a sharding for a path that is not in the params" for k in given if k not in set(paths)
+    ]
+    if problems:
+        raise ValueError(
+            f"the shardings do not match the quantized params (give the dense model's shardings, one per "
+            f"weight): {problems[:8]}{' ...' if len(problems) > 8 else ''}"
+        )
+    out = []
+    for k, (_, x) in zip(paths, leaves, strict=True):
+        s = given[k]
+        if s is not None and not isinstance(s, jax.sharding.Sharding):
+            raise TypeError(f"{k}: expected a jax.sharding.Sharding or None, found {type(s).__name__}.")
+        out.append(leaf_shardings(k, x, s) if is_quantized(x) else s)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 @functools.cache
@@ -215,12 +332,42 @@ def _quantize_jit(fmt, block_size, axis, double_quant, outlier_rows, shardings):
     return jax.jit(f, out_shardings=shardings)
 
 
+@functools.cache
+def _count_nonfinite_jit(sharding):
+    return jax.jit(lambda w: jnp.count_nonzero(~jnp.isfinite(w)), out_shardings=sharding)
+
+
+def _check_finite(path: str, w) -> None:
+    """Raises when the concrete array `w` holds NaN or inf (quantized, they would spoil their block)."""
+    if isinstance(w, jax.Array):
+        s = w.sharding
+        n_bad = _count_nonfinite_jit(
+            NamedSharding(s.mesh, PartitionSpec()) if isinstance(s, NamedSharding) else None
+        )
+        bad = int(n_bad(w))
+    else:
+        bad = int(np.count_nonzero(~np.isfinite(np.asarray(w, np.float32))))
+    if bad:
+        size = int(np.prod(np.shape(w)))
+        raise ValueError(
+            f"{path}: {bad} of its {size} values are not finite (NaN or inf); quantized, each would make its "
+            f"whole block decode to NaN. Fix the weights before quantizing (a damaged checkpoint or a diverged "
+            f"run? jnp.nan_to_num if they are meant to be finite), or leave this path unquantized with "
+            f"QuantSpec(exclude={path!r})."
+        )
+
+
 def quantize(params: Any, spec: QuantSpec) -> Any:
     """`params` with each leaf `spec` targets replaced by a `QuantizedArray`.
 
     Leaves already quantized are left as they are. Eagerly, each leaf is quantized by its own jitted
     function and its parts keep W's sharding (codes and scales sharded like W); inside ``jax.jit`` it is
     plain array code.
+
+    Eagerly, a targeted leaf holding NaN or inf is an error. Under a trace (``jax.jit``, ``eval_shape``)
+    values cannot be checked: a non-finite value makes its own block of ``block_size`` weights decode to
+    NaN (its block scale is NaN or inf, coded as such with double quantization) and leaves every other
+    block as it would be without it.
 
     Args:
         params: any pytree of arrays (Linen variables, a dict, ...).
@@ -231,8 +378,10 @@ def quantize(params: Any, spec: QuantSpec) -> Any:
 
     Raises:
         ValueError: nothing matches; a targeted leaf is 1-D, has a block axis not divisible by the block
-            size, or is sharded so that a block would cross a shard boundary.
-        TypeError: a targeted leaf is not a floating-point array.
+            size, is sharded so that a block would cross a shard boundary, or (outside a trace) holds NaN
+            or inf.
+        TypeError: a targeted leaf is not a floating-point array, or is a ``jax.ShapeDtypeStruct`` (use
+            `abstract_quantize`).
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
     paths = [path_str(p) for p, _ in leaves]
@@ -272,7 +421,15 @@ def quantize_leaf(path: str, w: Any, spec: QuantSpec) -> Any:
     """
     if is_quantized(w) or not spec.matches(path):
         return w
+    if isinstance(w, jax.ShapeDtypeStruct):
+        raise TypeError(
+            f"{path}: lj.quantize needs arrays, found a jax.ShapeDtypeStruct {tuple(w.shape)} {w.dtype}. For "
+            f"the shapes (and shardings) of the quantized parts without any values, use "
+            f"lj.quant.abstract_quantize(abstract_params, spec)."
+        )
     axis = _check_leaf(path, w, spec)
+    if not isinstance(w, jax.core.Tracer):
+        _check_finite(path, w)
     if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
         return QuantizedArray.quantize(
             jnp.asarray(w),

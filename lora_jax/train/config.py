@@ -21,6 +21,8 @@ from collections.abc import Sequence
 __all__ = [
     "ATTENTION",
     "DATA_FIELDS",
+    "LEGACY_DEFAULTS",
+    "OUTLIER_ROWS",
     "TRAJECTORY_FIELDS",
     "VARIANT_FIELDS",
     "TrainConfig",
@@ -30,6 +32,12 @@ __all__ = [
     "from_args",
 ]
 
+
+# `--quant-outlier-rows` by default: nf4 keeps the 2 rows of each kernel with its largest weights (measured on
+# SmolLM2: README "QLoRA"); int8 is as accurate as float32 without them.
+OUTLIER_ROWS = {"nf4": 2, "int8": 0, None: 0}
+# A checkpoint saved before a data/variant field existed ran with this value of it (its default then).
+LEGACY_DEFAULTS = {"quant_outlier_rows": 0}
 
 # Config fields that change the training trajectory: a checkpoint made with other values is refused.
 TRAJECTORY_FIELDS = (
@@ -93,7 +101,8 @@ class TrainConfig:
     targets: str | None = None  # None: the model family's default targets
     dropout: float = 0.0
     quantize: str | None = None  # None | nf4 | int8: the frozen base block-quantized (QLoRA)
-    quant_outlier_rows: int = 0  # with --quantize: rows per kernel kept exactly (QuantSpec.outlier_rows)
+    # With --quantize: rows per kernel kept exactly (QuantSpec.outlier_rows); None: `OUTLIER_ROWS[quantize]`.
+    quant_outlier_rows: int | None = None
     # LoRA variants (see README "LoRA variants").
     dora: bool = False  # DoRA: a trained magnitude per output feature
     init: str = "kaiming"  # kaiming | gaussian | pissa | olora | pissa_niter_<n> (last three: residual base)
@@ -134,6 +143,8 @@ class TrainConfig:
             object.__setattr__(self, "targets", default_targets(self.model, self.targets))
         if isinstance(self.remat, bool):  # settings saved when --remat was a switch
             object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.quant_outlier_rows is None:
+            object.__setattr__(self, "quant_outlier_rows", OUTLIER_ROWS.get(self.quantize, 0))
         problems = []
         for name in (
             "steps",
@@ -342,7 +353,8 @@ _HELP = {
     "train_full": "regex of parameters trained in full next to the adapter (PEFT's modules_to_save), e.g. a "
     "head or norms; stored in the adapter",
     "quant_outlier_rows": "with --quantize: keep this many rows of each kernel, those with its largest weights "
-    "(super weights), exactly in float (QuantSpec.outlier_rows; 2 recovers about half of SmolLM2's nf4 loss)",
+    "(super weights), exactly in float (QuantSpec.outlier_rows; default: 2 with nf4, 0 with int8; 0 is the "
+    "QLoRA paper's plain NF4)",
     "quantize": "QLoRA: quantize the frozen base's kernels after loading (nf4: 4-bit NormalFloat with double "
     "quantization, int8), dequantized at each use; deltas and optimizer stay float32",
     "steps": "optimizer steps",
@@ -390,7 +402,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
             if f.name in ("num_processes", "process_id", "resume_from"):
                 kind = int
-            shown = "" if f.name == "targets" else f" (default: {f.default!r})"
+            shown = "" if f.name in ("targets", "quant_outlier_rows") else f" (default: {f.default!r})"
             parser.add_argument(flag, type=kind, default=f.default, help=f"{_HELP.get(f.name, '')}{shown}")
 
 
@@ -419,8 +431,9 @@ def from_adapter(
         ) from None
     if model:
         cfg = dataclasses.replace(cfg, model=model)
-    if quantize:
-        cfg = dataclasses.replace(cfg, quantize=quantize)
+    if quantize:  # a float adapter's stored 0 outlier rows was no choice: take --quantize's default
+        rows = cfg.quant_outlier_rows if cfg.quantize else None
+        cfg = dataclasses.replace(cfg, quantize=quantize, quant_outlier_rows=rows)
     return dataclasses.replace(cfg, attention=attention)
 
 

@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from lora_jax import checkpoint
-from lora_jax.train.config import DATA_FIELDS, TRAJECTORY_FIELDS, VARIANT_FIELDS, TrainConfig
+from lora_jax.train.config import DATA_FIELDS, LEGACY_DEFAULTS, TRAJECTORY_FIELDS, VARIANT_FIELDS, TrainConfig
 from lora_jax.train.engine import Setup
 from lora_jax.train.mesh import log
 
@@ -118,6 +118,7 @@ def check_resume(ckpt: checkpoint.TrainCheckpointer, cfg: TrainConfig) -> bool:
             saved = ckpt.metadata(step)
         stored = {
             **{k: getattr(TrainConfig, k) for k in DATA_FIELDS + VARIANT_FIELDS},
+            **LEGACY_DEFAULTS,
             **saved.get("config", {}),
         }
     except ValueError as e:

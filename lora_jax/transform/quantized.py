@@ -7,6 +7,8 @@ Nothing dense is built until a use:
 - ``dot_general``: ``x·view(dequant(Wq)) + s·((x·a)·b)``. The base product has a custom VJP whose
   backward pass decodes W again instead of keeping a dense copy alive from forward to backward; the
   codes and scales get a zero cotangent (the base is frozen: no W-shaped gradient is ever formed);
+- ``conv_general_dilated`` with the kernel as rhs: ``conv(x, view(dequant(Wq))) + conv(x, a)·b``, the base
+  term with the same custom VJP, the low-rank term plain LoRA's factored conv;
 - ``gather`` of rows (an embedding lookup): the rows of the codes and scales are gathered first and only
   they are decoded (when the block axis is not the gathered one), plus the low-rank rows;
 - view-like ops (casts, transposes, reshapes, slices, ...): recorded, to be replayed on the decoded W at
@@ -41,6 +43,7 @@ from lora_jax.dora import is_dora
 from lora_jax.quant.array import QuantizedArray, QuantMeta, dequantize_arrays
 from lora_jax.transform.interpreter import bind, fallback, materialize
 from lora_jax.transform.plan import plan_dot_general
+from lora_jax.transform.uses import conv_low_rank
 from lora_jax.transform.value import (
     LoraValue,
     TrackedValue,
@@ -50,7 +53,7 @@ from lora_jax.transform.value import (
     squeeze_to,
 )
 
-__all__ = ["QuantValue", "view", "dot_general", "gather"]
+__all__ = ["QuantValue", "view", "dot_general", "conv_general_dilated", "gather"]
 
 
 @dataclasses.dataclass
@@ -206,7 +209,12 @@ def _zero_cotangent(x):
 
 
 def _tied(q: tuple, x) -> tuple:
-    """`q` with a zero taken from `x` added to its float32 scales: a decode of it must wait for `x`."""
+    """`q` with a zero taken from `x` added to its float32 scales: a decode of it must wait for `x`.
+
+    An empty `x` (a batch of 0 rows) has no element to take and nothing to wait for: `q` is returned.
+    """
+    if np.size(x) == 0:
+        return q
     x0 = jax.lax.stop_gradient(jnp.reshape(x, (-1,))[0].astype(jnp.float32))
     zero = jnp.where(jnp.isfinite(x0), x0, 0.0) * 0.0  # 0 even for an inf or NaN x0
     codes, scales, scale_scales, offset, *rest = q
@@ -251,7 +259,26 @@ def _base_use(eqn, v: QuantValue, operands: list, i: int):
         return g_others, g_args, jax.tree_util.tree_map(_zero_cotangent, res[2])
 
     use.defvjp(fwd, bwd)
-    return use(list(others), op_args, tuple(v.q))
+    try:
+        return use(list(others), op_args, tuple(v.q))
+    except TypeError as e:
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError(_NO_JVP.format(path=v.path)) from e
+
+
+# Why forward mode is refused: with a custom_jvp (what jvp needs), reverse mode is the transpose of the
+# tangent map, whose decode of W can depend on forward-pass values only, so the compiler may share it with
+# the forward's decode or hoist it: measured on CPU (6 quantized 256×256 kernels), the train step's
+# temporaries then hold 5 dense kernels instead of 1. The custom_vjp of `_base_use` keeps the backward's
+# decode tied to the cotangent instead.
+_NO_JVP = (
+    "lora_jax.wrap: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.linearize) through the quantized base "
+    "leaf {path} is not supported: its uses decode W inside a custom_vjp so that no dense copy of W is kept "
+    "from the forward to the backward pass. Use reverse mode (jax.grad, jax.vjp, jax.jacrev; a Hessian-"
+    "vector product as jax.jvp(jax.grad(f), ...) works), or dequantize the base first "
+    "(lj.wrap(fn)(lj.dequantize(params), deltas, ...)) for forward mode."
+)
 
 
 def dot_general(ctx, eqn, invals):
@@ -294,6 +321,31 @@ def dot_general(ctx, eqn, invals):
     return [base + jnp.broadcast_to(low.reshape(path.low_shape), base.shape).astype(base.dtype)]
 
 
+def conv_general_dilated(ctx, eqn, invals):
+    """``conv(x, view(dequant(Wq))) + conv(x, a)·b`` for a quantized kernel (rhs) of a convolution.
+
+    The base term decodes the kernel at the op (with `_base_use`'s backward, as for ``dot_general``); the
+    low-rank term is plain LoRA's factored conv (`uses.conv_low_rank`). Factors that do not split along
+    the kernel's input and output axes, or ``batch_group_count > 1`` with LoRA, fall back (W + s·a·b
+    decoded for this use, with a warning saying why); a kernel without LoRA never does.
+    """
+    x, v = invals
+    if isinstance(x, TrackedValue) or not isinstance(v, QuantValue):
+        return fallback(ctx, eqn, invals)
+    low = None
+    if v.a is not None:
+        low = conv_low_rank(ctx, eqn, x, v, v.shape)
+        if low is None:
+            why = (
+                "batch_group_count > 1"
+                if eqn.params["batch_group_count"] != 1
+                else "LoRA factors not split along the kernel's input and output axes"
+            )
+            return bind(eqn, [x, materialize(ctx, v, f"conv_general_dilated ({why})")])
+    base = _base_use(eqn, v, [x, v], 1)
+    return [base if low is None else base + low.astype(base.dtype)]
+
+
 def _row_lookup(eqn, v: QuantValue, idx) -> Any:
     """``dequant(Wq)[ids]`` decoding only the gathered rows, for ``jnp.take(W, ids, axis=0)``; else None."""
     m, p = v.meta, eqn.params
@@ -310,12 +362,28 @@ def _row_lookup(eqn, v: QuantValue, idx) -> Any:
         or tuple(p["slice_sizes"]) != (1, *m.shape[1:])
     ):
         return None
+    mode = jax.lax.GatherScatterMode.from_any(p["mode"])
+    if mode not in (
+        jax.lax.GatherScatterMode.CLIP,
+        jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+        jax.lax.GatherScatterMode.FILL_OR_DROP,
+    ):
+        return None
     ids = idx[..., 0]
+    # The codes are read at clamped ids (CLIP; PROMISE_IN_BOUNDS clamps too); FILL_OR_DROP then replaces
+    # the rows of out-of-range ids by the fill value (NaN by default), as the gather of the dense W does.
     parts = tuple(
         None if x is None else jnp.take(jax.lax.stop_gradient(x), ids, axis=0, mode="clip") for x in v.q
     )
     rows = dataclasses.replace(m, shape=tuple(ids.shape) + m.shape[1:], axis=m.axis - 1 + ids.ndim)
-    return dequantize_arrays(parts, rows)
+    out = dequantize_arrays(parts, rows)
+    if mode == jax.lax.GatherScatterMode.FILL_OR_DROP:
+        fill = p.get("fill_value")
+        fill = np.nan if fill is None else fill
+        ok = (ids >= 0) & (ids < m.shape[0])
+        ok = ok.reshape(ids.shape + (1,) * (out.ndim - ids.ndim))
+        out = jnp.where(ok, out, jnp.asarray(fill, out.dtype))
+    return out
 
 
 def gather(ctx, eqn, invals):
@@ -328,8 +396,10 @@ def gather(ctx, eqn, invals):
         base = _base_use(eqn, v, [v, idx], 0)
     if v.a is None:
         return [base]
-    # The low-rank rows: the LoraValue rule on a zero W (its base term is zero, the compiler drops it).
+    # The low-rank rows: the LoraValue rule on a zero W (its base term is zero, the compiler drops it);
+    # rows of out-of-range ids get 0 there (FILL_OR_DROP), the fill value is in `base` already.
     sub = [v.standin(), idx]
     rule = ctx.rule_for("gather", sub)
-    low = rule(ctx, eqn, sub)[0] if rule is not None else fallback(ctx, eqn, sub)[0]
+    low_eqn = eqn.replace(params={**eqn.params, "fill_value": 0})
+    low = rule(ctx, low_eqn, sub)[0] if rule is not None else fallback(ctx, low_eqn, sub)[0]
     return [base + low.astype(base.dtype)]

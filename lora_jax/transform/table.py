@@ -101,6 +101,7 @@ for _name, _by_kind in RULES.items():
         _by_kind[QuantValue] = quantized.view
 RULES["dot_general"][QuantValue] = quantized.dot_general
 RULES["mul"][QuantValue] = RULES["div"][QuantValue] = scaled.folded(quantized.view)  # c folded into W
+RULES["conv_general_dilated"][QuantValue] = quantized.conv_general_dilated
 RULES["gather"][QuantValue] = quantized.gather
 
 # A DoRA kernel (`dora.DoraValue`, g ⊙ (W + s·a·b)): views go through the LoraValue rules (for V and for g

@@ -30,6 +30,7 @@ from lora_jax.transform.value import LoraValue, TrackedValue, dense_delta, label
 __all__ = [
     "dot_general",
     "conv_general_dilated",
+    "conv_low_rank",
     "gather",
     "SquareValue",
     "square",
@@ -127,12 +128,27 @@ def conv_general_dilated(ctx, eqn, invals):
     base = bind(eqn, [x, v.w])[0]
     if v.a is None:
         return [base]
-    shape = v.w.shape
+    low = conv_low_rank(ctx, eqn, x, v, v.w.shape)
+    if low is None:
+        return fallback(ctx, eqn, invals)
+    return [base + low.astype(base.dtype)]
+
+
+def conv_low_rank(ctx, eqn, x, v, shape):
+    """The low-rank term ``conv(x, a)·b`` of a conv whose kernel (rhs, of `shape`) carries the factors
+    ``v.a``, ``v.b`` (aligned to the kernel, as in `LoraValue`); None when the factors do not split along
+    the kernel's input/spatial and output axes, or for ``batch_group_count > 1``.
+
+    Shared by every value kind whose kernel term is computed apart (a quantized base decodes its own).
+    """
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    out_dim, in_dim, *spatial = dn.rhs_spec
     a_ok = all(v.a.shape[i] == shape[i] for i in (in_dim, *spatial)) and v.a.shape[out_dim] == 1
     b_ok = all(v.b.shape[i] == 1 for i in range(len(shape)) if i != out_dim)
     groups = p["feature_group_count"]
     if not (a_ok and b_ok) or p["batch_group_count"] != 1:
-        return fallback(ctx, eqn, invals)
+        return None
     # Low-rank path: conv with a (r output channels), then a 1x1 map r -> out with b (PEFT's Conv LoRA).
     # Grouped / depthwise (G groups): every group convolves its own input channels with the same a, so
     # the conv has G·r output channels (a tiled G times, feature_group_count=G); then each group's r
@@ -158,8 +174,7 @@ def conv_general_dilated(ctx, eqn, invals):
     b_mat = v.b.reshape(groups, shape[out_dim] // groups, r).astype(x.dtype)  # (G, out/G, r)
     low = jnp.moveaxis(low, feat, -1)
     low = jnp.einsum("...gr,gor->...go", low.reshape(low.shape[:-1] + (groups, r)), b_mat)
-    low = jnp.moveaxis(low.reshape(low.shape[:-2] + (shape[out_dim],)), -1, feat)
-    return [base + low.astype(base.dtype)]
+    return jnp.moveaxis(low.reshape(low.shape[:-2] + (shape[out_dim],)), -1, feat)
 
 
 def gather(ctx, eqn, invals):
@@ -198,7 +213,7 @@ def gather(ctx, eqn, invals):
             fdn,
             fsizes,
             mode=p["mode"],
-            fill_value=p.get("fill_value"),
+            fill_value=0,  # an out-of-range row is the base's fill value plus 0 (not fill·fill)
             indices_are_sorted=p["indices_are_sorted"],
             unique_indices=p["unique_indices"],
         )
