@@ -5,6 +5,7 @@ Tolerances (float32): losses to rtol 1e-5; gradients and logits to 1e-5 of the l
 """
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -285,7 +286,9 @@ def test_examples_longer_than_max_len_are_cut_or_dropped(tmp_path):
 # ------------------------------------------------------------------------------------- loss masking
 
 
+@functools.cache
 def _tiny_llama(vocab=300, scan=True):
+    """A random tiny Llama, initialised once per (vocab, scan) by one jitted program (read only)."""
     cfg = LlamaConfig(
         vocab_size=vocab,
         hidden_size=32,
@@ -300,7 +303,7 @@ def _tiny_llama(vocab=300, scan=True):
     model = Llama(cfg)
     import flax.linen as nn
 
-    return model, nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    return model, nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
 
 
 def _deltas(variables, scan=True):
@@ -341,7 +344,7 @@ def test_prompt_completion_mask_and_per_token_mean_under_grad_accum():
     arrays = packing.pad_rows([(e.ids, e.mask) for e in examples], 24)
     # By hand: mean over every completion token of -log p(token | everything before it), one row at a time.
     logp = jax.nn.log_softmax(
-        model.apply(
+        jax.jit(model.apply)(  # the plain forward, one program (op by op, each small op compiles alone)
             variables, jnp.asarray(arrays["input_ids"]), attention_mask=jnp.asarray(arrays["attention_mask"])
         ),
         axis=-1,
@@ -579,12 +582,11 @@ def test_a_restarted_run_takes_the_same_next_batch(tmp_path, pack):
     import itertools
 
     from lora_jax import assets
-    from lora_jax.models import gguf
     from lora_jax.train import mesh as mesh_lib
     from lora_jax.train.config import TrainConfig
     from lora_jax.train.filetask import KEYS, FileTask
 
-    tok = tokenizers.bpe_from_gguf(gguf.read_gguf(assets.fetch("smollm2-135m")))
+    tok = tokenizers.bpe_from_gguf_file(assets.fetch("smollm2-135m"))  # what `lora-jax` uses (kept as JSON)
     rows = [{"prompt": f"Q{i}: " + "word " * (i % 7), "completion": f" a{i % 3}"} for i in range(40)]
     cfg = TrainConfig(
         model="tiny-llama",

@@ -589,6 +589,40 @@ def test_smollm2_tokenizer_roundtrip(smollm2):
 
 
 @pytest.mark.assets
+def test_bpe_from_gguf_file_keeps_the_tokenizer_beside_the_file(smollm2, tmp_path, monkeypatch):
+    """The first call builds the tokenizer from the GGUF metadata (`bpe_from_gguf`) and writes its JSON
+    beside the file; the next reads only that JSON (the GGUF is not read); an unreadable JSON is rebuilt.
+    Each time the same tokenizer as `bpe_from_gguf` (its full JSON, and the ids of text with special
+    tokens). The GGUF reader is the session's (parsing the file again takes seconds)."""
+    from lora_jax import assets
+
+    link = tmp_path / "model.gguf"  # the cache goes beside the link, not into the asset folder
+    link.symlink_to(assets.fetch("smollm2-135m"))
+    reads = []
+
+    def read(path_or_reader):  # `bpe_from_gguf` passes the reader on: returned as it is
+        if path_or_reader is not smollm2["reader"]:
+            reads.append(path_or_reader)
+        return smollm2["reader"]
+
+    monkeypatch.setattr(lgguf, "read_gguf", read)
+    want = smollm2["tokenizer"]
+    text = tokenizers.apply_chat_template([{"role": "user", "content": "naïve 2024 🙂"}])
+    first = tokenizers.bpe_from_gguf_file(link)
+    assert reads == [link]
+    [cached] = tmp_path.glob("model.gguf.tokenizer-*.json")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    second = tokenizers.bpe_from_gguf_file(link)
+    assert reads == [link]  # read from the JSON
+    for tok in (first, second):
+        assert tok.to_str() == want.to_str()
+        assert tok.encode(text).ids == want.encode(text).ids
+    cached.write_text("{not json")
+    assert tokenizers.bpe_from_gguf_file(link).to_str() == want.to_str() and reads == [link, link]
+    assert json.loads(cached.read_text())["model"]["type"] == "BPE"  # rewritten whole
+
+
+@pytest.mark.assets
 def test_smollm2_chat_template_matches_gguf_jinja(smollm2):
     jinja2 = pytest.importorskip("jinja2")
     template = smollm2["reader"].fields["tokenizer.chat_template"].contents()

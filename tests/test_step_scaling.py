@@ -35,12 +35,16 @@ def model_and_variables(tied):  # initialised once per config (identical for eve
     model = Llama(cfg)
     return model, nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
 
-def compiled_step(mesh_text, devices, tied, loss_chunk=CHUNK):
+@functools.cache
+def setup_for(mesh_text, n_devices, tied):  # built once per mesh and model (two steps share one below)
     model, variables = model_and_variables(tied)
     spec = lj.LoraSpec(rank=4, targets=r".*/attn/(query|value)/kernel",
                        axes={r"params/layers/.*": lj.LoraAxes((0,), (1,), (2,))})
-    mesh = mesh_lib.make_mesh(mesh_text, devices)
-    setup = loop.build(model, variables, spec, mesh=mesh, num_targets=1)
+    mesh = mesh_lib.make_mesh(mesh_text, jax.devices()[:n_devices])
+    return model, loop.build(model, variables, spec, mesh=mesh, num_targets=1)
+
+def compiled_step(mesh_text, devices, tied, loss_chunk=CHUNK):
+    model, setup = setup_for(mesh_text, len(devices), tied)
     step = step_lib.make_train_step(model.apply, setup.tx, num_targets=None, shardings=setup.shardings,
                                     loss_chunk=loss_chunk)
     b = len(devices)  # one sequence per device

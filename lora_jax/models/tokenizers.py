@@ -33,6 +33,7 @@ __all__ = [
     "SMOLLM2_SYSTEM_PROMPT",
     "apply_chat_template",
     "bpe_from_gguf",
+    "bpe_from_gguf_file",
     "chat_template",
     "special_ids",
 ]
@@ -88,6 +89,39 @@ def bpe_from_gguf(path_or_reader: Any):
     tok.decoder = decoders.ByteLevel()
     specials = [t for t, ty in zip(tokens, types) if ty == _CONTROL]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
+
+
+def bpe_from_gguf_file(path: str | os.PathLike):
+    """`bpe_from_gguf` of a GGUF file, kept as tokenizer JSON beside it for the next call.
+
+    Parsing a GGUF file's metadata (a vocabulary and merges of ~100k strings) takes seconds, the JSON a
+    fraction of one. The JSON is ``<file>.tokenizer-<size>-<mtime_ns>.json``, so a changed file is read
+    again; it is written to a temporary file and renamed (concurrent processes never read half of one),
+    and not written at all where the folder is read-only.
+
+    Example (needs the asset)::
+
+        tok = bpe_from_gguf_file(lora_jax.assets.fetch("smollm2-135m"))
+    """
+    from tokenizers import Tokenizer
+
+    from lora_jax.models.gguf import read_gguf
+
+    path = pathlib.Path(os.fspath(path))
+    stat = path.stat()
+    cached = path.with_name(f"{path.name}.tokenizer-{stat.st_size}-{stat.st_mtime_ns}.json")
+    try:
+        return Tokenizer.from_str(cached.read_text(encoding="utf-8"))
+    except Exception:  # absent or unreadable (tokenizers raises a plain Exception): rebuilt below
+        pass
+    tok = bpe_from_gguf(read_gguf(path))
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(tok.to_str(), encoding="utf-8")
+        os.replace(tmp, cached)
+    except OSError:  # a read-only cache folder: no cache, the same tokenizer
+        tmp.unlink(missing_ok=True)
     return tok
 
 

@@ -175,9 +175,9 @@ def load_model(cfg: TrainConfig, mesh=None, *, quantize: bool = False):
     dtype = jnp.dtype(cfg.dtype)
     if cfg.model == "tiny-llama":
         from lora_jax import assets
-        from lora_jax.models import gguf, tokenizers
+        from lora_jax.models import tokenizers
 
-        tok = tokenizers.bpe_from_gguf(gguf.read_gguf(assets.fetch("smollm2-135m")))
+        tok = tokenizers.bpe_from_gguf_file(assets.fetch("smollm2-135m"))
         model, variables = tiny_llama(
             tok.get_vocab_size(), scan_layers=cfg.scan_layers, remat=cfg.remat, dtype=dtype, seed=1234
         )
