@@ -44,6 +44,8 @@ def patched(*args, **kwargs):
     # the optimizer's update count: the global step, also after a resume
     done = int(next(x for x in jax.tree_util.tree_leaves(opt_state) if jnp.issubdtype(x.dtype, jnp.integer)))
     deadline = time.time() + 300
+    if done + 1 == hold_at:  # tell the test that step k is in progress (and held)
+      open(hold_file + ".held", "w").close()
     while done + 1 == hold_at and not os.path.exists(hold_file) and time.time() < deadline:
       time.sleep(0.05)
     deltas, opt_state, m = step(deltas, opt_state, params, batch, key)
@@ -235,7 +237,8 @@ def test_signal_saves_the_step_in_progress(tmp_path, sig):
     out, go = tmp_path / "run", tmp_path / "go"
     args = TINY + ["--checkpoint-every", "100", "--out", str(out)]  # no checkpoint but the one on the way out
     victim = _start(args, TEST_HOLD_AT_STEP=4, TEST_HOLD_FILE=go)
-    _wait_for(lambda: len(_train_steps(out)) >= 3, victim, "step 3")
+    # Step 4 in progress: held inside its train step (after step 3's line, the loop may not be there yet).
+    _wait_for(lambda: (tmp_path / "go.held").exists(), victim, "step 4")
     victim.send_signal(sig)  # during step 4
     time.sleep(0.5)
     go.touch()
