@@ -262,27 +262,10 @@ def _like_problems(like: Any, records: dict) -> list[str]:
 
 def _dense_shardings(file: str, shardings: Any, records: dict) -> dict:
     """``{path: sharding or None}`` from the dense model's `shardings` tree; raises on other paths."""
-    if isinstance(shardings, jax.sharding.Sharding):
-        return dict.fromkeys(records, shardings)
-    flat = jax.tree_util.tree_flatten_with_path(
-        shardings, is_leaf=lambda x: x is None or isinstance(x, jax.sharding.Sharding)
-    )[0]
-    given = {path_str(p): s for p, s in flat}
-    problems = [
-        f"{k}: no sharding given (closest: {closest(k, list(given), n=2)})" for k in records if k not in given
-    ]
-    problems += [f"{k}: a sharding for a leaf the file does not hold" for k in given if k not in records]
-    problems += [
-        f"{k}: expected a jax.sharding.Sharding or None, found {type(s).__name__}"
-        for k, s in given.items()
-        if s is not None and not isinstance(s, jax.sharding.Sharding)
-    ]
-    if problems:
-        raise ValueError(
-            f"{file!r}: shardings= does not match the file's leaves (give the dense model's shardings, one per weight, "
-            f"with the structure of like=): {problems[:8]}{' ...' if len(problems) > 8 else ''}"
-        )
-    return given
+    from lora_jax.quant.tree import shardings_by_path
+
+    what = f"{file!r}: shardings= does not match the file's leaves (with the structure of like=)"
+    return shardings_by_path(shardings, list(records), what)
 
 
 def _place(name: str, a: np.ndarray, dtype, sharding):

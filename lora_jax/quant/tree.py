@@ -297,31 +297,43 @@ def shardings(qparams: Any, dense_shardings: Any) -> Any:
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_quantized)
     paths = [path_str(p) for p, _ in leaves]
+    given = shardings_by_path(dense_shardings, paths, "the shardings do not match the quantized params")
+    out = [
+        leaf_shardings(k, x, given[k]) if is_quantized(x) else given[k] for k, (_, x) in zip(paths, leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def shardings_by_path(dense_shardings: Any, paths: Sequence[str], what: str) -> dict:
+    """``{path: sharding or None}`` for each of `paths`, from the dense model's shardings: a tree with one
+    ``jax.sharding.Sharding`` (or None) per weight, or one sharding for all.
+
+    Raises:
+        ValueError: a path without a sharding (with the closest given), a sharding for another path, or an
+            entry that is not a sharding; all listed, after `what` (the message's start).
+    """
     if isinstance(dense_shardings, jax.sharding.Sharding):
-        given = dict.fromkeys(paths, dense_shardings)
-    else:
-        flat = jax.tree_util.tree_flatten_with_path(
-            dense_shardings, is_leaf=lambda x: x is None or isinstance(x, jax.sharding.Sharding)
-        )[0]
-        given = {path_str(p): s for p, s in flat}
+        return dict.fromkeys(paths, dense_shardings)
+    flat = jax.tree_util.tree_flatten_with_path(
+        dense_shardings, is_leaf=lambda x: x is None or isinstance(x, jax.sharding.Sharding)
+    )[0]
+    given = {path_str(p): s for p, s in flat}
+    wanted = set(paths)
     problems = [
         f"{k}: no sharding given (closest: {closest(k, list(given), n=2)})" for k in paths if k not in given
     ]
+    problems += [f"{k}: a sharding for a weight that is not there" for k in given if k not in wanted]
     problems += [
-        f"{k}: a sharding for a path that is not in the params" for k in given if k not in set(paths)
+        f"{k}: expected a jax.sharding.Sharding or None, found {type(s).__name__}"
+        for k, s in given.items()
+        if s is not None and not isinstance(s, jax.sharding.Sharding)
     ]
     if problems:
         raise ValueError(
-            f"the shardings do not match the quantized params (give the dense model's shardings, one per "
-            f"weight): {problems[:8]}{' ...' if len(problems) > 8 else ''}"
+            f"{what} (give the dense model's shardings, one per weight): "
+            f"{problems[:8]}{' ...' if len(problems) > 8 else ''}"
         )
-    out = []
-    for k, (_, x) in zip(paths, leaves, strict=True):
-        s = given[k]
-        if s is not None and not isinstance(s, jax.sharding.Sharding):
-            raise TypeError(f"{k}: expected a jax.sharding.Sharding or None, found {type(s).__name__}.")
-        out.append(leaf_shardings(k, x, s) if is_quantized(x) else s)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return given
 
 
 @functools.cache
