@@ -27,12 +27,13 @@ Example:
 
 from __future__ import annotations
 
+import json
 import zlib
 
 import jax
 import numpy as np
 
-__all__ = ["checksums", "corrupted_leaves", "crc32", "valid_records"]
+__all__ = ["checksums", "corrupted_leaves", "crc32", "json_crc32", "valid_records"]
 
 _UNKNOWN, _OK, _BAD = 0, 1, 2
 
@@ -45,6 +46,18 @@ def crc32(x) -> int:
         True
     """
     return zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8)) & 0xFFFFFFFF
+
+
+def json_crc32(record: dict, own_key: str) -> int:
+    """CRC32 of a JSON header `record` without its own checksum entry `own_key`, as canonical JSON (sorted
+    keys, no spaces): the header checksum of adapters, quantized bases and checkpoint metadata.
+
+    Example:
+        >>> json_crc32({"a": 1, "crc": 5}, "crc") == json_crc32({"a": 1}, "crc")
+        True
+    """
+    body = {k: v for k, v in record.items() if k != own_key}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()) & 0xFFFFFFFF
 
 
 def _host(x) -> np.ndarray:

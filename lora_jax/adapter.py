@@ -37,14 +37,13 @@ import json
 import os
 import pathlib
 import warnings
-import zlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._checksums import crc32
+from lora_jax._checksums import crc32, json_crc32
 from lora_jax._closest import closest
 from lora_jax.core import _fit_problem, merge
 from lora_jax.coverage import check_coverage
@@ -158,12 +157,6 @@ def _adapter_file(path) -> pathlib.Path:
     return path / ADAPTER_FILE if path.is_dir() or path.suffix != ".safetensors" else path
 
 
-def _header_crc(header: dict) -> int:
-    """CRC32 of the header without its own checksum, as canonical JSON (sorted keys, no spaces)."""
-    body = {k: v for k, v in header.items() if k != _HEADER_CRC}
-    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()) & 0xFFFFFFFF
-
-
 def _missing_fields(header: dict) -> list[str]:
     """The required header fields that are absent, as "/"-joined paths (e.g. ``deltas/<path>/scale``)."""
     required = _HEADER_FIELDS + ((_HEADER_CRC,) if header.get("format") == ADAPTER_FORMAT else ())
@@ -260,7 +253,7 @@ def save_adapter(
         header = json.loads(json.dumps(header))
     except (TypeError, ValueError) as e:
         raise TypeError(f"save_adapter: base_model and extra must be JSON-able: {e}") from None
-    header[_HEADER_CRC] = _header_crc(header)
+    header[_HEADER_CRC] = json_crc32(header, _HEADER_CRC)
     tmp = file.with_name(file.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"lora_jax": json.dumps(header)})
     os.replace(tmp, file)  # a reader never sees a half-written adapter
@@ -340,7 +333,7 @@ def adapter_info(path) -> dict:
             f"again with save_adapter to upgrade it to {ADAPTER_FORMAT!r}.",
             stacklevel=2,
         )
-    elif header[_HEADER_CRC] != _header_crc(header):
+    elif header[_HEADER_CRC] != json_crc32(header, _HEADER_CRC):
         raise ValueError(
             f"{str(file)!r}: the adapter header does not match its checksum {_HEADER_CRC}: it was "
             f"edited or corrupted after save_adapter wrote it (a scale, axes, targets, dropout, "

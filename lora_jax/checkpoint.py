@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import pathlib
 import warnings
-import zlib
 from typing import Any
 
 import jax
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # Adapter files moved to lora_jax.adapter; re-exported so `lj.checkpoint.save_adapter(...)` keeps working.
-from lora_jax._checksums import checksums, corrupted_leaves, valid_records
+from lora_jax._checksums import checksums, corrupted_leaves, json_crc32, valid_records
 from lora_jax.adapter import (
     ADAPTER_FILE,
     ADAPTER_FORMAT,
@@ -73,13 +72,6 @@ def _describe(tree) -> tuple[list, list[str], list[dict]]:
     paths = [path_str(p) for p, _ in leaves]
     shapes = [{"shape": list(np.shape(x)), "dtype": jnp.dtype(x.dtype).name} for _, x in leaves]
     return [x for _, x in leaves], paths, shapes
-
-
-def _meta_crc(meta: dict) -> int:
-    """CRC32 of `meta` (without its own checksum) as canonical JSON."""
-    body = {k: v for k, v in meta.items() if k != META_CRC_KEY}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
-    return zlib.crc32(text.encode()) & 0xFFFFFFFF
 
 
 class TrainCheckpointer:
@@ -175,7 +167,7 @@ class TrainCheckpointer:
         # Both checksums are written together: one without the other means a corrupted key.
         if (CRC_KEY in meta) != (META_CRC_KEY in meta) or meta.get(META_CRC_KEY, None) not in (
             None,
-            _meta_crc(meta),
+            json_crc32(meta, META_CRC_KEY),
         ):
             raise ValueError(
                 f"{self._where(step)} (step {step}) is corrupted: its metadata does not match its "
@@ -219,7 +211,7 @@ class TrainCheckpointer:
                 f"TrainCheckpointer.save: meta must be JSON-able (dicts, lists, str, numbers, bools, "
                 f"None): {e}"
             ) from None
-        meta[META_CRC_KEY] = _meta_crc(meta)
+        meta[META_CRC_KEY] = json_crc32(meta, META_CRC_KEY)
         args = self._ocp.args.Composite(
             state=self._ocp.args.StandardSave(flat), meta=self._ocp.args.JsonSave(meta)
         )

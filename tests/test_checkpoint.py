@@ -12,6 +12,7 @@ import pytest
 
 import lora_jax as lj
 from lora_jax import checkpoint
+from lora_jax._checksums import json_crc32
 from lora_jax.train import loop
 
 
@@ -191,7 +192,7 @@ def test_malformed_checksum_record_is_refused(tmp_path):
 
     def edit(m):
         m = {**m, "crc32": ["x"]}
-        return {**m, "meta_crc32": checkpoint._meta_crc(m)}  # a consistent record that is not one of ours
+        return {**m, "meta_crc32": json_crc32(m, "meta_crc32")}  # a consistent record that is not one of ours
 
     _rewrite_meta(tmp_path, 1, edit)
     ckpt = checkpoint.TrainCheckpointer(tmp_path, every=1)

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
 from lora_jax import quant
+from lora_jax._checksums import json_crc32
 from lora_jax.quant import io as qio
 
 _SPEC = lj.QuantSpec(block_size=16, outlier_rows=2, targets=".*/kernel")  # every kind of part
@@ -49,7 +50,7 @@ def _with_header(raw: bytes, edit, *, fix_crc: bool = True) -> bytes:
     header = json.loads(table["__metadata__"][qio._KEY])
     edit(header)
     if fix_crc:
-        header[qio._HEADER_CRC] = qio._header_crc(header)
+        header[qio._HEADER_CRC] = json_crc32(header, qio._HEADER_CRC)
     table["__metadata__"] = {qio._KEY: json.dumps(header)}
     h = json.dumps(table).encode()
     h += b" " * (-len(h) % 8)

@@ -31,14 +31,13 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-import zlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._checksums import crc32
+from lora_jax._checksums import crc32, json_crc32
 from lora_jax._closest import closest
 from lora_jax.quant.array import QuantizedArray, is_quantized
 from lora_jax.spec import path_str
@@ -68,12 +67,6 @@ def _to_numpy(name: str, x) -> np.ndarray:
         )
     a = np.asarray(jax.device_get(x))
     return a.view(np.uint16) if a.dtype == jnp.bfloat16 else a
-
-
-def _header_crc(header: dict) -> int:
-    """CRC32 of the header without its own checksum, as canonical JSON (sorted keys, no spaces)."""
-    body = {k: v for k, v in header.items() if k != _HEADER_CRC}
-    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()) & 0xFFFFFFFF
 
 
 def save(path, params: Any, *, model: str | None = None) -> pathlib.Path:
@@ -125,7 +118,7 @@ def save(path, params: Any, *, model: str | None = None) -> pathlib.Path:
             a = tensors[name] = _to_numpy(name, x)
             records[name] = {"shape": list(a.shape), "dtype": jnp.dtype(x.dtype).name, "crc32": crc32(a)}
     header = {"format": QUANT_FORMAT, "model": model, "leaves": records}
-    header[_HEADER_CRC] = _header_crc(json.loads(json.dumps(header)))
+    header[_HEADER_CRC] = json_crc32(json.loads(json.dumps(header)), _HEADER_CRC)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".tmp")
     save_file(tensors, str(tmp), metadata={_KEY: json.dumps(header)})
@@ -177,7 +170,9 @@ def info(path) -> dict:
             f"{str(file)!r}: unknown quantized base format {fmt!r}, expected {QUANT_FORMAT!r} (a file from a "
             f"newer lora_jax? upgrade it)."
         )
-    if header.get(_HEADER_CRC) != _header_crc(header) or not isinstance(header.get("leaves"), dict):
+    if header.get(_HEADER_CRC) != json_crc32(header, _HEADER_CRC) or not isinstance(
+        header.get("leaves"), dict
+    ):
         raise ValueError(
             f"{str(file)!r}: the quantized base header does not match its checksum {_HEADER_CRC} (a shape, "
             f"dtype, block size, format, the model name or the list of leaves was edited or damaged after "
