@@ -49,7 +49,7 @@ from lora_jax.delta import LoraDelta, delta_weight, is_delta
 from lora_jax.full import is_full
 from lora_jax.pairing import paired_leaves
 from lora_jax.quant.array import is_quantized
-from lora_jax.spec import LoraSpec, residual_init
+from lora_jax.spec import LoraSpec, path_str, residual_init
 
 __all__ = ["init_with_residual", "principal_factors", "to_original_base", "loftq_rounds"]
 
@@ -183,7 +183,7 @@ def _check_dense(params, init: str, rounds: int) -> None:
     path = next((p for p, x in leaves if is_quantized(x)), None)
     if path is None:
         return
-    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    name = path_str(path)
     fix = (
         "LoftQ quantizes the base itself: pass the dense params (the original weights, or "
         "lj.dequantize(params)) together with qspec=your QuantSpec"
