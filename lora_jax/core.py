@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import _explicit
 from lora_jax.delta import LoraDelta, delta_weight, init_delta, is_delta
 from lora_jax.dora import dora_fold, init_magnitude, is_dora
 from lora_jax.full import init_full, is_full
@@ -238,8 +239,13 @@ def _fold(w, d: LoraDelta, sign: float, path: str = ""):
                 "unmerge: a DoRA merge cannot be undone: W' = m ⊙ V / ‖V‖_col loses each column's scale of "
                 "V = W + s·a·b. Keep the original params and merge them again instead."
             )
-        return dora_fold(w, _add_exact(w.astype(acc), delta_weight(d, acc)), d).astype(w.dtype)
-    return _add_exact(w.astype(acc), sign * delta_weight(d, acc)).astype(w.dtype)
+        return dora_fold(w, _add_exact(w.astype(acc), _delta_like(d, acc, w)), d).astype(w.dtype)
+    return _add_exact(w.astype(acc), sign * _delta_like(d, acc, w)).astype(w.dtype)
+
+
+def _delta_like(d: LoraDelta, dtype, w):
+    # s·a·b, typed with W's sharding on a mesh with Explicit axes (a and b may be sharded otherwise).
+    return _explicit.typed_like(delta_weight(d, dtype), w)
 
 
 @functools.cache

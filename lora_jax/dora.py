@@ -36,7 +36,9 @@ import string
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
+from lora_jax import _explicit
 from lora_jax.delta import LoraDelta
 
 __all__ = ["DoraDelta", "is_dora", "column_norm", "dora_factor", "dora_fold", "init_magnitude"]
@@ -83,7 +85,24 @@ def column_norm(w, d: LoraDelta | None, axes=None) -> jax.Array:
         w: the kernel, any float dtype, laid out as ``d.axes`` (or `axes`) says.
         d: its delta, or None for ‖W‖_col alone.
         axes: W's `LoraAxes` when `d` is None.
+
+    With Explicit mesh axes the sums over W's (possibly sharded) input axes run with the axes in Auto mode,
+    and the norms are typed with W's sharding of its stack and output axes.
     """
+    arrays = (w,) if d is None else (w, d.a, d.b)
+    if _explicit.mesh_of(arrays) is None:
+        return _column_norm(w, d, axes)
+    ax = d.axes if d is not None else axes
+    spec = _explicit.spec_of(w)
+    out = PartitionSpec(*(spec[i] for i in (*ax.stack, *ax.outputs)))
+    if d is None:
+        return _explicit.auto(lambda w: _column_norm(w, None, axes), w, out_specs=out)
+    run = lambda w, a, b: _column_norm(w, dataclasses.replace(d, a=a, b=b))  # noqa: E731
+    return _explicit.auto(run, w, d.a, d.b, out_specs=out)
+
+
+def _column_norm(w, d: LoraDelta | None, axes=None) -> jax.Array:
+    """`column_norm` on arrays without Explicit mesh axes."""
     ax = d.axes if d is not None else axes
     lab, r, t = _labels(ax)
     S = "".join(lab[i] for i in ax.stack)

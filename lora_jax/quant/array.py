@@ -25,13 +25,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
+from lora_jax import _explicit
 from lora_jax.quant import codes as _codes
 
 __all__ = [
@@ -231,24 +234,42 @@ def _check_parts(arrays: tuple, meta: QuantMeta) -> None:
 def encode_arrays(
     w, fmt: str, block_size: int, axis: int, double_quant: bool, outlier_rows: int = 0
 ) -> tuple:
-    """The six parts of a `QuantizedArray` of `w` (see its attributes)."""
-    if not outlier_rows:
-        return (*_codes.encode(w, fmt, block_size, axis, double_quant=double_quant), None, None)
-    rest, index, values = _codes.split_outliers(w, outlier_rows, axis)
-    return (*_codes.encode(rest, fmt, block_size, axis, double_quant=double_quant), index, values)
+    """The six parts of a `QuantizedArray` of `w` (see its attributes).
+
+    On a mesh with Explicit axes each part is typed with W's sharding (the per-256 scale parameters and
+    outlier indices with that of W's leading axes only), computed with the axes in Auto mode.
+    """
+
+    def parts(w):
+        if not outlier_rows:
+            return (*_codes.encode(w, fmt, block_size, axis, double_quant=double_quant), None, None)
+        rest, index, values = _codes.split_outliers(w, outlier_rows, axis)
+        return (*_codes.encode(rest, fmt, block_size, axis, double_quant=double_quant), index, values)
+
+    if _explicit.mesh_of(w) is None:
+        return parts(w)
+    spec = _explicit.spec_of(w)
+    lead = PartitionSpec(*spec[:axis], None)
+    dq = (lead, lead) if double_quant else (None, None)
+    rows = (lead, PartitionSpec(*spec[:axis], None, *spec[axis + 1 :])) if outlier_rows else (None, None)
+    return _explicit.auto(parts, w, out_specs=(spec, spec, *dq, *rows))
 
 
 def dequantize_arrays(arrays: tuple, meta: QuantMeta, dtype: Any = None):
     """The dense weight from a `QuantizedArray`'s `arrays` and its `QuantMeta`."""
     _check_parts(arrays, meta)
-    return _codes.decode(
-        *arrays,
+    decode = functools.partial(
+        _codes.decode,
         shape=meta.shape,
         dtype=meta.dtype if dtype is None else dtype,
         fmt=meta.format,
         block_size=meta.block_size,
         axis=meta.axis,
     )
+    if _explicit.mesh_of(arrays[0]) is None:
+        return decode(*arrays)
+    # Explicit mesh axes: W is typed with its codes' sharding (they keep W's layout).
+    return _explicit.auto(decode, *arrays, out_specs=_explicit.spec_of(arrays[0]))
 
 
 def is_quantized(x) -> bool:

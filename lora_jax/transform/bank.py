@@ -43,7 +43,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from lora_jax import _explicit
 from lora_jax.bank import AdapterBank, check_bank_fits
 from lora_jax.delta import LoraDelta
 from lora_jax.spec import path_str
@@ -175,13 +178,18 @@ def call_with_bank(
     xs = [leaves[i][1] for i in mapped]
     ex = lambda x, ax: jax.ShapeDtypeStruct(np.delete(np.shape(x), ax), jnp.result_type(x))  # noqa: E731
     first = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)  # noqa: E731
-    shapes = jax.eval_shape(
-        one,
-        first(a_g),
-        first(b_g),
-        None if keys is None else keys[0],
-        [ex(x, ax) for x, ax in zip(xs, axes, strict=True)],
-    )
+    try:
+        shapes = jax.eval_shape(
+            one,
+            first(a_g),
+            first(b_g),
+            None if keys is None else keys[0],
+            [ex(x, ax) for x, ax in zip(xs, axes, strict=True)],
+        )
+    except (TypeError, ValueError) as e:
+        if _explicit.mesh_of(params, xs) is not None:
+            e.add_note(_EXPLICIT_NOTE)
+        raise
     out_leaves, out_tree = jax.tree_util.tree_flatten_with_path(shapes)
     out_ax = []
     for kp, s in out_leaves:
@@ -201,6 +209,7 @@ def call_with_bank(
         return [o if ax is None else jnp.squeeze(o, ax) for o, ax in zip(outs, out_ax, strict=True)]
 
     in_ax = (0, 0, None if keys is None else 0, [ax for ax in axes])
+    a_g, b_g, keys = _sharded_like_examples(a_g, b_g, keys, xs, axes)
     try:
         outs = jax.vmap(squeezed, in_axes=in_ax, out_axes=out_ax)(a_g, b_g, keys, xs)
     except ValueError as e:
@@ -213,6 +222,28 @@ def call_with_bank(
             f"and reduce them outside, or give its example axis in out_axes. (jax: {str(e)[:200]})"
         ) from None
     return jax.tree_util.tree_unflatten(out_tree, outs)
+
+
+_EXPLICIT_NOTE = (
+    "lj.wrap with an adapter bank runs fn on one example at a time (jax.vmap over the batch, a batch of 1 "
+    "inside fn). With Explicit mesh axes, a model that shards its batch axis in its own code (reshard or "
+    "out_sharding over a data axis) cannot run on one example: serve the bank on a mesh with Auto axes "
+    "(jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))), or merge each adapter."
+)
+
+
+def _sharded_like_examples(a_g, b_g, keys, xs, axes):
+    """With Explicit mesh axes, the per-example adapters and keys sharded along the examples like the first
+    mapped argument (``jax.vmap`` wants every mapped axis sharded alike); unchanged otherwise."""
+    typed = [(x, ax) for x, ax in zip(xs, axes, strict=True) if _explicit.mesh_of(x) is not None]
+    if not typed:
+        return a_g, b_g, keys
+    x, ax = typed[0]
+    mesh_axis = _explicit.spec_of(x)[ax]
+    concrete = isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    mesh = x.sharding.mesh if concrete else jax.typeof(x).sharding.mesh
+    like = lambda t: jax.tree.map(lambda g: _explicit.conform(g, NamedSharding(mesh, P(mesh_axis))), t)  # noqa: E731
+    return like(a_g), like(b_g), None if keys is None else like(keys)
 
 
 def _paths_of(bank: AdapterBank):

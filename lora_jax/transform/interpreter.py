@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from lora_jax import _explicit
+from lora_jax.quant.array import QuantLeaf
 from lora_jax.transform.value import TrackedValue
 
 __all__ = [
@@ -152,6 +154,11 @@ def fallback(ctx: Ctx, eqn, invals) -> list:
     return bind(eqn, plain(ctx, invals, eqn.primitive.name))
 
 
+def _conform(x, var):
+    sharding = getattr(getattr(var, "aval", None), "sharding", None)
+    return x if sharding is None else _explicit.conform(x, sharding)
+
+
 def eval_jaxpr(ctx: Ctx, jaxpr, consts, args) -> list:
     """Evaluate `jaxpr` on `args` (plain arrays or tracked values); outputs may be tracked values."""
     env = {}
@@ -168,6 +175,9 @@ def eval_jaxpr(ctx: Ctx, jaxpr, consts, args) -> list:
         if any(isinstance(x, TrackedValue) for x in invals):
             rule = ctx.rule_for(eqn.primitive.name, invals) or fallback
             outs = rule(ctx, eqn, invals)
+            # With Explicit mesh axes the program expects each output's sharding in its type; a rule that
+            # computed it another way (e.g. replicated a, b in s·(x·a)·b) hands it over resharded.
+            outs = [x if isinstance(x, TrackedValue) else _conform(x, v) for v, x in zip(eqn.outvars, outs)]
         else:
             outs = bind(eqn, invals)
         for v, x in zip(eqn.outvars, outs, strict=True):
@@ -198,9 +208,18 @@ def trace(fn: Callable, param_leaves, treedef, args: tuple, kwargs: dict):
         a, k = jax.tree_util.tree_unflatten(arg_tree, leaves)
         return fn(jax.tree_util.tree_unflatten(treedef, p_leaves), *a, **k)
 
-    spec = lambda x: jax.ShapeDtypeStruct(  # noqa: E731
-        np.shape(x), jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype
-    )
+    def spec(x):
+        if isinstance(x, jax.Array) and not jax.typeof(x).weak_type:
+            # An array or tracer stands for itself: fn is traced with its whole type (sharding with
+            # Explicit mesh axes, manual axes it varies over inside shard_map).
+            return x
+        dtype = jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype
+        # A quantized weight is typed like its codes (they keep W's layout and sharding).
+        typed = x.q.codes if isinstance(x, QuantLeaf) else x
+        if _explicit.mesh_of(typed) is None:
+            return jax.ShapeDtypeStruct(np.shape(x), dtype)
+        return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=jax.typeof(typed).sharding)
+
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
         [spec(w) for w in param_leaves], [spec(arg_leaves[i]) for i in dyn_pos]
     )

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import _explicit
 from lora_jax.delta import LoraDelta
 from lora_jax.dora import is_dora
 from lora_jax.quant.array import QuantizedArray, QuantMeta, dequantize_arrays
@@ -200,14 +201,6 @@ def _decode_view(v: QuantValue, q, op_args):
     return w
 
 
-def _zero_cotangent(x):
-    if x is None:
-        return None
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.zeros(x.shape, x.dtype)
-    return np.zeros(x.shape, jax.dtypes.float0)
-
-
 def _tied(q: tuple, x) -> tuple:
     """`q` with a zero taken from `x` added to its float32 scales: a decode of it must wait for `x`.
 
@@ -215,12 +208,20 @@ def _tied(q: tuple, x) -> tuple:
     """
     if np.size(x) == 0:
         return q
-    x0 = jax.lax.stop_gradient(jnp.reshape(x, (-1,))[0].astype(jnp.float32))
-    zero = jnp.where(jnp.isfinite(x0), x0, 0.0) * 0.0  # 0 even for an inf or NaN x0
-    codes, scales, scale_scales, offset, *rest = q
-    if offset is not None:
-        return codes, scales, scale_scales, offset + zero, *rest
-    return codes, scales + zero, None, None, *rest
+
+    def tie(q, x):
+        x0 = jax.lax.stop_gradient(jnp.reshape(x, (-1,))[0].astype(jnp.float32))
+        zero = jnp.where(jnp.isfinite(x0), x0, 0.0) * 0.0  # 0 even for an inf or NaN x0
+        codes, scales, scale_scales, offset, *rest = q
+        if offset is not None:
+            return codes, scales, scale_scales, offset + zero, *rest
+        return codes, scales + zero, None, None, *rest
+
+    if _explicit.mesh_of(q, x) is None:
+        return tie(q, x)
+    # Explicit mesh axes: flattening a sharded x is computed in Auto mode; q keeps its types.
+    specs = tuple(None if a is None else _explicit.spec_of(a) for a in q)
+    return _explicit.auto(tie, tuple(q), x, out_specs=specs)
 
 
 def _base_use(eqn, v: QuantValue, operands: list, i: int):
@@ -256,7 +257,7 @@ def _base_use(eqn, v: QuantValue, operands: list, i: int):
         q, g = jax.lax.optimization_barrier((_tied(q, g), g))
         _, pull = jax.vjp(lambda o, a: run(o, a, q), others, op_args)
         g_others, g_args = pull(g)
-        return g_others, g_args, jax.tree_util.tree_map(_zero_cotangent, res[2])
+        return g_others, g_args, None  # None: a zero cotangent for every quantized array, typed by JAX
 
     use.defvjp(fwd, bwd)
     try:
@@ -304,21 +305,28 @@ def dot_general(ctx, eqn, invals):
         return [base]
     path, dt, pet, prec = plan.low_rank, x.dtype, p.get("preferred_element_type"), p.get("precision")
     first, second = (v.b, v.a) if path.first == "b" else (v.a, v.b)
-    t = jnp.einsum(
-        path.first_spec,
-        _dropout(ctx, v, x),
-        squeeze_to(first, path.first_axes).astype(dt),
-        precision=prec,
-        preferred_element_type=pet,
-    ).astype(dt)
-    low = jnp.einsum(
-        path.second_spec,
-        t,
-        squeeze_to(second, path.second_axes).astype(dt),
-        precision=prec,
-        preferred_element_type=pet,
-    )
-    return [base + jnp.broadcast_to(low.reshape(path.low_shape), base.shape).astype(base.dtype)]
+
+    def low_rank(xin, first, second):
+        t = jnp.einsum(
+            path.first_spec,
+            xin,
+            squeeze_to(first, path.first_axes).astype(dt),
+            precision=prec,
+            preferred_element_type=pet,
+        ).astype(dt)
+        low = jnp.einsum(
+            path.second_spec,
+            t,
+            squeeze_to(second, path.second_axes).astype(dt),
+            precision=prec,
+            preferred_element_type=pet,
+        )
+        return jnp.broadcast_to(low.reshape(path.low_shape), base.shape).astype(base.dtype)
+
+    xin = _dropout(ctx, v, x)
+    # Explicit mesh axes: computed in Auto mode (no all-gather of activations), typed like x·W.
+    spec = _explicit.spec_of(base) if _explicit.mesh_of(base, xin, first, second) is not None else None
+    return [base + _explicit.auto(low_rank, xin, first, second, out_specs=spec)]
 
 
 def conv_general_dilated(ctx, eqn, invals):

@@ -47,6 +47,7 @@ JAX_VERSIONED: dict[str, str] = {
     "custom_vjp_call_jaxpr": "JAX < 0.6.1 (staged custom_vjp; merged into `custom_vjp_call` in 0.6.1)",
     "closed_call": "JAX <= 0.11.0 (after 0.11.0, `closed_call_p` is `eval_jaxpr`)",
     "eval_jaxpr": "JAX > 0.11.0 (replaces the `call` and `closed_call` primitives)",
+    "pvary": "JAX >= 0.6 (shard_map's varying manual axes; later JAX may name the cast differently)",
 }
 
 RULES: dict[str, dict[type, Rule]] = {
@@ -61,6 +62,7 @@ RULES: dict[str, dict[type, Rule]] = {
     "sharding_constraint": {LoraValue: views.identity},
     "copy": {LoraValue: views.identity},
     "device_put": {LoraValue: views.device_put},
+    "pvary": {_ANY: views.each_array},  # inside jax.shard_map: W made varying like the activations
     "mul": {LoraValue: scaled.scale},  # c·W, W/c: a pending per-channel scale (`scaled.ScaledValue`)
     "div": {LoraValue: scaled.scale},
     "stop_gradient": {LoraValue: views.stop_gradient},

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lora_jax import _explicit
 from lora_jax.transform.interpreter import bind, fallback, materialize
 from lora_jax.transform.plan import DotPlan, plan_dot_general
 from lora_jax.transform.value import LoraValue, TrackedValue, dense_delta, labels, present, squeeze_to
@@ -90,23 +91,30 @@ def dot_general(ctx, eqn, invals):
     base = bind(eqn.replace(params={**p, "preferred_element_type": acc}) if widen else eqn, operands)[0]
     first, second = (v.b, v.a) if path.first == "b" else (v.a, v.b)
     xin = _dropout(ctx, v, x)
-    t = jnp.einsum(
-        path.first_spec,
-        xin,
-        squeeze_to(first, path.first_axes).astype(dt),
-        precision=prec,
-        preferred_element_type=acc,
-    )
-    t = t if widen else t.astype(dt)
-    low = jnp.einsum(
-        path.second_spec,
-        t,
-        squeeze_to(second, path.second_axes).astype(t.dtype),
-        precision=prec,
-        preferred_element_type=acc,
-    )
-    low = low.reshape(path.low_shape)
-    return [(base + jnp.broadcast_to(low, base.shape).astype(base.dtype)).astype(out_dt)]
+
+    def low_rank(xin, first, second):
+        t = jnp.einsum(
+            path.first_spec,
+            xin,
+            squeeze_to(first, path.first_axes).astype(dt),
+            precision=prec,
+            preferred_element_type=acc,
+        )
+        t = t if widen else t.astype(dt)
+        low = jnp.einsum(
+            path.second_spec,
+            t,
+            squeeze_to(second, path.second_axes).astype(t.dtype),
+            precision=prec,
+            preferred_element_type=acc,
+        )
+        return jnp.broadcast_to(low.reshape(path.low_shape), base.shape).astype(base.dtype)
+
+    # With Explicit mesh axes s·(x·a)·b is computed in Auto mode (as on an Auto mesh: no all-gather of
+    # activations) and typed like x·W.
+    spec = _explicit.spec_of(base) if _explicit.mesh_of(base, xin, first, second) is not None else None
+    low = _explicit.auto(low_rank, xin, first, second, out_specs=spec)
+    return [(base + low).astype(out_dt)]
 
 
 def conv_general_dilated(ctx, eqn, invals):

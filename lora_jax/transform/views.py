@@ -322,6 +322,17 @@ def device_put(ctx, eqn, invals):
     return [x.replace(w=o) if isinstance(x, LoraValue) else o for x, o in zip(invals, outs, strict=True)]
 
 
+def each_array(ctx, eqn, invals):
+    """A cast of the type only (``pvary``: varying over shard_map's manual axes): the op is applied to each
+    array of a tracked value (W, a, b; codes and scales) and the value stays tracked."""
+    return [
+        x.with_arrays(tuple(None if a is None else bind(eqn, [a])[0] for a in x.arrays()))
+        if isinstance(x, TrackedValue)
+        else bind(eqn, [x])[0]
+        for x in invals
+    ]
+
+
 def add(ctx, eqn, invals):
     """``W + c``, ``W - c``, ``c - W`` for a plain c: still W' + low rank.
 
