@@ -14,18 +14,23 @@ terms in `wrap`) is not written in those types, so
   way (``x·W + s·(x·a)·b`` when the user's ``a`` and ``b`` are replicated: the sum is typed like ``x·W``).
 
 On arrays without Explicit axes (Auto meshes, one device, NumPy) both do nothing.
+
+Inside ``jax.shard_map`` a type also says which manual mesh axes a value varies over: `varying_axes`
+reads them and `shape_dtype` builds a ``jax.ShapeDtypeStruct`` that keeps them (and an Explicit
+sharding), so a trace of ``fn`` sees the types its inputs will have.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-__all__ = ["mesh_of", "spec_of", "auto", "conform", "typed_like"]
+__all__ = ["mesh_of", "spec_of", "auto", "conform", "typed_like", "varying_axes", "shape_dtype"]
 
 
 def _explicit_mesh(x):
@@ -114,3 +119,32 @@ def typed_like(x, ref) -> Any:
     if isinstance(ref, jax.Array) and not isinstance(ref, jax.core.Tracer):
         return conform(x, ref.sharding) if isinstance(ref.sharding, NamedSharding) else x
     return conform(x, jax.typeof(ref).sharding)
+
+
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes `x` varies over inside ``jax.shard_map`` (empty outside, or for a non-array)."""
+    try:
+        t = jax.typeof(x)
+    except TypeError:
+        return frozenset()
+    mat = getattr(t, "mat", None)  # JAX 0.10: ManualAxisType(varying=...); before: the aval's .vma
+    return frozenset(getattr(mat, "varying", None) or getattr(t, "vma", None) or ())
+
+
+_SDS_PARAMS = inspect.signature(jax.ShapeDtypeStruct.__init__).parameters
+
+
+def shape_dtype(shape, dtype, typed=None) -> jax.ShapeDtypeStruct:
+    """``ShapeDtypeStruct(shape, dtype)`` with `typed`'s sharding (when it has Explicit mesh axes) and the
+    manual axes it varies over (inside ``jax.shard_map``), so a trace sees the type the value will have."""
+    if typed is None or not isinstance(typed, jax.Array):
+        return jax.ShapeDtypeStruct(shape, dtype)
+    t, kw = jax.typeof(typed), {}
+    if varying_axes(typed):
+        if "manual_axis_type" in _SDS_PARAMS:
+            kw = dict(manual_axis_type=t.mat, sharding=t.sharding)
+        elif "vma" in _SDS_PARAMS:
+            kw = dict(vma=t.vma, sharding=t.sharding)
+    elif mesh_of(typed) is not None:
+        kw = dict(sharding=t.sharding)
+    return jax.ShapeDtypeStruct(shape, dtype, **kw)

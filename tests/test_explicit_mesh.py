@@ -150,6 +150,12 @@ _SCRIPT = textwrap.dedent("""
             warnings.simplefilter("error", lj.FallbackWarning)
             close(jax.jit(fwd)(base, d, xb), want, 1e-5)
             close(jax.jit(grad)(d, base, xb), g_want, 1e-4)
+    # One adapter per device (the factors vary over "data" where W does not): merged per example as reference.
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *(ds * 4))
+    per_dev = lambda p, d, x: lj.wrap(f)(p, jax.tree.map(lambda a: a[0], d), x)
+    sm = jax.shard_map(per_dev, mesh=auto, in_specs=(P(), P("data"), P("data")), out_specs=P("data"))
+    want = np.concatenate([f(lj.merge({"w": w}, ds[i % 2]), xb[i : i + 1]) for i in range(8)])
+    close(jax.jit(sm)({"w": w}, stacked, xb), want, 1e-5)
     print("shard_map ok")
 """)
 

@@ -214,11 +214,9 @@ def trace(fn: Callable, param_leaves, treedef, args: tuple, kwargs: dict):
             # Explicit mesh axes, manual axes it varies over inside shard_map).
             return x
         dtype = jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype
-        # A quantized weight is typed like its codes (they keep W's layout and sharding).
-        typed = x.q.codes if isinstance(x, QuantLeaf) else x
-        if _explicit.mesh_of(typed) is None:
-            return jax.ShapeDtypeStruct(np.shape(x), dtype)
-        return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=jax.typeof(typed).sharding)
+        # A weak-typed array is traced strongly typed; a quantized weight is typed like its codes (they
+        # keep W's layout and sharding). Both keep the manual axes they vary over and Explicit shardings.
+        return _explicit.shape_dtype(np.shape(x), dtype, x.q.codes if isinstance(x, QuantLeaf) else x)
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
         [spec(w) for w in param_leaves], [spec(arg_leaves[i]) for i in dyn_pos]

@@ -44,14 +44,13 @@ from lora_jax.dora import is_dora
 from lora_jax.quant.array import QuantizedArray, QuantMeta, dequantize_arrays
 from lora_jax.transform.interpreter import bind, fallback, materialize
 from lora_jax.transform.plan import plan_dot_general
-from lora_jax.transform.uses import conv_low_rank
+from lora_jax.transform.uses import conv_low_rank, low_rank_term
 from lora_jax.transform.value import (
     LoraValue,
     TrackedValue,
     aligned_factors,
     dense_delta,
     own_axes,
-    squeeze_to,
 )
 
 __all__ = ["QuantValue", "view", "dot_general", "conv_general_dilated", "gather"]
@@ -305,28 +304,8 @@ def dot_general(ctx, eqn, invals):
         return [base]
     path, dt, pet, prec = plan.low_rank, x.dtype, p.get("preferred_element_type"), p.get("precision")
     first, second = (v.b, v.a) if path.first == "b" else (v.a, v.b)
-
-    def low_rank(xin, first, second):
-        t = jnp.einsum(
-            path.first_spec,
-            xin,
-            squeeze_to(first, path.first_axes).astype(dt),
-            precision=prec,
-            preferred_element_type=pet,
-        ).astype(dt)
-        low = jnp.einsum(
-            path.second_spec,
-            t,
-            squeeze_to(second, path.second_axes).astype(dt),
-            precision=prec,
-            preferred_element_type=pet,
-        )
-        return jnp.broadcast_to(low.reshape(path.low_shape), base.shape).astype(base.dtype)
-
     xin = _dropout(ctx, v, x)
-    # Explicit mesh axes: computed in Auto mode (no all-gather of activations), typed like x·W.
-    spec = _explicit.spec_of(base) if _explicit.mesh_of(base, xin, first, second) is not None else None
-    return [base + _explicit.auto(low_rank, xin, first, second, out_specs=spec)]
+    return [base + low_rank_term(path, xin, first, second, base, dt=dt, acc=pet, prec=prec)]
 
 
 def conv_general_dilated(ctx, eqn, invals):

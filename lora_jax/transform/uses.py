@@ -58,6 +58,37 @@ def _note_roles(ctx, v: LoraValue, plan: DotPlan):
     ctx.note(v, "dot_general", roles)
 
 
+def low_rank_term(path, xin, first, second, base, *, dt, acc, prec, widen: bool = False):
+    """``(xin·first)·second`` along `path` (a `DotPlan.low_rank`; the scale is folded into b), broadcast to
+    `base`'s shape and dtype.
+
+    The first product is rounded to `dt` unless `widen` (bfloat16 compute: both products accumulate in
+    float32). With Explicit mesh axes it is computed in Auto mode, as on an Auto mesh (typed in Explicit
+    types, its backward pass would all-gather the activations), and typed like `base` (x·W).
+    """
+
+    def run(xin, first, second):
+        t = jnp.einsum(
+            path.first_spec,
+            xin,
+            squeeze_to(first, path.first_axes).astype(dt),
+            precision=prec,
+            preferred_element_type=acc,
+        )
+        t = t if widen else t.astype(dt)
+        low = jnp.einsum(
+            path.second_spec,
+            t,
+            squeeze_to(second, path.second_axes).astype(t.dtype),
+            precision=prec,
+            preferred_element_type=acc,
+        )
+        return jnp.broadcast_to(low.reshape(path.low_shape), base.shape).astype(base.dtype)
+
+    spec = _explicit.spec_of(base) if _explicit.mesh_of(base, xin, first, second) is not None else None
+    return _explicit.auto(run, xin, first, second, out_specs=spec)
+
+
 def dot_general(ctx, eqn, invals):
     """``x·W`` plus the low-rank path of `plan_dot_general`; W may be either operand."""
     lhs, rhs = invals
@@ -91,29 +122,7 @@ def dot_general(ctx, eqn, invals):
     base = bind(eqn.replace(params={**p, "preferred_element_type": acc}) if widen else eqn, operands)[0]
     first, second = (v.b, v.a) if path.first == "b" else (v.a, v.b)
     xin = _dropout(ctx, v, x)
-
-    def low_rank(xin, first, second):
-        t = jnp.einsum(
-            path.first_spec,
-            xin,
-            squeeze_to(first, path.first_axes).astype(dt),
-            precision=prec,
-            preferred_element_type=acc,
-        )
-        t = t if widen else t.astype(dt)
-        low = jnp.einsum(
-            path.second_spec,
-            t,
-            squeeze_to(second, path.second_axes).astype(t.dtype),
-            precision=prec,
-            preferred_element_type=acc,
-        )
-        return jnp.broadcast_to(low.reshape(path.low_shape), base.shape).astype(base.dtype)
-
-    # With Explicit mesh axes s·(x·a)·b is computed in Auto mode (as on an Auto mesh: no all-gather of
-    # activations) and typed like x·W.
-    spec = _explicit.spec_of(base) if _explicit.mesh_of(base, xin, first, second) is not None else None
-    low = _explicit.auto(low_rank, xin, first, second, out_specs=spec)
+    low = low_rank_term(path, xin, first, second, base, dt=dt, acc=acc, prec=prec, widen=widen)
     return [(base + low).astype(out_dt)]
 
 

@@ -74,9 +74,11 @@ def wrap(fn: Callable, *, strict: bool = False, in_axes=None, out_axes=None) -> 
         # A QuantizedArray (QLoRA base) is one weight of its shape and dtype to fn; its codes and scales
         # enter the interpreter as a QuantValue, decoded at each use.
         treedef, pairs = paired_leaves(box_quantized(params), deltas)
-        closed, out_shape, dyn = trace(fn, [w for _, w, _ in pairs], treedef, args, kwargs)
+        # fn is traced with the types of what it is given (a fully trained leaf: its own value's type)
+        fed = [d.value.astype(w.dtype) if is_full(d) else w for _, w, d in pairs]
+        closed, out_shape, dyn = trace(fn, fed, treedef, args, kwargs)
         invals = [
-            d.value.astype(w.dtype)  # a fully trained leaf (LoraSpec.train_full) replaces W: a plain array
+            f  # a fully trained leaf (LoraSpec.train_full) replaces W: a plain array
             if is_full(d)
             else QuantValue.of(w.q, d, path)
             if isinstance(w, QuantLeaf)
@@ -85,7 +87,7 @@ def wrap(fn: Callable, *, strict: bool = False, in_axes=None, out_axes=None) -> 
             else DoraValue.of(w, d, path)
             if is_dora(d)
             else LoraValue.of(w, d, path)
-            for path, w, d in pairs
+            for (path, w, d), f in zip(pairs, fed, strict=True)
         ]
         ctx = Ctx(rule_for, strict=strict, warned=warned, key=dropout_key)
         outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, [*invals, *dyn])
