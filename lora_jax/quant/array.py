@@ -237,7 +237,8 @@ def encode_arrays(
     """The six parts of a `QuantizedArray` of `w` (see its attributes).
 
     On a mesh with Explicit axes each part is typed with W's sharding (the per-256 scale parameters and
-    outlier indices with that of W's leading axes only), computed with the axes in Auto mode.
+    outlier indices with that of W's leading axes only; the k outlier rows unsplit along the block axis),
+    computed with the axes in Auto mode.
     """
 
     def parts(w):
