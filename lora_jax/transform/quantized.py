@@ -42,6 +42,7 @@ from lora_jax import _explicit
 from lora_jax.delta import LoraDelta
 from lora_jax.dora import is_dora
 from lora_jax.quant.array import QuantizedArray, QuantMeta, dequantize_arrays
+from lora_jax.transform import views
 from lora_jax.transform.interpreter import bind, fallback, materialize
 from lora_jax.transform.plan import plan_dot_general
 from lora_jax.transform.uses import conv_low_rank, low_rank_term
@@ -53,7 +54,7 @@ from lora_jax.transform.value import (
     own_axes,
 )
 
-__all__ = ["QuantValue", "view", "dot_general", "conv_general_dilated", "gather"]
+__all__ = ["QuantValue", "view", "each_array", "dot_general", "conv_general_dilated", "gather"]
 
 
 @dataclasses.dataclass
@@ -279,6 +280,24 @@ _NO_JVP = (
     "vector product as jax.jvp(jax.grad(f), ...) works), or dequantize the base first "
     "(lj.wrap(fn)(lj.dequantize(params), deltas, ...)) for forward mode."
 )
+
+
+def each_array(ctx, eqn, invals):
+    """``pvary`` on a quantized value: its arrays as `views.each_array` casts them, and the other operands of
+    its recorded view ops alike, since those ops are replayed on the decoded, now varying, W."""
+    outs = views.each_array(ctx, eqn, invals)
+    return [
+        dataclasses.replace(
+            y,
+            ops=tuple(
+                (e, tuple(a if k == i else views.vary(eqn, a) for k, a in enumerate(args)), i)
+                for e, args, i in y.ops
+            ),
+        )
+        if isinstance(y, QuantValue)
+        else y
+        for y in outs
+    ]
 
 
 def dot_general(ctx, eqn, invals):

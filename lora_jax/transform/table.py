@@ -105,6 +105,7 @@ RULES["dot_general"][QuantValue] = quantized.dot_general
 RULES["mul"][QuantValue] = RULES["div"][QuantValue] = scaled.folded(quantized.view)  # c folded into W
 RULES["conv_general_dilated"][QuantValue] = quantized.conv_general_dilated
 RULES["gather"][QuantValue] = quantized.gather
+RULES["pvary"][QuantValue] = quantized.each_array  # also casts the operands of its recorded view ops
 
 # A DoRA kernel (`dora.DoraValue`, g ⊙ (W + s·a·b)): views go through the LoraValue rules (for V and for g
 # alike), dot_general multiplies the factored product by g; conv kernels and embedding tables raise.

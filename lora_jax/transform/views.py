@@ -16,8 +16,6 @@ gives, per view primitive, the function that maps any array aligned to W's axes.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -325,34 +323,28 @@ def device_put(ctx, eqn, invals):
     return [x.replace(w=o) if isinstance(x, LoraValue) else o for x, o in zip(invals, outs, strict=True)]
 
 
+def vary(eqn, a):
+    """`a` made varying over the manual axes of the ``pvary`` `eqn` it does not vary over yet (itself if none
+    or if it is not an array)."""
+    if a is None or isinstance(a, TrackedValue) or not hasattr(a, "dtype"):
+        return a
+    missing = tuple(n for n in eqn.params["axes"] if n not in _explicit.varying_axes(a))
+    return bind(eqn.replace(params={**eqn.params, "axes": missing}), [a])[0] if missing else a
+
+
 def each_array(ctx, eqn, invals):
     """A cast of the type only (``pvary``: varying over shard_map's manual axes): the op is applied to each
     array of a tracked value (W, a, b; codes and scales) and the value stays tracked.
 
-    Each array is made varying over the axes it does not vary over yet (a factor may already vary where W
-    does not: one adapter per device); a quantized value's recorded view ops get their other operands cast
-    alike, since they are replayed on the decoded, now varying, W.
+    Each array is made varying over the axes it does not vary over yet (`vary`: a factor may already vary
+    where W does not, with one adapter per device).
     """
-
-    def cast(a):
-        if a is None or isinstance(a, TrackedValue) or not hasattr(a, "dtype"):
-            return a
-        missing = tuple(n for n in eqn.params["axes"] if n not in _explicit.varying_axes(a))
-        return bind(eqn.replace(params={**eqn.params, "axes": missing}), [a])[0] if missing else a
-
-    outs = []
-    for x in invals:
-        if not isinstance(x, TrackedValue):
-            outs.append(cast(x))
-            continue
-        y = x.with_arrays(tuple(cast(a) for a in x.arrays()))
-        if getattr(y, "ops", None):  # QuantValue: view ops replayed on the decoded W
-            ops = tuple(
-                (e, tuple(v if k == i else cast(v) for k, v in enumerate(vals)), i) for e, vals, i in y.ops
-            )
-            y = dataclasses.replace(y, ops=ops)
-        outs.append(y)
-    return outs
+    return [
+        x.with_arrays(tuple(vary(eqn, a) for a in x.arrays()))
+        if isinstance(x, TrackedValue)
+        else vary(eqn, x)
+        for x in invals
+    ]
 
 
 def add(ctx, eqn, invals):
