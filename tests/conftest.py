@@ -9,9 +9,15 @@ computes ``float ** int32``) opt out with ``@pytest.mark.standard_promotion`` (o
 """
 
 import contextlib
+import os
 
 import jax
 import pytest
+from helpers import FAST_COMPILE_FLAGS
+
+# Read when JAX starts its CPU backend (the first computation), so setting it here, before any test, is in time.
+if FAST_COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 
 
 @pytest.fixture(autouse=True)

@@ -29,6 +29,25 @@ def nonzero(deltas, key=None):
     )
 
 
+def sub_jaxprs(params: Mapping) -> Iterator:
+    """The jaxprs in an equation's params (scan, cond, pjit, remat, custom_vjp bodies), open. Walks the
+    params itself: `jax.extend.core.jaxprs_in_params` is not in every JAX the project supports."""
+    for value in params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                yield sub.jaxpr
+            elif isinstance(sub, jax.extend.core.Jaxpr):
+                yield sub
+
+
+def all_eqns(jaxpr) -> Iterator:
+    """Every equation of `jaxpr` and of the jaxprs inside its equations, depth first."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in sub_jaxprs(eqn.params):
+            yield from all_eqns(sub)
+
+
 class Block(nn.Module):
     """A residual block with two Dense kernels (``query``, ``value``), scanned by `Stack`."""
 
@@ -100,13 +119,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The suite compiles hundreds of small programs, and XLA's CPU backend spends most of their time in LLVM:
+# without its optimisation passes they compile ~30% faster (conftest sets these for the test process too).
+# What is compiled, and so every value checked, is the same HLO program; only the machine code is slower.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def child_env(devices: int = 1, env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment for a child: the CPU platform with ``devices`` devices, `CACHE_ENV`
-    (empty unless the module uses the ``compilation_cache`` fixture), then ``env`` on top."""
+    """This process's environment for a child: the CPU platform with ``devices`` devices and
+    `FAST_COMPILE_FLAGS`, `CACHE_ENV` (empty unless the module uses the ``compilation_cache`` fixture),
+    then ``env`` on top."""
     return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}",
         **CACHE_ENV,
         **(env or {}),
     }

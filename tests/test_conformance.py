@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import nonzero
+from helpers import nonzero, sub_jaxprs
 
 import lora_jax as lj
 
@@ -59,7 +59,7 @@ def _tainted_w_shaped(jaxpr, tainted, w_shapes):
             for o in eqn.outvars
             if tuple(getattr(o.aval, "shape", ())) in w_shapes
         ]
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        for sub in sub_jaxprs(eqn.params):
             flags = (
                 ins
                 if len(sub.invars) == len(ins)

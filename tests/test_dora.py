@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import all_eqns
 
 import lora_jax as lj
 from lora_jax.dora import DoraDelta, column_norm
@@ -126,13 +127,6 @@ def test_column_norm_is_the_dense_norm():
     np.testing.assert_allclose(column_norm(w, d), jnp.sqrt(jnp.sum(dense * dense, axis=1)), rtol=1e-5)
 
 
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from _all_eqns(sub)
-
-
 @pytest.mark.parametrize("detach", [True, False], ids=["detach", "full_grad"])
 def test_train_step_builds_nothing_in_by_out(detach):
     model, v, x, spec = setup("stack", detach)
@@ -142,7 +136,7 @@ def test_train_step_builds_nothing_in_by_out(detach):
     jaxpr = jax.make_jaxpr(step)(d).jaxpr
     bad = [
         (e.primitive.name, o.aval.shape)
-        for e in _all_eqns(jaxpr)
+        for e in all_eqns(jaxpr)
         for o in e.outvars
         if tuple(getattr(o.aval, "shape", ())) in w_shapes
     ]
@@ -151,7 +145,7 @@ def test_train_step_builds_nothing_in_by_out(detach):
         d
     )
     assert any(
-        tuple(getattr(o.aval, "shape", ())) in w_shapes for e in _all_eqns(ref.jaxpr) for o in e.outvars
+        tuple(getattr(o.aval, "shape", ())) in w_shapes for e in all_eqns(ref.jaxpr) for o in e.outvars
     )
 
 

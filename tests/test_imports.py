@@ -7,11 +7,13 @@ imports of every module, at module level and inside functions, from the source.
 
 import ast
 import importlib.util
+import json
 import os
 import pathlib
 import pkgutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -47,10 +49,62 @@ def _run(*args, timeout=300):
     )
 
 
+# One interpreter imports the third-party packages (most of an import's time), then forks a fresh child
+# per module: each child imports that one lora_jax module first, as `python -c 'import NAME'` would.
+_IMPORT_EACH = textwrap.dedent("""
+    import importlib, json, os, sys, traceback
+    import flax.linen, jax, jax.numpy, numpy, optax  # noqa: F401 (imported once, before the forks)
+
+    assert not [m for m in sys.modules if m.split(".")[0] == "lora_jax"]
+    results = {}
+    for name in sys.argv[1:]:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            try:
+                importlib.import_module(name)
+                message = ""
+            except BaseException:
+                message = traceback.format_exc()[-3000:] or "failed"
+            os.write(write, message.encode())
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            message = f.read().decode(errors="replace")
+        status = os.waitpid(pid, 0)[1]
+        results[name] = message or ("" if status == 0 else f"the child ended with wait status {status}")
+    print(json.dumps(results))
+""")
+
+
+@pytest.fixture(scope="module")
+def import_errors() -> dict[str, str]:
+    """``{module: traceback of importing it first in a fresh interpreter, or ""}`` for every module."""
+    proc = _run("-c", _IMPORT_EACH, *sorted(MODULES))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_module_imports_alone(name):
-    proc = _run("-c", f"import {name}")
-    assert proc.returncode == 0, f"`python -c 'import {name}'` failed:\n{proc.stderr[-3000:]}"
+def test_module_imports_alone(name, import_errors):
+    assert not import_errors[name], f"`python -c 'import {name}'` failed:\n{import_errors[name]}"
+
+
+def test_import_check_sees_a_failing_import(tmp_path):
+    """The check itself: a module that raises on import is reported with its traceback."""
+    (tmp_path / "broken_mod.py").write_text("raise ImportError('boom')\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH, "broken_mod", "lora_jax.core"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "boom" in results["broken_mod"] and results["lora_jax.core"] == "", results
 
 
 def _imported_modules(name: str, file: pathlib.Path) -> set[str]:

@@ -1,7 +1,6 @@
 """Model families: the registry, each family's own tables, and its own mesh rules in `param_shardings`."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import flax.linen as nn
 import jax
 import pytest
+from helpers import child_env
 
 import lora_jax as lj
 from lora_jax import peft
@@ -161,7 +161,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def sharded():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = child_env(8)
     proc = subprocess.run(
         [sys.executable, "-c", WORKER], env=env, capture_output=True, text=True, timeout=600, check=False
     )

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import Stack, nonzero, run_processes
+from helpers import Stack, all_eqns, nonzero, run_processes
 
 import lora_jax as lj
 from lora_jax import quant
@@ -354,13 +354,6 @@ def _llama_case(cfg, targets, ids, scan):
 # ---- nothing W-shaped in the gradient step, and compiled memory -------------------------------------
 
 
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from _all_eqns(sub)
-
-
 def test_gradient_step_has_no_weight_shaped_dot_and_no_base_gradient():
     m = Stack(layers=2)
     x = jax.random.normal(jax.random.key(1), (2, 5, 32))
@@ -372,12 +365,12 @@ def test_gradient_step_has_no_weight_shaped_dot_and_no_base_gradient():
     loss = lambda d, p, x: jnp.mean(jnp.square(lj.wrap(m.apply)(p, d, x)))  # noqa: E731
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(d, q, x).jaxpr
     w_shapes = {(2, 32, 32), (32, 32)}
-    dots = [e for e in _all_eqns(jaxpr) if e.primitive.name == "dot_general"]
+    dots = [e for e in all_eqns(jaxpr) if e.primitive.name == "dot_general"]
     assert dots and not [e for e in dots if tuple(e.outvars[0].aval.shape) in w_shapes]
     ref = jax.value_and_grad(lambda d, p, x: jnp.mean(jnp.square(m.apply(lj.merge(lj.dequantize(p), d), x))))
     assert [
         e
-        for e in _all_eqns(jax.make_jaxpr(ref)(d, q, x).jaxpr)
+        for e in all_eqns(jax.make_jaxpr(ref)(d, q, x).jaxpr)
         if e.primitive.name == "dot_general" and tuple(e.outvars[0].aval.shape) in w_shapes
     ]  # the check can fail
     # Differentiating w.r.t. the quantized base too: codes get no gradient (float0), scales a zero one.

@@ -2,7 +2,6 @@
 algorithm, in the training engine, and its bad input."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CACHE_ENV
+from helpers import child_env
 from test_quant import nf4_numpy
 
 import lora_jax as lj
@@ -107,9 +106,7 @@ def test_cli_finetune_quantize_nf4_init_loftq(tmp_path):
     from lora_jax import checkpoint
     from lora_jax.train import loop
 
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", **CACHE_ENV
-    )
+    env = child_env()
     out = tmp_path / "r"
     args = [
         "finetune",

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import all_eqns
 
 import lora_jax as lj
 from lora_jax.delta import LoraDelta
@@ -19,13 +20,6 @@ from lora_jax.delta import LoraDelta
 def rel_err(got, want):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.max(np.abs(got - want), initial=0.0) / max(np.max(np.abs(want), initial=0.0), 1e-6))
-
-
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from _all_eqns(sub)
 
 
 def compare(fn, q, d, args, *, use_jit):
@@ -162,7 +156,7 @@ def test_conv_gradient_has_no_kernel_shaped_product(base):
         jaxpr = jax.make_jaxpr(jax.grad(lambda d: jnp.mean(jnp.square(f(d)))))(d).jaxpr
         return [
             e
-            for e in _all_eqns(jaxpr)
+            for e in all_eqns(jaxpr)
             if e.primitive.name in ("conv_general_dilated", "dot_general")
             and tuple(e.outvars[0].aval.shape) in shapes
         ]

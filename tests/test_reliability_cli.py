@@ -9,7 +9,6 @@ given step on.
 """
 
 import json
-import os
 import pathlib
 import shlex
 import signal
@@ -19,7 +18,7 @@ import sys
 import time
 
 import pytest
-from helpers import CACHE_ENV
+from helpers import child_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.assets, pytest.mark.usefixtures("compilation_cache")]
 
@@ -83,13 +82,7 @@ TINY = [
 
 
 def _env(**extra):
-    return dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        **CACHE_ENV,
-        **{k: str(v) for k, v in extra.items()},
-    )
+    return child_env(env={k: str(v) for k, v in extra.items()})
 
 
 def _run(args, **extra):

@@ -4,7 +4,6 @@ pytest imports jax once for the whole session, with however many devices that gi
 checks run in a fresh interpreter with ``--xla_force_host_platform_device_count=8`` set before jax loads.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import child_env
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -173,7 +173,7 @@ MULTI_DEVICE = textwrap.dedent(r"""
 
 
 def test_multi_device_shardings_and_merge():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = child_env(8)
     proc = subprocess.run(
         [sys.executable, "-c", MULTI_DEVICE], env=env, capture_output=True, text=True, timeout=300
     )

@@ -10,12 +10,12 @@ Runs in a subprocess: the device count must be set (XLA_FLAGS) before JAX starts
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers import child_env
 
 WORKER = r"""
 import functools, json, re, sys
@@ -69,7 +69,7 @@ V, T, CHUNK = 1000, 64, 16
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = child_env(8)
     proc = subprocess.run(
         [sys.executable, "-c", WORKER], env=env, capture_output=True, text=True, timeout=900
     )

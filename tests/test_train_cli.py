@@ -2,7 +2,6 @@
 `eval` and `generate` with an adapter; the main job with tiny settings (real SmolLM2 + movie reviews)."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import CACHE_ENV, SLOW_CLI
+from helpers import SLOW_CLI, child_env
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # helpers.CACHE_ENV
 
@@ -43,9 +42,7 @@ TINY = [
 
 
 def _env():
-    return dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", **CACHE_ENV
-    )
+    return child_env()
 
 
 def _run(args, timeout=600):

@@ -5,12 +5,12 @@ process has already started it.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers import child_env
 
 WORKER = r"""
 import json, sys
@@ -25,8 +25,7 @@ print("RESULT " + json.dumps({"sharded": sharded, "single": single}))
 
 
 def run_worker(code, tmp_path, devices=8, extra_env=None, args=()):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    env.update(extra_env or {})
+    env = child_env(devices, extra_env)
     proc = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path), *args],
         env=env,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import Stack, nonzero
+from helpers import Stack, all_eqns, nonzero
 
 import lora_jax as lj
 
@@ -317,13 +317,6 @@ def test_pytree_outputs_and_static_kwargs():
 # ---- structure: nothing W-shaped is computed ----------------------------------------------------------
 
 
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from _all_eqns(sub)
-
-
 def test_train_step_builds_nothing_weight_shaped():
     """No op in the gradient step outputs an array of a targeted W's shape: no W + s·a·b, no dW."""
     m = Stack(layers=2)
@@ -337,7 +330,7 @@ def test_train_step_builds_nothing_weight_shaped():
     jaxpr = jax.make_jaxpr(step)(d, v, x).jaxpr
     bad = [
         (e.primitive.name, o.aval.shape)
-        for e in _all_eqns(jaxpr)
+        for e in all_eqns(jaxpr)
         for o in e.outvars
         if tuple(getattr(o.aval, "shape", ())) in w_shapes
     ]
@@ -346,7 +339,7 @@ def test_train_step_builds_nothing_weight_shaped():
     ref = jax.value_and_grad(lambda d, p, x: jnp.mean(jnp.square(m.apply(lj.merge(p, d), x))))
     ref_jaxpr = jax.make_jaxpr(ref)(d, v, x).jaxpr
     assert any(
-        tuple(getattr(o.aval, "shape", ())) in w_shapes for e in _all_eqns(ref_jaxpr) for o in e.outvars
+        tuple(getattr(o.aval, "shape", ())) in w_shapes for e in all_eqns(ref_jaxpr) for o in e.outvars
     )
     # And in the compiled HLO, no instruction but the parameters produces a [12,12] / [2,12,12] f32 array.
     hlo = jax.jit(step).lower(d, v, x).compile().as_text()

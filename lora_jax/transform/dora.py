@@ -95,6 +95,7 @@ VIEWS = (
     "slice",
     "dynamic_slice",
     "sharding_constraint",
+    "reshard",
     "copy",
     "rev",
 )

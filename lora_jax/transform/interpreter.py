@@ -180,9 +180,10 @@ def eval_jaxpr(ctx: Ctx, jaxpr, consts, args) -> list:
             outs = [x if isinstance(x, TrackedValue) else _conform(x, v) for v, x in zip(eqn.outvars, outs)]
         else:
             outs = bind(eqn, invals)
+        # A dropped output (DropVar) is written too: nothing reads it, and it needs no type check that
+        # moved between JAX versions (jax.extend.core has no DropVar before 0.10).
         for v, x in zip(eqn.outvars, outs, strict=True):
-            if not isinstance(v, jcore.DropVar):
-                env[v] = x
+            env[v] = x
     return [read(v) for v in jaxpr.outvars]
 
 

@@ -40,11 +40,8 @@ __all__ = ["RULES", "JAX_VERSIONED", "rule_for"]
 
 _ANY = TrackedValue  # a rule for every kind of tracked value
 
-# Names that exist only in some JAX versions (this package supports jax >= 0.4.35), with the versions.
+# Names that exist only in some JAX versions (this package supports jax >= 0.9), with the versions.
 JAX_VERSIONED: dict[str, str] = {
-    "pjit": "JAX < 0.7.0 (renamed `jit` in 0.7.0)",
-    "jit": "JAX >= 0.7.0 (was `pjit`)",
-    "custom_vjp_call_jaxpr": "JAX < 0.6.1 (staged custom_vjp; merged into `custom_vjp_call` in 0.6.1)",
     "closed_call": "JAX <= 0.11.0 (after 0.11.0, `closed_call_p` is `eval_jaxpr`)",
     "eval_jaxpr": "JAX > 0.11.0 (replaces the `call` and `closed_call` primitives)",
     "pvary": "JAX >= 0.6 (shard_map's varying manual axes; later JAX may name the cast differently)",
@@ -60,6 +57,7 @@ RULES: dict[str, dict[type, Rule]] = {
     "slice": {LoraValue: views.slice_},
     "dynamic_slice": {LoraValue: views.dynamic_slice},
     "sharding_constraint": {LoraValue: views.identity},
+    "reshard": {LoraValue: views.identity},  # jax.sharding.reshard, auto_axes (Explicit mesh axes): W only
     "copy": {LoraValue: views.identity},
     "device_put": {LoraValue: views.device_put},
     "pvary": {_ANY: views.each_array},  # inside jax.shard_map: W made varying like the activations
@@ -82,13 +80,11 @@ RULES: dict[str, dict[type, Rule]] = {
     "add": {LoraValue: views.add},  # W ± c: c per channel becomes one more rank, else it is added to W
     "sub": {LoraValue: views.add},
     # Control flow: re-entered with the interpreter inside, for any kind.
-    "jit": {_ANY: control.inline},  # JAX >= 0.7.0
-    "pjit": {_ANY: control.inline},  # JAX < 0.7.0
+    "jit": {_ANY: control.inline},  # nested jax.jit
     "closed_call": {_ANY: control.inline},  # JAX <= 0.11.0
     "eval_jaxpr": {_ANY: control.inline},  # JAX > 0.11.0
     "custom_jvp_call": {_ANY: control.custom_call},
     "custom_vjp_call": {_ANY: control.custom_call},
-    "custom_vjp_call_jaxpr": {_ANY: control.custom_call},  # JAX < 0.6.1
     "remat2": {_ANY: control.checkpoint},  # jax.checkpoint / jax.remat
     "scan": {_ANY: control.scan},
     "while": {_ANY: control.while_loop},

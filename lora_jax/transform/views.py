@@ -451,6 +451,7 @@ FACTORS = {
     "slice": _slice_factor,
     "dynamic_slice": _dynamic_slice_factor,
     "sharding_constraint": _identity_factor,
+    "reshard": _identity_factor,
     "copy": _identity_factor,
     "rev": _rev_factor,
     "stop_gradient": _stop_gradient_factor,
