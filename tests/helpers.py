@@ -30,7 +30,7 @@ def nonzero(deltas, key=None):
 
 
 def sub_jaxprs(params: Mapping) -> Iterator:
-    """The jaxprs in an equation's params (scan, cond, pjit, remat, custom_vjp bodies), open. Walks the
+    """The jaxprs in an equation's params (scan, cond, jit, remat, custom_vjp bodies), open. Walks the
     params itself: `jax.extend.core.jaxprs_in_params` is not in every JAX the project supports."""
     for value in params.values():
         for sub in value if isinstance(value, (tuple, list)) else (value,):

@@ -181,7 +181,7 @@ def eval_jaxpr(ctx: Ctx, jaxpr, consts, args) -> list:
         else:
             outs = bind(eqn, invals)
         # A dropped output (DropVar) is written too: nothing reads it, and it needs no type check that
-        # moved between JAX versions (jax.extend.core has no DropVar before 0.10).
+        # moved between JAX versions (jax.extend.core has no DropVar in 0.9).
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     return [read(v) for v in jaxpr.outvars]

@@ -40,7 +40,7 @@ __all__ = ["RULES", "JAX_VERSIONED", "rule_for"]
 
 _ANY = TrackedValue  # a rule for every kind of tracked value
 
-# Names that exist only in some JAX versions (this package supports jax >= 0.9), with the versions.
+# Names that exist only in some JAX versions (this package supports jax >= 0.10), with the versions.
 JAX_VERSIONED: dict[str, str] = {
     "closed_call": "JAX <= 0.11.0 (after 0.11.0, `closed_call_p` is `eval_jaxpr`)",
     "eval_jaxpr": "JAX > 0.11.0 (replaces the `call` and `closed_call` primitives)",
