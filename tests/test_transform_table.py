@@ -39,6 +39,11 @@ def _sharded(w):
     return lax.with_sharding_constraint(w, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
+def _resharded(w):
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    return jax.sharding.reshard(w, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 # Public APIs whose staged primitive (the last equation of the jaxpr) the interpreter must follow.
 STAGED = {
     "jax.jit": lambda w: jax.jit(jnp.sin)(w),
@@ -51,6 +56,7 @@ STAGED = {
     "jax.device_put": lambda w: jax.device_put(w),
     "jnp.array(copy=True)": lambda w: jnp.array(w, copy=True),
     "with_sharding_constraint": _sharded,
+    "jax.sharding.reshard": _resharded,
     "astype": lambda w: w.astype(jnp.bfloat16),
     "transpose": lambda w: w.T,
     "reshape": lambda w: w.reshape(9),
