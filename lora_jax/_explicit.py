@@ -30,7 +30,20 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-__all__ = ["mesh_of", "spec_of", "auto", "conform", "typed_like", "varying_axes", "shape_dtype"]
+__all__ = [
+    "mesh_of",
+    "spec_of",
+    "auto",
+    "conform",
+    "sharding_on_mesh_of",
+    "typed_like",
+    "varying_axes",
+    "shape_dtype",
+]
+
+
+def _has_explicit_axes(mesh) -> bool:
+    return mesh is not None and not mesh.empty and AxisType.Explicit in tuple(mesh.axis_types)
 
 
 def _explicit_mesh(x):
@@ -39,9 +52,11 @@ def _explicit_mesh(x):
     except TypeError:  # not an array (None, a Python scalar)
         return None
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
-        return None
-    return mesh
+    return mesh if _has_explicit_axes(mesh) else None
+
+
+def _padded(spec, ndim: int) -> PartitionSpec:
+    return PartitionSpec(*tuple(spec), *(None,) * (ndim - len(tuple(spec))))
 
 
 def mesh_of(*trees) -> Any:
@@ -55,8 +70,7 @@ def mesh_of(*trees) -> Any:
 
 def spec_of(x) -> PartitionSpec:
     """`x`'s ``PartitionSpec`` in its type, one entry per axis (``P()`` entries of None when unsharded)."""
-    spec = tuple(jax.typeof(x).sharding.spec)
-    return PartitionSpec(*spec, *(None,) * (jax.typeof(x).ndim - len(spec)))
+    return _padded(jax.typeof(x).sharding.spec, jax.typeof(x).ndim)
 
 
 def auto(f: Callable, *args, out_specs: Any) -> Any:
@@ -93,11 +107,9 @@ def conform(x, sharding) -> Any:
     """`x` resharded to `sharding` (a ``NamedSharding`` on a concrete mesh, or on the abstract mesh of a type,
     e.g. a jaxpr variable's) when that has Explicit axes and `x`'s type differs; `x` itself otherwise."""
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+    if not _has_explicit_axes(mesh):
         return x
-    if _explicit_mesh(x) is not None and spec_of(x) == PartitionSpec(
-        *tuple(sharding.spec), *(None,) * (jax.typeof(x).ndim - len(sharding.spec))
-    ):
+    if _explicit_mesh(x) is not None and spec_of(x) == _padded(sharding.spec, jax.typeof(x).ndim):
         return x
     if isinstance(mesh, jax.sharding.Mesh):  # a concrete target: placed directly, traced or not
         return jax.sharding.reshard(x, sharding)
@@ -112,13 +124,19 @@ def conform(x, sharding) -> Any:
     return jax.sharding.reshard(x, sharding)
 
 
+def sharding_on_mesh_of(ref, spec: PartitionSpec) -> NamedSharding:
+    """``NamedSharding(mesh, spec)`` on `ref`'s mesh: its concrete mesh when `ref` is a placed array (so a
+    concrete value can be moved there), else the abstract mesh of its type. `ref` has Explicit axes."""
+    if isinstance(ref, jax.Array) and not isinstance(ref, jax.core.Tracer):
+        return NamedSharding(ref.sharding.mesh, spec)
+    return NamedSharding(jax.typeof(ref).sharding.mesh, spec)
+
+
 def typed_like(x, ref) -> Any:
     """`x` with `ref`'s sharding when `ref` is typed with Explicit axes (see `conform`)."""
     if _explicit_mesh(ref) is None:
         return x
-    if isinstance(ref, jax.Array) and not isinstance(ref, jax.core.Tracer):
-        return conform(x, ref.sharding) if isinstance(ref.sharding, NamedSharding) else x
-    return conform(x, jax.typeof(ref).sharding)
+    return conform(x, sharding_on_mesh_of(ref, spec_of(ref)))
 
 
 def varying_axes(x) -> frozenset:

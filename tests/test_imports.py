@@ -41,9 +41,9 @@ def _module_files() -> dict[str, pathlib.Path]:
 MODULES = _module_files()
 
 
-def _run(*args, timeout=300):
+def _run(*args, timeout=300, **env_vars):
     # Importing touches no device; the CPU platform keeps a subprocess from probing accelerators.
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), **env_vars}
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
     )
@@ -94,15 +94,7 @@ def test_module_imports_alone(name, import_errors):
 def test_import_check_sees_a_failing_import(tmp_path):
     """The check itself: a module that raises on import is reported with its traceback."""
     (tmp_path / "broken_mod.py").write_text("raise ImportError('boom')\n")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _IMPORT_EACH, "broken_mod", "lora_jax.core"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
+    proc = _run("-c", _IMPORT_EACH, "broken_mod", "lora_jax.core", PYTHONPATH=str(tmp_path))
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "boom" in results["broken_mod"] and results["lora_jax.core"] == "", results
 

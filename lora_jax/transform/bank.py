@@ -43,7 +43,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lora_jax import _explicit
@@ -239,10 +238,8 @@ def _sharded_like_examples(a_g, b_g, keys, xs, axes):
     if not typed:
         return a_g, b_g, keys
     x, ax = typed[0]
-    mesh_axis = _explicit.spec_of(x)[ax]
-    concrete = isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-    mesh = x.sharding.mesh if concrete else jax.typeof(x).sharding.mesh
-    like = lambda t: jax.tree.map(lambda g: _explicit.conform(g, NamedSharding(mesh, P(mesh_axis))), t)  # noqa: E731
+    sharding = _explicit.sharding_on_mesh_of(x, P(_explicit.spec_of(x)[ax]))
+    like = lambda t: jax.tree.map(lambda g: _explicit.conform(g, sharding), t)  # noqa: E731
     return like(a_g), like(b_g), None if keys is None else like(keys)
 
 
